@@ -1,0 +1,12 @@
+"""parallax-attention: softmax attention plus a learned covariance correction.
+
+    o_i = sum_j p_ij (1 + tbar_i - t_ij) v_j = vbar_i - Cov_p(v, k) r_i
+
+with p = softmax(scale * q.k), t = r.k and tbar = sum_j p_ij t_ij.
+"""
+
+__version__ = "0.1.0"
+
+from .ops import parallax_attn, parallax_attn_varlen  # noqa: E402
+
+__all__ = ["__version__", "parallax_attn", "parallax_attn_varlen"]

@@ -1,0 +1,115 @@
+"""The public op: validation and dispatch to a backend.
+
+Backends:
+  "reference"  direct formula (materialises scores); float64-capable ground truth.
+  "torch"      memory-efficient streaming implementation for any device.
+  "triton"     fused GPU kernels (also runs on CPU under TRITON_INTERPRET=1).
+  "auto"       the fastest available for the inputs' device.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import reference as _reference
+from ._validation import check_backend, check_cu_seqlens, check_dense, check_max_seqlen, check_packed
+
+BACKENDS = ("auto", "reference", "torch", "triton")
+
+
+def _triton_usable(q: torch.Tensor) -> bool:
+    if q.is_cuda:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        return True
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _resolve_backend(backend: str, q: torch.Tensor) -> str:
+    check_backend(backend, BACKENDS)
+    if backend == "auto":
+        return "triton" if (q.is_cuda and _triton_usable(q)) else "torch"
+    if backend == "triton" and not _triton_usable(q):
+        raise ValueError(
+            f"backend: 'triton' needs CUDA tensors and the triton package (or TRITON_INTERPRET=1 on CPU); "
+            f"got tensors on {q.device}"
+        )
+    return backend
+
+
+def parallax_attn(q, r, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), backend="auto"):
+    """Parallax attention.
+
+    Args:
+        q, r: (batch, seqlen_q, heads_q, head_dim). r is the probe, shaped like q.
+        k, v: (batch, seqlen_k, heads_kv, head_dim); heads_kv divides heads_q (GQA/MQA:
+            query head h reads kv head h // (heads_q // heads_kv)).
+        causal: bottom-right aligned causal mask (query i sees keys j <= i + seqlen_k - seqlen_q).
+        softmax_scale: multiplies q.k only (default 1/sqrt(head_dim)); r.k is never scaled.
+        window_size: (left, right); query i sees keys in
+            [i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right]; -1 is unbounded.
+        backend: "auto", "reference", "torch" or "triton".
+
+    Returns:
+        (batch, seqlen_q, heads_q, head_dim) in q's dtype. A query with no visible key
+        returns zeros (and receives zero gradients).
+    """
+    scale, window = check_dense(q, r, k, v, softmax_scale, window_size)
+    causal = bool(causal)
+    name = _resolve_backend(backend, q)
+    if name == "reference":
+        return _reference.parallax_attn_reference(q, r, k, v, causal=causal, softmax_scale=scale,
+                                                  window_size=window)
+    if name == "torch":
+        from .torch_backend import parallax_attn_torch
+        return parallax_attn_torch(q, r, k, v, causal, scale, window)
+    from .triton import parallax_attn_triton
+    return parallax_attn_triton(q, r, k, v, causal, scale, window)
+
+
+def parallax_attn_varlen(q, r, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+                         causal=False, softmax_scale=None, window_size=(-1, -1), backend="auto"):
+    """Parallax attention over packed variable-length sequences.
+
+    Args:
+        q, r: (total_q, heads_q, head_dim); k, v: (total_k, heads_kv, head_dim).
+        cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) cumulative lengths starting at 0.
+        max_seqlen_q, max_seqlen_k: the longest query / key sequence.
+        Other arguments as parallax_attn; masks apply within each sequence.
+
+    Returns:
+        (total_q, heads_q, head_dim) in q's dtype.
+    """
+    scale, window = check_packed(q, r, k, v, softmax_scale, window_size)
+    cu_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+    cu_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, batch=cu_q.numel() - 1)
+    check_max_seqlen("max_seqlen_q", max_seqlen_q, cu_q[1:] - cu_q[:-1])
+    check_max_seqlen("max_seqlen_k", max_seqlen_k, cu_k[1:] - cu_k[:-1])
+    causal = bool(causal)
+    name = _resolve_backend(backend, q)
+    if name == "triton":
+        from .triton import parallax_attn_varlen_triton
+        return parallax_attn_varlen_triton(q, r, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                           max_seqlen_k, causal, scale, window)
+    outs = []
+    for b in range(cu_q.numel() - 1):
+        q0, q1 = int(cu_q[b]), int(cu_q[b + 1])
+        k0, k1 = int(cu_k[b]), int(cu_k[b + 1])
+        args = [x[None] for x in (q[q0:q1], r[q0:q1], k[k0:k1], v[k0:k1])]
+        if q1 == q0:
+            outs.append(q.new_zeros((0,) + tuple(q.shape[1:])))
+            continue
+        if k1 == k0:  # no keys at all: every row is empty
+            outs.append(q[q0:q1] * 0 + r[q0:q1] * 0)
+            continue
+        if name == "reference":
+            o = _reference.parallax_attn_reference(*args, causal=causal, softmax_scale=scale, window_size=window)
+        else:
+            from .torch_backend import parallax_attn_torch
+            o = parallax_attn_torch(*args, causal, scale, window)
+        outs.append(o[0])
+    return torch.cat(outs, dim=0)
