@@ -61,6 +61,9 @@ def parallax_attn(q, r, k, v, *, causal=False, softmax_scale=None, window_size=(
     scale, window = check_dense(q, r, k, v, softmax_scale, window_size)
     causal = bool(causal)
     name = _resolve_backend(backend, q)
+    if q.shape[1] == 0 or k.shape[1] == 0:
+        from .torch_backend import empty_attention
+        return empty_attention(q, r, k, v)
     if name == "reference":
         return _reference.parallax_attn_reference(q, r, k, v, causal=causal, softmax_scale=scale,
                                                   window_size=window)
@@ -100,11 +103,9 @@ def parallax_attn_varlen(q, r, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
         q0, q1 = int(cu_q[b]), int(cu_q[b + 1])
         k0, k1 = int(cu_k[b]), int(cu_k[b + 1])
         args = [x[None] for x in (q[q0:q1], r[q0:q1], k[k0:k1], v[k0:k1])]
-        if q1 == q0:
-            outs.append(q.new_zeros((0,) + tuple(q.shape[1:])))
-            continue
-        if k1 == k0:  # no keys at all: every row is empty
-            outs.append(q[q0:q1] * 0 + r[q0:q1] * 0)
+        if q1 == q0 or k1 == k0:
+            from .torch_backend import empty_attention
+            outs.append(empty_attention(*args)[0])
             continue
         if name == "reference":
             o = _reference.parallax_attn_reference(*args, causal=causal, softmax_scale=scale, window_size=window)
