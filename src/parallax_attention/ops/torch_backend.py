@@ -7,6 +7,8 @@ and the five accumulators of DESIGN section 1:
     d2 = sum e^(s-m) t      O2 = sum e^(s-m) t v
     o  = O1/d1 (1 + d2/d1) - O2/d1
 
+with t taken relative to a per-row shift (see the forward) for accuracy.
+
 It saves per-row statistics (lse = m + log d1, tbar = d2/d1 and vbar = O1/d1),
 and the backward recomputes each tile from them, so no Lq x Lk tensor is ever
 kept. Tiles that no query of a row block can see are skipped (causal halves the
@@ -78,6 +80,7 @@ class _ParallaxAttnTorch(torch.autograd.Function):
             m = torch.full((b, hkv, g * n, 1), neg_inf, dtype=dt, device=q.device)
             d1 = torch.zeros(b, hkv, g * n, 1, dtype=dt, device=q.device)
             d2 = torch.zeros_like(d1)
+            c = torch.zeros_like(d1)
             o1 = torch.zeros(b, hkv, g * n, d, dtype=dt, device=q.device)
             o2 = torch.zeros_like(o1)
             for k0, k1, needs_mask in cols:
@@ -87,22 +90,34 @@ class _ParallaxAttnTorch(torch.autograd.Function):
                 if needs_mask:
                     mask = _tile_mask(q0, q1, k0, k1, shift, causal, window, q.device)
                     s = s.view(b, hkv, g, n, k1 - k0).masked_fill_(~mask, neg_inf).view(b, hkv, g * n, k1 - k0)
-                m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+                tile_max, arg = s.max(dim=-1, keepdim=True)
+                m_new = torch.maximum(m, tile_max)
                 # A row that has seen no visible key yet keeps m = -inf; use 0 so exp gives 0, not NaN.
                 m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
                 alpha = torch.exp(m - m_safe)
+                # The output only depends on t - tbar, so t may be shifted by any per-row constant c.
+                # Re-centring c on t at the current argmax keeps d2 and O2 small when the softmax is
+                # peaked and |t| is large, where O1/d1 (1 + d2/d1) - O2/d1 would otherwise cancel.
+                moved = tile_max > m
+                c_new = torch.where(moved, t.gather(-1, arg), c)
+                d1 = d1 * alpha
+                o1 = o1 * alpha
+                d2 = d2 * alpha + (c - c_new) * d1
+                o2 = o2 * alpha + (c - c_new) * o1
+                c = c_new
                 e = torch.exp(s.sub_(m_safe))
-                et = e * t
-                d1 = d1 * alpha + e.sum(dim=-1, keepdim=True)
-                d2 = d2 * alpha + et.sum(dim=-1, keepdim=True)
-                o1 = o1 * alpha + e @ vt
-                o2 = o2 * alpha + et @ vt
+                et = e * (t - c)
+                d1 = d1 + e.sum(dim=-1, keepdim=True)
+                d2 = d2 + et.sum(dim=-1, keepdim=True)
+                o1 = o1 + e @ vt
+                o2 = o2 + et @ vt
                 m = m_new
             has = d1 > 0
             inv = torch.where(has, 1.0 / torch.where(has, d1, torch.ones_like(d1)), torch.zeros_like(d1))
             vb = o1 * inv
-            tb = d2 * inv
-            ob = vb * (1 + tb) - o2 * inv
+            tb_shifted = d2 * inv
+            ob = vb * (1 + tb_shifted) - o2 * inv
+            tb = tb_shifted + c
             lse_b = torch.where(has, m + torch.log(torch.where(has, d1, torch.ones_like(d1))),
                                 torch.full_like(d1, float("inf")))
             out[:, :, :, q0:q1] = ob.view(b, hkv, g, n, d)
