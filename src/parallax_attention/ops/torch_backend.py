@@ -75,21 +75,22 @@ class _ParallaxAttnTorch(torch.autograd.Function):
         neg_inf = float("-inf")
         for q0, q1, cols in _tiles(lq, lk, causal, window, block_q, block_k):
             n = q1 - q0
-            qb = qg[:, :, :, q0:q1].reshape(b, hkv, g * n, d)
-            rb = rg[:, :, :, q0:q1].reshape(b, hkv, g * n, d)
-            m = torch.full((b, hkv, g * n, 1), neg_inf, dtype=dt, device=q.device)
-            d1 = torch.zeros(b, hkv, g * n, 1, dtype=dt, device=q.device)
-            d2 = torch.zeros_like(d1)
-            c = torch.zeros_like(d1)
-            o1 = torch.zeros(b, hkv, g * n, d, dtype=dt, device=q.device)
-            o2 = torch.zeros_like(o1)
+            gn = g * n
+            # Scaled q rows stacked over r rows: one matmul gives both s and t, and the
+            # tile of [e; e*t] then meets V in one matmul for O1 and O2 together.
+            qr = torch.cat([qg[:, :, :, q0:q1].reshape(b, hkv, gn, d) * scale,
+                            rg[:, :, :, q0:q1].reshape(b, hkv, gn, d)], dim=2)
+            m = torch.full((b, hkv, gn, 1), neg_inf, dtype=dt, device=q.device)
+            c = torch.zeros(b, hkv, gn, 1, dtype=dt, device=q.device)
+            d12 = torch.zeros(b, hkv, 2 * gn, 1, dtype=dt, device=q.device)   # [d1; d2]
+            o12 = torch.zeros(b, hkv, 2 * gn, d, dtype=dt, device=q.device)   # [O1; O2]
             for k0, k1, needs_mask in cols:
                 kt, vt = kh[:, :, k0:k1], vh[:, :, k0:k1]
-                s = (qb @ kt.transpose(-1, -2)).mul_(scale)
-                t = rb @ kt.transpose(-1, -2)
+                st = qr @ kt.transpose(-1, -2)
+                s, t = st[:, :, :gn], st[:, :, gn:]
                 if needs_mask:
                     mask = _tile_mask(q0, q1, k0, k1, shift, causal, window, q.device)
-                    s = s.view(b, hkv, g, n, k1 - k0).masked_fill_(~mask, neg_inf).view(b, hkv, g * n, k1 - k0)
+                    s.view(b, hkv, g, n, k1 - k0).masked_fill_(~mask, neg_inf)
                 tile_max, arg = s.max(dim=-1, keepdim=True)
                 m_new = torch.maximum(m, tile_max)
                 # A row that has seen no visible key yet keeps m = -inf; use 0 so exp gives 0, not NaN.
@@ -98,20 +99,21 @@ class _ParallaxAttnTorch(torch.autograd.Function):
                 # The output only depends on t - tbar, so t may be shifted by any per-row constant c.
                 # Re-centring c on t at the current argmax keeps d2 and O2 small when the softmax is
                 # peaked and |t| is large, where O1/d1 (1 + d2/d1) - O2/d1 would otherwise cancel.
-                moved = tile_max > m
-                c_new = torch.where(moved, t.gather(-1, arg), c)
-                d1 = d1 * alpha
-                o1 = o1 * alpha
-                d2 = d2 * alpha + (c - c_new) * d1
-                o2 = o2 * alpha + (c - c_new) * o1
+                c_new = torch.where(tile_max > m, t.gather(-1, arg), c)
+                alpha2 = torch.cat([alpha, alpha], dim=2)
+                d12.mul_(alpha2)
+                o12.mul_(alpha2)
+                dc = c - c_new
+                d12[:, :, gn:] += dc * d12[:, :, :gn]
+                o12[:, :, gn:] += dc * o12[:, :, :gn]
                 c = c_new
-                e = torch.exp(s.sub_(m_safe))
-                et = e * (t - c)
-                d1 = d1 + e.sum(dim=-1, keepdim=True)
-                d2 = d2 + et.sum(dim=-1, keepdim=True)
-                o1 = o1 + e @ vt
-                o2 = o2 + et @ vt
+                e = s.sub_(m_safe).exp_()
+                t.sub_(c).mul_(e)                                        # st now holds [e; e * (t - c)]
+                d12 += st.sum(dim=-1, keepdim=True)
+                o12 += st @ vt
                 m = m_new
+            d1, d2 = d12[:, :, :gn], d12[:, :, gn:]
+            o1, o2 = o12[:, :, :gn], o12[:, :, gn:]
             has = d1 > 0
             inv = torch.where(has, 1.0 / torch.where(has, d1, torch.ones_like(d1)), torch.zeros_like(d1))
             vb = o1 * inv
@@ -120,10 +122,10 @@ class _ParallaxAttnTorch(torch.autograd.Function):
             tb = tb_shifted + c
             lse_b = torch.where(has, m + torch.log(torch.where(has, d1, torch.ones_like(d1))),
                                 torch.full_like(d1, float("inf")))
-            out[:, :, :, q0:q1] = ob.view(b, hkv, g, n, d)
-            vbar[:, :, :, q0:q1] = vb.view(b, hkv, g, n, d)
-            tbar[:, :, :, q0:q1] = tb.view(b, hkv, g, n)
-            lse[:, :, :, q0:q1] = lse_b.view(b, hkv, g, n)
+            out[:, :, :, q0:q1] = ob.reshape(b, hkv, g, n, d)
+            vbar[:, :, :, q0:q1] = vb.reshape(b, hkv, g, n, d)
+            tbar[:, :, :, q0:q1] = tb.reshape(b, hkv, g, n)
+            lse[:, :, :, q0:q1] = lse_b.reshape(b, hkv, g, n)
         ctx.save_for_backward(q, r, k, v, out, lse, tbar, vbar)
         ctx.conf = (causal, scale, window, block_q, block_k)
         return out.permute(0, 3, 1, 2, 4).reshape(b, lq, hq, d).to(q.dtype)
