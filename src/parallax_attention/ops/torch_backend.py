@@ -153,32 +153,30 @@ class _ParallaxAttnTorch(torch.autograd.Function):
             def rows(x):
                 return x[:, :, :, q0:q1].reshape(b, hkv, g * n, *x.shape[4:])
 
-            qb, rb, dob = rows(qg), rows(rg), rows(dog)
+            gn = g * n
+            qr = torch.cat([rows(qg) * scale, rows(rg)], dim=2)           # [scale q; r], as in the forward
+            dob = rows(dog)
             lse_b, tb = rows(lse)[..., None], rows(tbar)[..., None]
             delta_b, beta_b = rows(delta)[..., None], rows(beta)[..., None]
-            dqb = torch.zeros_like(qb)
-            drb = torch.zeros_like(rb)
+            dqr = torch.zeros_like(qr)                                     # [dq / scale; dr]
             for k0, k1, needs_mask in cols:
                 kt, vt = kh[:, :, k0:k1], vh[:, :, k0:k1]
-                s = (qb @ kt.transpose(-1, -2)).mul_(scale)
+                st = qr @ kt.transpose(-1, -2)
+                s, t = st[:, :, :gn], st[:, :, gn:]
                 if needs_mask:
                     mask = _tile_mask(q0, q1, k0, k1, shift, causal, window, q.device)
-                    s = s.view(b, hkv, g, n, k1 - k0).masked_fill_(~mask, float("-inf")) \
-                         .view(b, hkv, g * n, k1 - k0)
-                p = torch.exp(s.sub_(lse_b))                           # lse = +inf on empty rows -> p = 0
-                t = rb @ kt.transpose(-1, -2)
-                a = dob @ vt.transpose(-1, -2)                          # dO_i . v_j
-                tc = tb - t                                             # tbar_i - t_ij
-                a_beta = a - beta_b
-                ds2 = -(p * a_beta)
-                ds1 = p * (a - delta_b) - ds2 * tc                      # p[a - delta + (tbar - t)(a - beta)]
-                w = p * (1 + tc)
-                dv[:, :, k0:k1] += w.transpose(-1, -2) @ dob
-                dk[:, :, k0:k1] += (ds1.transpose(-1, -2) @ qb).mul_(scale) + ds2.transpose(-1, -2) @ rb
-                dqb += ds1 @ kt
-                drb += ds2 @ kt
-            dq[:, :, :, q0:q1] = (dqb * scale).view(b, hkv, g, n, d)
-            dr[:, :, :, q0:q1] = drb.view(b, hkv, g, n, d)
+                    s.view(b, hkv, g, n, k1 - k0).masked_fill_(~mask, float("-inf"))
+                p = s.sub_(lse_b).exp_()                                   # lse = +inf on empty rows -> p = 0
+                tc = t.neg_().add_(tb)                                     # tbar_i - t_ij
+                a = dob @ vt.transpose(-1, -2)                             # dO_i . v_j
+                pa = p * (a - beta_b)
+                # dS1 = p[a - delta + (tbar - t)(a - beta)],  dS2 = -p (a - beta)
+                ds12 = torch.cat([p * (a - delta_b) + pa * tc, pa.neg_()], dim=2)
+                dv[:, :, k0:k1] += (p * (1 + tc)).transpose(-1, -2) @ dob
+                dk[:, :, k0:k1] += ds12.transpose(-1, -2) @ qr
+                dqr += ds12 @ kt
+            dq[:, :, :, q0:q1] = (dqr[:, :, :gn] * scale).reshape(b, hkv, g, n, d)
+            dr[:, :, :, q0:q1] = dqr[:, :, gn:].reshape(b, hkv, g, n, d)
 
         def back(x, like):
             return x.permute(0, 3, 1, 2, 4).reshape(like.shape).to(like.dtype)
