@@ -7,6 +7,6 @@ with p = softmax(scale * q.k), t = r.k and tbar = sum_j p_ij t_ij.
 
 __version__ = "0.1.0"
 
-from .ops import parallax_attn, parallax_attn_varlen  # noqa: E402
+from .ops import parallax_attn, parallax_attn_varlen, parallax_attn_with_kvcache  # noqa: E402
 
-__all__ = ["__version__", "parallax_attn", "parallax_attn_varlen"]
+__all__ = ["__version__", "parallax_attn", "parallax_attn_varlen", "parallax_attn_with_kvcache"]

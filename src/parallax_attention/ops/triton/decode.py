@@ -1,0 +1,300 @@
+"""Split-KV (flash-decoding) Parallax attention against a dense or paged KV cache.
+
+One program handles one (sequence, kv head, split). Every query row that reads
+that kv head (the G = Hq / Hkv query heads times the Lq new tokens) sits in the
+same tile, so each K/V tile is read from memory once per kv head. The probe r
+rides in the same MMA operand as q: the rows of [Q; R] are multiplied by K^T in
+a single tl.dot, which also fills the 16-row minimum of the tensor-core MMA when
+G * Lq is small. Likewise [P; P*t] @ V is a single tl.dot.
+
+Each split streams its slice of keys with the running statistics of DESIGN
+section 1 (m, d1, d2, O1, O2), kept in base 2 (scores are pre-multiplied by
+log2 e) so the inner loop uses exp2. A second small kernel merges the splits
+exactly: each split's d1, d2, O1, O2 are rescaled by 2^(m_s - m) and summed,
+then o = O1/d1 (1 + d2/d1) - O2/d1.
+
+Graph safety: sequence lengths are read on the device, the split grid depends
+only on static shapes, and every buffer has a static shape, so one captured
+decode step replays with changing cache_seqlens.
+
+Garbage safety: keys at or beyond a sequence's length are never loaded (masked
+loads return 0), so stale, inf or NaN slots cannot reach either branch; keys
+hidden by the causal/window mask only get -inf scores, and their probe scores
+are replaced (not multiplied) by 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, R, K, V, BT, SEQ, OUT, PSTAT, PO,
+    seq_const, n_new, lq, capacity, num_splits, scale_log2, win_left, win_right,
+    stride_qb, stride_qm, stride_qh,
+    stride_rb, stride_rm, stride_rh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_btb,
+    stride_ob, stride_om, stride_oh,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+    PAGED: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    ROW_MASK: tl.constexpr, SINGLE: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = pid_bh // HKV
+    kvh = pid_bh % HKV
+
+    # Query rows of this program: row m is query token m // G of head kvh*G + m % G.
+    offs_m = tl.arange(0, BLOCK_M)
+    row_i = offs_m // G
+    row_h = kvh * G + offs_m % G
+    row_ok = offs_m < lq * G
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+
+    # [Q; R] stacked along rows: rows [0, BLOCK_M) are q, rows [BLOCK_M, 2 BLOCK_M) are r.
+    offs_2m = tl.arange(0, 2 * BLOCK_M)
+    is_r = offs_2m >= BLOCK_M
+    m2 = offs_2m % BLOCK_M
+    i2 = m2 // G
+    h2 = kvh * G + m2 % G
+    ok2 = (m2 < lq * G)[:, None] & d_ok[None, :]
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + i2[:, None] * stride_qm + h2[:, None] * stride_qh + offs_d[None, :]
+    r_ptrs = R + b.to(tl.int64) * stride_rb + i2[:, None] * stride_rm + h2[:, None] * stride_rh + offs_d[None, :]
+    qv = tl.load(q_ptrs, mask=ok2 & ~is_r[:, None], other=0.0)
+    rv = tl.load(r_ptrs, mask=ok2 & is_r[:, None], other=0.0)
+    qr = tl.where(is_r[:, None], rv, qv)
+
+    # Keys this sequence holds after the append; clamped so that a bad length never reads
+    # outside the cache.
+    if HAS_SEQ:
+        n = tl.load(SEQ + b).to(tl.int32) + n_new
+    else:
+        n = seq_const + n_new
+    n = tl.minimum(tl.maximum(n, 0), capacity)
+
+    # Keys any row can see: the window's left edge of the first row up to the last key.
+    k_lo = 0
+    if HAS_LEFT:
+        k_lo = tl.maximum(n - lq - win_left, 0)
+    span = tl.maximum(n - k_lo, 0)
+    chunk = tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
+    s_lo = k_lo + pid_s * chunk
+    s_hi = tl.minimum(s_lo + chunk, n)
+
+    diag = row_i + n - lq  # the key aligned with each query row (bottom-right)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    d1 = tl.zeros([BLOCK_M], tl.float32)
+    d2 = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([2 * BLOCK_M, BLOCK_D], tl.float32)
+
+    k_base = K + kvh * stride_kh
+    v_base = V + kvh * stride_vh
+    for start in range(s_lo, s_hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        kmask = offs_n < s_hi
+        if PAGED:
+            page = tl.load(BT + b.to(tl.int64) * stride_btb + offs_n // PAGE, mask=kmask, other=0)
+            k_row = page.to(tl.int64) * stride_kb + (offs_n % PAGE) * stride_kt
+            v_row = page.to(tl.int64) * stride_vb + (offs_n % PAGE) * stride_vt
+        else:
+            k_row = b.to(tl.int64) * stride_kb + offs_n.to(tl.int64) * stride_kt
+            v_row = b.to(tl.int64) * stride_vb + offs_n.to(tl.int64) * stride_vt
+        lmask = kmask[:, None] & d_ok[None, :]
+        k = tl.load(k_base + k_row[:, None] + offs_d[None, :], mask=lmask, other=0.0)
+        v = tl.load(v_base + v_row[:, None] + offs_d[None, :], mask=lmask, other=0.0)
+
+        st = tl.dot(qr, tl.trans(k), input_precision=PREC)          # (2M, N): [q.k ; r.k]
+        st = tl.permute(tl.reshape(st, (2, BLOCK_M, BLOCK_N)), (1, 2, 0))
+        s, t = tl.split(st)
+
+        vis = kmask[None, :]
+        if ROW_MASK:
+            kk = offs_n[None, :]
+            if HAS_RIGHT:
+                vis = vis & (kk <= diag[:, None] + win_right)
+            if HAS_LEFT:
+                vis = vis & (kk >= diag[:, None] - win_left)
+        s = tl.where(vis, s * scale_log2, float("-inf"))
+        t = tl.where(vis, t, 0.0)
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        pt = p * t
+        d1 = d1 * alpha + tl.sum(p, 1)
+        d2 = d2 * alpha + tl.sum(pt, 1)
+        p12 = tl.reshape(tl.permute(tl.join(p, pt), (2, 0, 1)), (2 * BLOCK_M, BLOCK_N))
+        alpha2 = tl.reshape(tl.permute(tl.join(alpha, alpha), (1, 0)), (2 * BLOCK_M,))
+        acc = acc * alpha2[:, None] + tl.dot(p12.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+
+    o12 = tl.permute(tl.reshape(acc, (2, BLOCK_M, BLOCK_D)), (1, 2, 0))
+    o1, o2 = tl.split(o12)
+    if SINGLE:
+        has = d1 > 0
+        inv = tl.where(has, 1.0 / tl.where(has, d1, 1.0), 0.0)
+        o = o1 * (inv * (1.0 + d2 * inv))[:, None] - o2 * inv[:, None]
+        o_ptrs = OUT + b.to(tl.int64) * stride_ob + row_i[:, None] * stride_om + row_h[:, None] * stride_oh \
+            + offs_d[None, :]
+        tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        # Partials laid out (B, Lq, Hq, splits, ...): row (i, h) of sequence b.
+        prow = ((b.to(tl.int64) * lq + row_i) * (HKV * G) + row_h) * num_splits + pid_s
+        tl.store(PSTAT + prow * 4 + 0, m_i, mask=row_ok)
+        tl.store(PSTAT + prow * 4 + 1, d1, mask=row_ok)
+        tl.store(PSTAT + prow * 4 + 2, d2, mask=row_ok)
+        po = PO + prow[:, None] * (2 * D) + offs_d[None, :]
+        smask = row_ok[:, None] & d_ok[None, :]
+        tl.store(po, o1, mask=smask)
+        tl.store(po + D, o2, mask=smask)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    PSTAT, PO, OUT, lq, num_splits,
+    stride_ob, stride_om, stride_oh,
+    HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    row = tl.program_id(0)          # (b * lq + i) * HQ + h
+    h = row % HQ
+    bi = row // HQ
+    i = bi % lq
+    b = bi // lq
+    offs_s = tl.arange(0, BLOCK_S)
+    s_ok = offs_s < num_splits
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    prow = row.to(tl.int64) * num_splits + offs_s
+    m_s = tl.load(PSTAT + prow * 4 + 0, mask=s_ok, other=float("-inf"))
+    d1_s = tl.load(PSTAT + prow * 4 + 1, mask=s_ok, other=0.0)
+    d2_s = tl.load(PSTAT + prow * 4 + 2, mask=s_ok, other=0.0)
+    omask = s_ok[:, None] & d_ok[None, :]
+    o1_s = tl.load(PO + prow[:, None] * (2 * D) + offs_d[None, :], mask=omask, other=0.0)
+    o2_s = tl.load(PO + prow[:, None] * (2 * D) + D + offs_d[None, :], mask=omask, other=0.0)
+
+    m = tl.max(m_s, 0)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(m_s - m_use)        # 0 for empty splits (m_s = -inf)
+    d1 = tl.sum(w * d1_s, 0)
+    d2 = tl.sum(w * d2_s, 0)
+    o1 = tl.sum(w[:, None] * o1_s, 0)
+    o2 = tl.sum(w[:, None] * o2_s, 0)
+    has = d1 > 0
+    inv = tl.where(has, 1.0 / tl.where(has, d1, 1.0), 0.0)
+    o = o1 * (inv * (1.0 + d2 * inv)) - o2 * inv
+    tl.store(OUT + b.to(tl.int64) * stride_ob + i * stride_om + h * stride_oh + offs_d, o.to(OUT.dtype.element_ty),
+             mask=d_ok)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_num_splits(batch: int, heads_kv: int, capacity: int, device: torch.device) -> int:
+    """Splits per (sequence, kv head), from static shapes only (so graphs replay).
+
+    Aim for about four programs per SM so that enough loads are in flight to
+    saturate HBM, but keep at least MIN_KEYS_PER_SPLIT keys of capacity per split
+    so that the partials and the merge stay negligible against the K/V bytes.
+    """
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 132
+    base = batch * heads_kv
+    want = max(1, math.ceil(4 * sms / base))
+    by_len = max(1, capacity // MIN_KEYS_PER_SPLIT)
+    return int(min(want, by_len, MAX_SPLITS))
+
+
+MIN_KEYS_PER_SPLIT = 128
+MAX_SPLITS = 128
+
+# Launch configuration; the benchmark overrides these through set_config.
+_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+
+
+def set_config(**kw) -> None:
+    """Override the launch configuration (block size, warps, pipeline stages)."""
+    for key, val in kw.items():
+        if key not in _CONFIG:
+            raise ValueError(f"{key}: expected one of {sorted(_CONFIG)}, got an unknown key")
+        _CONFIG[key] = int(val)
+
+
+def decode_triton(q, r, k_cache, v_cache, block_table, seqlens, seq_const: int, n_new: int, causal: bool,
+                  scale: float, window: tuple[int, int], num_splits: int) -> torch.Tensor:
+    """Launch the split kernel (and the merge when splits > 1). Inputs are validated by the caller.
+
+    q, r: (B, Lq, Hq, D); k_cache, v_cache dense (B, S, Hkv, D) or paged (blocks, page, Hkv, D);
+    seqlens: (B,) int32 on the device or None (then every sequence holds seq_const keys);
+    n_new: keys appended by this call (already written into the cache).
+    """
+    bsz, lq, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    g = hq // hkv
+    paged = block_table is not None
+    page = k_cache.shape[1] if paged else 1
+    capacity = block_table.shape[1] * page if paged else k_cache.shape[1]
+    if num_splits <= 0:
+        num_splits = default_num_splits(bsz, hkv, capacity, q.device)
+    left, right = window
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    has_left, has_right = left >= 0, right >= 0
+    # With one query row the split range already is its window: keys [n-1-left, n-1] with
+    # the aligned key last. Several rows need the per-row mask when any bound is finite.
+    row_mask = lq > 1 and (has_left or has_right)
+    block_m = max(8, triton.next_power_of_2(g * lq))
+    block_d = max(16, triton.next_power_of_2(d))
+    block_n = _CONFIG["BLOCK_N"]
+    for name, x in (("q", q), ("r", r), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.stride(-1) != 1:
+            raise ValueError(f"{name}: expected a contiguous last dimension (stride 1), got stride {x.stride(-1)}")
+    out = torch.empty_like(q)
+    single = num_splits == 1
+    if single:
+        pstat = po = out  # unused
+    else:
+        pstat = torch.empty((bsz, lq, hq, num_splits, 4), device=q.device, dtype=torch.float32)
+        po = torch.empty((bsz, lq, hq, num_splits, 2, d), device=q.device, dtype=torch.float32)
+    seq_arg = seqlens if seqlens is not None else q  # unused pointer when HAS_SEQ is False
+    bt = block_table if paged else q
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    grid = (bsz * hkv, num_splits)
+    _decode_split_kernel[grid](
+        q, r, k_cache, v_cache, bt, seq_arg, out, pstat, po,
+        int(seq_const), int(n_new), lq, capacity, num_splits, float(scale * LOG2E),
+        int(left), int(right),
+        q.stride(0), q.stride(1), q.stride(2),
+        r.stride(0), r.stride(1), r.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        bt.stride(0) if paged else 0,
+        out.stride(0), out.stride(1), out.stride(2),
+        HKV=hkv, G=g, D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page,
+        PAGED=paged, HAS_SEQ=seqlens is not None, HAS_LEFT=has_left, HAS_RIGHT=has_right,
+        ROW_MASK=row_mask, SINGLE=single, PREC=prec,
+        num_warps=_CONFIG["num_warps"], num_stages=_CONFIG["num_stages"],
+    )
+    if not single:
+        _decode_merge_kernel[(bsz * lq * hq,)](
+            pstat, po, out, lq, num_splits,
+            out.stride(0), out.stride(1), out.stride(2),
+            HQ=hq, D=d, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+            num_warps=4 if block_d >= 128 else 2,
+        )
+    return out
