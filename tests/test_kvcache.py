@@ -1,0 +1,319 @@
+"""parallax_attn_with_kvcache against float64 direct math on the gathered valid keys.
+
+Both backends run here: "torch" natively and "triton" through the Triton
+interpreter on CPU (float16/float32 only; the interpreter's bf16 dot is wrong).
+"""
+
+import pytest
+import torch
+
+from parallax_attention import parallax_attn_with_kvcache
+from parallax_attention.ops.reference import parallax_attn_reference
+
+F64 = torch.float64
+BACKENDS = ["torch", "triton"]
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def tol(dtype):
+    return {torch.float16: 3e-3, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+
+
+def make_seq(b, cap, hkv, d, dtype, g):
+    """Dense per-sequence keys/values (B, cap, Hkv, D)."""
+    k = torch.randn(b, cap, hkv, d, generator=g).to(dtype)
+    v = torch.randn(b, cap, hkv, d, generator=g).to(dtype)
+    return k, v
+
+
+def poison(cache_k, cache_v, lens, value=float("nan")):
+    """Fill every dense slot at or past each sequence's length."""
+    for i, n in enumerate(lens):
+        cache_k[i, n:] = value
+        cache_v[i, n:] = value
+
+
+def to_paged(k, v, page, g, spare=3):
+    """Scatter dense (B, cap, Hkv, D) into shuffled pages; unused blocks hold NaN, unused table slots -1."""
+    b, cap = k.shape[:2]
+    nb = -(-cap // page)
+    num_blocks = b * nb + spare
+    perm = torch.randperm(num_blocks, generator=g)[: b * nb].view(b, nb)
+    kp = torch.full((num_blocks, page) + k.shape[2:], float("nan"), dtype=k.dtype)
+    vp = torch.full_like(kp, float("nan"))
+    for i in range(b):
+        for j in range(nb):
+            rows = slice(j * page, min(cap, (j + 1) * page))
+            kp[perm[i, j], : rows.stop - rows.start] = k[i, rows]
+            vp[perm[i, j], : rows.stop - rows.start] = v[i, rows]
+    return kp, vp, perm.to(torch.int32)
+
+
+def expected(q, r, k, v, lens, causal=True, window=(-1, -1), scale=None):
+    """Float64 reference per sequence on its first lens[b] keys."""
+    outs = []
+    for i, n in enumerate(lens):
+        outs.append(parallax_attn_reference(q[i:i + 1].to(F64), r[i:i + 1].to(F64), k[i:i + 1, :n].to(F64),
+                                            v[i:i + 1, :n].to(F64), causal=causal, window_size=window,
+                                            softmax_scale=scale))
+    return torch.cat(outs)
+
+
+def inputs(b, lq, hq, hkv, d, cap, dtype, seed, r_scale=0.5):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, lq, hq, d, generator=g).to(dtype)
+    r = (r_scale * torch.randn(b, lq, hq, d, generator=g)).to(dtype)
+    k, v = make_seq(b, cap, hkv, d, dtype, g)
+    return q, r, k, v, g
+
+
+LAYOUTS = ["dense", 16, 32]
+HEADS = [(4, 4), (4, 2), (4, 1)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: f"page{x}" if x != "dense" else x)
+@pytest.mark.parametrize("heads", HEADS, ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("lq", [1, 4])
+def test_matches_reference(backend, layout, heads, lq):
+    hq, hkv = heads
+    b, d, cap = 3, 32, 80
+    dtype = torch.float16
+    q, r, k, v, g = inputs(b, lq, hq, hkv, d, cap, dtype, seed=hash((layout, heads, lq)) % 1000)
+    lens = [5, 80, 47]                      # per-sequence lengths, one at full capacity
+    exp = expected(q, r, k, v, lens)
+    poison(k, v, lens)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    if layout == "dense":
+        out = parallax_attn_with_kvcache(q, r, k, v, cache_seqlens=seqlens, backend=backend)
+    else:
+        kp, vp, bt = to_paged(k, v, layout, g)
+        out = parallax_attn_with_kvcache(q, r, kp, vp, cache_seqlens=seqlens, block_table=bt, backend=backend)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert torch.isfinite(out).all()
+    assert rel(out, exp) < tol(dtype)
+
+
+WINDOWS = [  # causal, window
+    (True, (7, -1)),
+    (True, (0, -1)),
+    (False, (5, 2)),
+    (False, (-1, 0)),
+    (False, (-1, -1)),
+    (True, (20, 3)),        # causal clamps the right side to 0
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lq", [1, 4])
+@pytest.mark.parametrize("case", WINDOWS, ids=[f"w{i}" for i in range(len(WINDOWS))])
+def test_windows(backend, lq, case):
+    causal, window = case
+    b, hq, hkv, d, cap = 2, 4, 2, 16, 70
+    q, r, k, v, g = inputs(b, lq, hq, hkv, d, cap, torch.float32, seed=11)
+    lens = [9, 70]
+    exp = expected(q, r, k, v, lens, causal=causal, window=window, scale=0.3)
+    poison(k, v, lens)
+    kp, vp, bt = to_paged(k, v, 16, g)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    for args in ((k, v, None), (kp, vp, bt)):
+        out = parallax_attn_with_kvcache(q, r, args[0], args[1], cache_seqlens=seqlens, block_table=args[2],
+                                         causal=causal, window_size=window, softmax_scale=0.3, backend=backend,
+                                         num_splits=3)
+        assert torch.isfinite(out).all()
+        assert rel(out, exp) < tol(torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_without_keys_are_zero(backend):
+    """Non-causal, a (0, 0) window and seqlen_q > keys: leading rows see nothing and return 0."""
+    b, lq, hq, hkv, d, cap = 1, 4, 2, 2, 16, 16
+    q, r, k, v, g = inputs(b, lq, hq, hkv, d, cap, torch.float32, seed=5)
+    out = parallax_attn_with_kvcache(q, r, k, v, cache_seqlens=2, causal=False, window_size=(0, 0),
+                                     backend=backend)
+    assert (out[:, :2] == 0).all()
+    exp = expected(q, r, k, v, [2], causal=False, window=(0, 0))
+    assert rel(out, exp) < tol(torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["dense", 16])
+@pytest.mark.parametrize("lnew", [1, 4])
+def test_append_in_place(backend, layout, lnew):
+    b, hq, hkv, d, cap = 3, 4, 2, 16, 64
+    dtype = torch.float16
+    q, r, k, v, g = inputs(b, lnew, hq, hkv, d, cap, dtype, seed=7)
+    lens = [0, 30, cap - lnew]              # empty cache, middle, exactly full after the append
+    knew = torch.randn(b, lnew, hkv, d, generator=g).to(dtype)
+    vnew = torch.randn(b, lnew, hkv, d, generator=g).to(dtype)
+    full_k, full_v = k.clone(), v.clone()
+    for i, n in enumerate(lens):
+        full_k[i, n:n + lnew] = knew[i]
+        full_v[i, n:n + lnew] = vnew[i]
+    total = [n + lnew for n in lens]
+    exp = expected(q, r, full_k, full_v, total)
+    poison(k, v, lens)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    if layout == "dense":
+        kc, vc, bt = k, v, None
+    else:
+        kc, vc, bt = to_paged(k, v, layout, g)
+    before_k = kc.clone()
+    out = parallax_attn_with_kvcache(q, r, kc, vc, knew, vnew, cache_seqlens=seqlens, block_table=bt,
+                                     backend=backend, num_splits=3)
+    assert rel(out, exp) < tol(dtype)
+    # The cache now holds the new tokens at their positions, and nothing else changed.
+    changed = torch.zeros(kc.shape[:2], dtype=torch.bool)
+    for i, n in enumerate(lens):
+        for j in range(lnew):
+            pos = n + j
+            blk, off = (i, pos) if bt is None else (int(bt[i, pos // layout]), pos % layout)
+            assert torch.equal(kc[blk, off], knew[i, j])
+            assert torch.equal(vc[blk, off], vnew[i, j])
+            changed[blk, off] = True
+    same = torch.where(before_k.isnan(), torch.ones_like(before_k, dtype=torch.bool), before_k == kc)
+    assert same[~changed].all()
+    assert torch.equal(seqlens, torch.tensor(lens, dtype=torch.int32))  # lengths are the caller's to advance
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int_and_none_seqlens(backend):
+    b, lq, hq, hkv, d, cap = 2, 1, 2, 1, 16, 40
+    q, r, k, v, g = inputs(b, lq, hq, hkv, d, cap, torch.float32, seed=3)
+    out_full = parallax_attn_with_kvcache(q, r, k, v, backend=backend)
+    assert rel(out_full, expected(q, r, k, v, [cap, cap])) < tol(torch.float32)
+    exp = expected(q, r, k, v, [17, 17])
+    poison(k, v, [17, 17], float("inf"))
+    out_int = parallax_attn_with_kvcache(q, r, k, v, cache_seqlens=17, backend=backend)
+    assert rel(out_int, exp) < tol(torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["dense", 32])
+def test_num_splits_and_backends_agree(layout):
+    """Forced splits 1, 3, 8 and the heuristic give one result, in both backends."""
+    b, lq, hq, hkv, d, cap = 2, 4, 8, 2, 32, 96
+    q, r, k, v, g = inputs(b, lq, hq, hkv, d, cap, torch.float32, seed=9)
+    lens = [4, 96]
+    exp = expected(q, r, k, v, lens)
+    poison(k, v, lens)
+    kc, vc, bt = (k, v, None) if layout == "dense" else to_paged(k, v, layout, g)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    outs = {}
+    for backend in BACKENDS:
+        for ns in (0, 1, 3, 8):
+            outs[backend, ns] = parallax_attn_with_kvcache(q, r, kc, vc, cache_seqlens=seqlens, block_table=bt,
+                                                           num_splits=ns, backend=backend)
+            assert rel(outs[backend, ns], exp) < tol(torch.float32), (backend, ns)
+    for key, out in outs.items():
+        assert rel(out, outs["torch", 0]) < 1e-5, key
+
+
+def test_float64_torch_and_auto():
+    b, lq, hq, hkv, d, cap = 2, 2, 2, 1, 8, 20
+    q, r, k, v, g = inputs(b, lq, hq, hkv, d, cap, F64, seed=1, r_scale=2.0)
+    lens = [3, 20]
+    exp = expected(q, r, k, v, lens)
+    poison(k, v, lens)
+    out = parallax_attn_with_kvcache(q, r, k, v, cache_seqlens=torch.tensor(lens, dtype=torch.int32))
+    assert out.dtype == F64 and rel(out, exp) < 1e-12
+
+
+def test_zero_probe_is_softmax_decode():
+    """r = 0 gives exactly softmax attention over the valid keys."""
+    b, lq, hq, hkv, d, cap = 2, 1, 4, 2, 16, 50
+    q, r, k, v, g = inputs(b, lq, hq, hkv, d, cap, torch.float32, seed=4)
+    lens = [50, 23]
+    ref = []
+    for i, n in enumerate(lens):
+        kk = k[i, :n].double().repeat_interleave(2, dim=1).transpose(0, 1)    # (Hq, n, D)
+        vv = v[i, :n].double().repeat_interleave(2, dim=1).transpose(0, 1)
+        qq = q[i, 0].double()[:, None]                                          # (Hq, 1, D)
+        ref.append(torch.nn.functional.scaled_dot_product_attention(qq, kk, vv).transpose(0, 1))
+    ref = torch.stack(ref)
+    poison(k, v, lens)
+    for backend in BACKENDS:
+        out = parallax_attn_with_kvcache(q, torch.zeros_like(r), k, v,
+                                         cache_seqlens=torch.tensor(lens, dtype=torch.int32), backend=backend)
+        assert rel(out, ref) < 1e-5
+
+
+def _base():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 1, 4, 16, generator=g)
+    kc = torch.randn(2, 32, 2, 16, generator=g)
+    return dict(q=q, r=q.clone(), k_cache=kc, v_cache=kc.clone())
+
+
+def _paged():
+    a = _base()
+    a["k_cache"] = torch.randn(6, 16, 2, 16)
+    a["v_cache"] = torch.randn(6, 16, 2, 16)
+    a["block_table"] = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    return a
+
+
+BAD = [
+    ("dense cache with block_table", lambda: dict(_base(), block_table=torch.zeros(2, 2, dtype=torch.int32),
+                                                   k_cache=torch.randn(2, 33, 2, 16), v_cache=torch.randn(2, 33, 2, 16)),
+     ValueError, "block_size a power of two"),
+    ("paged cache without block_table", lambda: {k: v for k, v in _paged().items() if k != "block_table"},
+     ValueError, "without block_table"),
+    ("block_table dtype", lambda: dict(_paged(), block_table=_paged()["block_table"].long()), TypeError,
+     "block_table: expected dtype torch.int32"),
+    ("block_table shape", lambda: dict(_paged(), block_table=torch.zeros(3, 2, dtype=torch.int32)), ValueError,
+     "block_table: expected shape"),
+    ("block id out of range", lambda: dict(_paged(), block_table=torch.tensor([[0, 9], [2, 3]], dtype=torch.int32),
+                                           cache_seqlens=20), ValueError, "block ids"),
+    ("cache too small for append", lambda: dict(_base(), k=torch.randn(2, 4, 2, 16), v=torch.randn(2, 4, 2, 16),
+                                                cache_seqlens=torch.tensor([3, 30], dtype=torch.int32)),
+     ValueError, "cache_seqlens: expected values in"),
+    ("negative length", lambda: dict(_base(), cache_seqlens=-1), ValueError, "cache_seqlens: expected values in"),
+    ("length past capacity", lambda: dict(_base(), cache_seqlens=torch.tensor([1, 33], dtype=torch.int32)),
+     ValueError, "cache_seqlens: expected values in"),
+    ("no keys", lambda: dict(_base(), cache_seqlens=0), ValueError, "at least one key"),
+    ("seqlen_q above keys", lambda: dict(_base(), q=torch.randn(2, 4, 4, 16), r=torch.randn(2, 4, 4, 16),
+                                         cache_seqlens=3), ValueError, "seqlen_q"),
+    ("seqlens dtype", lambda: dict(_base(), cache_seqlens=torch.tensor([1, 2])), TypeError,
+     "cache_seqlens: expected dtype torch.int32"),
+    ("seqlens shape", lambda: dict(_base(), cache_seqlens=torch.tensor([1, 2, 3], dtype=torch.int32)), ValueError,
+     "cache_seqlens: expected shape"),
+    ("seqlens type", lambda: dict(_base(), cache_seqlens=2.0), TypeError, "cache_seqlens: expected an int"),
+    ("append without lengths", lambda: dict(_base(), k=torch.randn(2, 1, 2, 16), v=torch.randn(2, 1, 2, 16)),
+     ValueError, "cache_seqlens: expected an int or"),
+    ("k without v", lambda: dict(_base(), k=torch.randn(2, 1, 2, 16), cache_seqlens=1), ValueError, "both or neither"),
+    ("new k heads", lambda: dict(_base(), k=torch.randn(2, 1, 4, 16), v=torch.randn(2, 1, 4, 16), cache_seqlens=1),
+     ValueError, "k: expected shape"),
+    ("dtype mismatch", lambda: dict(_base(), r=torch.randn(2, 1, 4, 16, dtype=torch.float64)), TypeError,
+     "r: expected dtype"),
+    ("new k dtype", lambda: dict(_base(), k=torch.randn(2, 1, 2, 16).half(), v=torch.randn(2, 1, 2, 16).half(),
+                                 cache_seqlens=1), TypeError, "k: expected dtype"),
+    ("heads do not divide", lambda: dict(_base(), k_cache=torch.randn(2, 32, 3, 16), v_cache=torch.randn(2, 32, 3, 16)),
+     ValueError, "kv heads"),
+    ("batch mismatch dense", lambda: dict(_base(), k_cache=torch.randn(3, 32, 2, 16), v_cache=torch.randn(3, 32, 2, 16)),
+     ValueError, "without block_table"),
+    ("bad q rank", lambda: dict(_base(), q=torch.randn(2, 4, 16)), ValueError, "q: expected a 4-D"),
+    ("empty q", lambda: dict(_base(), q=torch.randn(2, 0, 4, 16), r=torch.randn(2, 0, 4, 16)), ValueError,
+     "seqlen_q >= 1"),
+    ("num_splits", lambda: dict(_base(), num_splits=-2), ValueError, "num_splits"),
+    ("backend", lambda: dict(_base(), backend="cuda"), ValueError, "backend"),
+    ("window", lambda: dict(_base(), window_size=(-3, 0)), ValueError, "window_size"),
+    ("scale", lambda: dict(_base(), softmax_scale=0.0), ValueError, "softmax_scale"),
+    ("grad", lambda: dict(_base(), q=torch.randn(2, 1, 4, 16, requires_grad=True)), ValueError, "forward-only"),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_validation(case):
+    _, build, exc, match = case
+    with pytest.raises(exc, match=match):
+        parallax_attn_with_kvcache(**build())
+
+
+def test_triton_rejects_float64():
+    a = _base()
+    a = {k: v.double() for k, v in a.items()}
+    with pytest.raises(TypeError, match="float64"):
+        parallax_attn_with_kvcache(**a, backend="triton")
