@@ -317,3 +317,23 @@ def test_triton_rejects_float64():
     a = {k: v.double() for k, v in a.items()}
     with pytest.raises(TypeError, match="float64"):
         parallax_attn_with_kvcache(**a, backend="triton")
+
+
+@pytest.mark.parametrize("config", [dict(STACKED=0), dict(BLOCK_N=16, PROGRAMS_PER_SM=1)], ids=["unstacked", "bn16"])
+def test_triton_kernel_variants(config):
+    """The two-dot fallback and other tile sizes compute the same function."""
+    from parallax_attention.ops.triton import decode
+    b, lq, hq, hkv, d, cap = 2, 4, 4, 2, 32, 64
+    q, r, k, v, g = inputs(b, lq, hq, hkv, d, cap, torch.float16, seed=21)
+    lens = [13, 64]
+    exp = expected(q, r, k, v, lens, window=(9, -1))
+    poison(k, v, lens)
+    kp, vp, bt = to_paged(k, v, 16, g)
+    old = decode.set_config(**config)
+    try:
+        for ns in (0, 3):
+            out = parallax_attn_with_kvcache(q, r, kp, vp, cache_seqlens=torch.tensor(lens, dtype=torch.int32),
+                                             block_table=bt, window_size=(9, -1), num_splits=ns, backend="triton")
+            assert rel(out, exp) < tol(torch.float16)
+    finally:
+        decode.set_config(**old)

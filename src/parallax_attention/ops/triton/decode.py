@@ -48,7 +48,7 @@ def _decode_split_kernel(
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
     PAGED: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    ROW_MASK: tl.constexpr, SINGLE: tl.constexpr, PREC: tl.constexpr,
+    ROW_MASK: tl.constexpr, SINGLE: tl.constexpr, PREC: tl.constexpr, STACKED: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -61,20 +61,35 @@ def _decode_split_kernel(
     row_h = kvh * G + offs_m % G
     row_ok = offs_m < lq * G
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
+    # A compile-time all-true column mask when D is a power of two keeps the K/V loads
+    # vectorised (16-byte accesses) instead of predicated per element.
+    if BLOCK_D == D:
+        d_ok = tl.full([BLOCK_D], 1, tl.int1)
+    else:
+        d_ok = offs_d < D
 
-    # [Q; R] stacked along rows: rows [0, BLOCK_M) are q, rows [BLOCK_M, 2 BLOCK_M) are r.
-    offs_2m = tl.arange(0, 2 * BLOCK_M)
-    is_r = offs_2m >= BLOCK_M
-    m2 = offs_2m % BLOCK_M
-    i2 = m2 // G
-    h2 = kvh * G + m2 % G
-    ok2 = (m2 < lq * G)[:, None] & d_ok[None, :]
-    q_ptrs = Q + b.to(tl.int64) * stride_qb + i2[:, None] * stride_qm + h2[:, None] * stride_qh + offs_d[None, :]
-    r_ptrs = R + b.to(tl.int64) * stride_rb + i2[:, None] * stride_rm + h2[:, None] * stride_rh + offs_d[None, :]
-    qv = tl.load(q_ptrs, mask=ok2 & ~is_r[:, None], other=0.0)
-    rv = tl.load(r_ptrs, mask=ok2 & is_r[:, None], other=0.0)
-    qr = tl.where(is_r[:, None], rv, qv)
+    if STACKED:
+        # [Q; R] stacked along rows: rows [0, BLOCK_M) are q, rows [BLOCK_M, 2 BLOCK_M) are r.
+        offs_2m = tl.arange(0, 2 * BLOCK_M)
+        is_r = offs_2m >= BLOCK_M
+        m2 = offs_2m % BLOCK_M
+        i2 = m2 // G
+        h2 = kvh * G + m2 % G
+        ok2 = (m2 < lq * G)[:, None] & d_ok[None, :]
+        q_ptrs = Q + b.to(tl.int64) * stride_qb + i2[:, None] * stride_qm + h2[:, None] * stride_qh \
+            + offs_d[None, :]
+        r_ptrs = R + b.to(tl.int64) * stride_rb + i2[:, None] * stride_rm + h2[:, None] * stride_rh \
+            + offs_d[None, :]
+        qv = tl.load(q_ptrs, mask=ok2 & ~is_r[:, None], other=0.0)
+        rv = tl.load(r_ptrs, mask=ok2 & is_r[:, None], other=0.0)
+        qr = tl.where(is_r[:, None], rv, qv)
+    else:
+        # Fallback: separate q and r tiles (each BLOCK_M >= 16 rows), two dots per product.
+        ok1 = row_ok[:, None] & d_ok[None, :]
+        qs = tl.load(Q + b.to(tl.int64) * stride_qb + row_i[:, None] * stride_qm + row_h[:, None] * stride_qh
+                     + offs_d[None, :], mask=ok1, other=0.0)
+        rs = tl.load(R + b.to(tl.int64) * stride_rb + row_i[:, None] * stride_rm + row_h[:, None] * stride_rh
+                     + offs_d[None, :], mask=ok1, other=0.0)
 
     # Keys this sequence holds after the append; clamped so that a bad length never reads
     # outside the cache.
@@ -98,7 +113,11 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     d1 = tl.zeros([BLOCK_M], tl.float32)
     d2 = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([2 * BLOCK_M, BLOCK_D], tl.float32)
+    if STACKED:
+        acc = tl.zeros([2 * BLOCK_M, BLOCK_D], tl.float32)
+    else:
+        acc1 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        acc2 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     k_base = K + kvh * stride_kh
     v_base = V + kvh * stride_vh
@@ -112,13 +131,20 @@ def _decode_split_kernel(
         else:
             k_row = b.to(tl.int64) * stride_kb + offs_n.to(tl.int64) * stride_kt
             v_row = b.to(tl.int64) * stride_vb + offs_n.to(tl.int64) * stride_vt
-        lmask = kmask[:, None] & d_ok[None, :]
+        if BLOCK_D == D:
+            lmask = kmask[:, None]
+        else:
+            lmask = kmask[:, None] & d_ok[None, :]
         k = tl.load(k_base + k_row[:, None] + offs_d[None, :], mask=lmask, other=0.0)
         v = tl.load(v_base + v_row[:, None] + offs_d[None, :], mask=lmask, other=0.0)
 
-        st = tl.dot(qr, tl.trans(k), input_precision=PREC)          # (2M, N): [q.k ; r.k]
-        st = tl.permute(tl.reshape(st, (2, BLOCK_M, BLOCK_N)), (1, 2, 0))
-        s, t = tl.split(st)
+        if STACKED:
+            st = tl.dot(qr, tl.trans(k), input_precision=PREC)          # (2M, N): [q.k ; r.k]
+            st = tl.permute(tl.reshape(st, (2, BLOCK_M, BLOCK_N)), (1, 2, 0))
+            s, t = tl.split(st)
+        else:
+            s = tl.dot(qs, tl.trans(k), input_precision=PREC)
+            t = tl.dot(rs, tl.trans(k), input_precision=PREC)
 
         vis = kmask[None, :]
         if ROW_MASK:
@@ -137,13 +163,21 @@ def _decode_split_kernel(
         pt = p * t
         d1 = d1 * alpha + tl.sum(p, 1)
         d2 = d2 * alpha + tl.sum(pt, 1)
-        p12 = tl.reshape(tl.permute(tl.join(p, pt), (2, 0, 1)), (2 * BLOCK_M, BLOCK_N))
-        alpha2 = tl.reshape(tl.permute(tl.join(alpha, alpha), (1, 0)), (2 * BLOCK_M,))
-        acc = acc * alpha2[:, None] + tl.dot(p12.to(v.dtype), v, input_precision=PREC)
+        if STACKED:
+            p12 = tl.reshape(tl.permute(tl.join(p, pt), (2, 0, 1)), (2 * BLOCK_M, BLOCK_N))
+            alpha2 = tl.reshape(tl.permute(tl.join(alpha, alpha), (1, 0)), (2 * BLOCK_M,))
+            acc = acc * alpha2[:, None] + tl.dot(p12.to(v.dtype), v, input_precision=PREC)
+        else:
+            acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            acc2 = acc2 * alpha[:, None] + tl.dot(pt.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
 
-    o12 = tl.permute(tl.reshape(acc, (2, BLOCK_M, BLOCK_D)), (1, 2, 0))
-    o1, o2 = tl.split(o12)
+    if STACKED:
+        o12 = tl.permute(tl.reshape(acc, (2, BLOCK_M, BLOCK_D)), (1, 2, 0))
+        o1, o2 = tl.split(o12)
+    else:
+        o1 = acc1
+        o2 = acc2
     if SINGLE:
         has = d1 > 0
         inv = tl.where(has, 1.0 / tl.where(has, d1, 1.0), 0.0)
@@ -209,30 +243,32 @@ def default_num_splits(batch: int, heads_kv: int, capacity: int, device: torch.d
     """Splits per (sequence, kv head), from static shapes only (so graphs replay).
 
     Aim for about four programs per SM so that enough loads are in flight to
-    saturate HBM, but keep at least MIN_KEYS_PER_SPLIT keys of capacity per split
+    saturate HBM, but keep at least MIN_KEYS keys of capacity per split
     so that the partials and the merge stay negligible against the K/V bytes.
     """
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 132
     base = batch * heads_kv
-    want = max(1, math.ceil(4 * sms / base))
-    by_len = max(1, capacity // MIN_KEYS_PER_SPLIT)
+    want = max(1, math.ceil(_CONFIG["PROGRAMS_PER_SM"] * sms / base))
+    by_len = max(1, capacity // _CONFIG["MIN_KEYS"])
     return int(min(want, by_len, MAX_SPLITS))
 
 
-MIN_KEYS_PER_SPLIT = 128
 MAX_SPLITS = 128
 
 # Launch configuration; the benchmark overrides these through set_config.
-_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "PROGRAMS_PER_SM": 4, "MIN_KEYS": 128, "STACKED": 1}
 
 
-def set_config(**kw) -> None:
-    """Override the launch configuration (block size, warps, pipeline stages)."""
+def set_config(**kw) -> dict:
+    """Override the launch configuration; returns the previous values of the keys changed."""
+    old = {}
     for key, val in kw.items():
         if key not in _CONFIG:
             raise ValueError(f"{key}: expected one of {sorted(_CONFIG)}, got an unknown key")
+        old[key] = _CONFIG[key]
         _CONFIG[key] = int(val)
+    return old
 
 
 def decode_triton(q, r, k_cache, v_cache, block_table, seqlens, seq_const: int, n_new: int, causal: bool,
@@ -258,7 +294,9 @@ def decode_triton(q, r, k_cache, v_cache, block_table, seqlens, seq_const: int, 
     # With one query row the split range already is its window: keys [n-1-left, n-1] with
     # the aligned key last. Several rows need the per-row mask when any bound is finite.
     row_mask = lq > 1 and (has_left or has_right)
-    block_m = max(8, triton.next_power_of_2(g * lq))
+    stacked = bool(_CONFIG["STACKED"])
+    # The MMA needs >= 16 rows: [Q; R] doubles the rows, so 8 query rows already fill it.
+    block_m = max(8 if stacked else 16, triton.next_power_of_2(g * lq))
     block_d = max(16, triton.next_power_of_2(d))
     block_n = _CONFIG["BLOCK_N"]
     for name, x in (("q", q), ("r", r), ("k_cache", k_cache), ("v_cache", v_cache)):
@@ -287,7 +325,7 @@ def decode_triton(q, r, k_cache, v_cache, block_table, seqlens, seq_const: int, 
         out.stride(0), out.stride(1), out.stride(2),
         HKV=hkv, G=g, D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page,
         PAGED=paged, HAS_SEQ=seqlens is not None, HAS_LEFT=has_left, HAS_RIGHT=has_right,
-        ROW_MASK=row_mask, SINGLE=single, PREC=prec,
+        ROW_MASK=row_mask, SINGLE=single, PREC=prec, STACKED=stacked,
         num_warps=_CONFIG["num_warps"], num_stages=_CONFIG["num_stages"],
     )
     if not single:

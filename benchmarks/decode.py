@@ -1,0 +1,343 @@
+"""Decode against a KV cache on the GPU: correctness, then CUDA-graph replay timing.
+
+    PYTHONPATH=src python benchmarks/decode.py [--sweep] [--no-cute] [--out DIR]
+
+Sections:
+  check  bf16 kernel vs float64 reference on the valid keys (dense and paged, GQA,
+         Lq 1 and 4, windows, append, NaN in unused slots, forced splits), and one
+         captured CUDA graph replayed with changed cache_seqlens.
+  sweep  (optional) launch configurations on a few shapes, dense cache.
+  grid   B in {1, 8, 32, 128} x L in {1024, 4096, 16384} x (Hq, Hkv) in {(8, 8), (32, 8)},
+         D = 128, bf16, one new token, full caches: torch SDPA softmax decode (dense),
+         ours dense / paged 64 / paged 256, and parallax-kernel's CuTeDSL decode (dense)
+         when importable. "roof" = K+V bytes / read bandwidth measured in the same run.
+
+Prints a table last; writes JSON to --out (default $OUT or .).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from parallax_attention import parallax_attn_with_kvcache
+from parallax_attention.ops.reference import parallax_attn_reference
+from parallax_attention.ops.triton import decode as dec
+
+DEV = "cuda"
+T0 = time.time()
+
+
+def log(*a):
+    print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
+
+
+def bench_graph(fn, reps, replays=10):
+    """Median time (ms) of one fn call, replayed reps times inside a CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        st.record()
+        g.replay()
+        en.record()
+        torch.cuda.synchronize()
+        times.append(st.elapsed_time(en) / reps)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def read_bandwidth():
+    x = torch.empty(2 * 1024 ** 3, device=DEV, dtype=torch.uint8)
+    x.random_()
+    t = do_bench(lambda: x.view(torch.int64).sum(), warmup=25, rep=200, return_mode="median")
+    del x
+    return 2 * 1024 ** 3 / t / 1e9  # TB/s
+
+
+def to_paged(kc, vc, page):
+    """Scatter a dense (B, L, H, D) cache into randomly placed pages; returns (kp, vp, block_table)."""
+    b, l, h, d = kc.shape
+    nb = l // page
+    perm = torch.randperm(b * nb, device=kc.device)
+    kp = torch.empty_like(kc).view(b * nb, page, h, d)
+    vp = torch.empty_like(vc).view(b * nb, page, h, d)
+    kp[perm] = kc.reshape(b * nb, page, h, d)
+    vp[perm] = vc.reshape(b * nb, page, h, d)
+    return kp, vp, perm.view(b, nb).to(torch.int32)
+
+
+def ref_on_valid(q, r, kc, vc, lens, causal=True, window=(-1, -1)):
+    outs = []
+    for i, n in enumerate(lens):
+        outs.append(parallax_attn_reference(q[i:i + 1].double(), r[i:i + 1].double(), kc[i:i + 1, :n].double(),
+                                            vc[i:i + 1, :n].double(), causal=causal, window_size=window))
+    return torch.cat(outs)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def check_section(results):
+    """bf16 kernel vs float64 on the valid keys; every case must be <= 1e-2 norm-relative."""
+    rows = []
+    dt = torch.bfloat16
+    cases = [
+        # B, Lq, Hq, Hkv, cap, page, window, lnew, splits
+        (4, 1, 32, 8, 3000, None, (-1, -1), 0, 0),
+        (4, 1, 8, 8, 4096, 64, (-1, -1), 0, 0),
+        (3, 4, 16, 2, 2048, 16, (-1, -1), 4, 0),
+        (2, 1, 16, 1, 5000, None, (300, -1), 1, 7),
+        (2, 4, 8, 4, 1024, 256, (100, -1), 0, 1),
+        (5, 1, 8, 8, 700, 32, (-1, -1), 1, 3),
+    ]
+    g = torch.Generator(device=DEV).manual_seed(0)
+    for (B, Lq, Hq, Hkv, cap, page, window, lnew, splits) in cases:
+        D = 128
+        q = torch.randn(B, Lq, Hq, D, device=DEV, dtype=dt, generator=g)
+        r = (0.1 * torch.randn(B, Lq, Hq, D, device=DEV, generator=g)).to(dt)
+        kc = torch.randn(B, cap, Hkv, D, device=DEV, dtype=dt, generator=g)
+        vc = torch.randn(B, cap, Hkv, D, device=DEV, dtype=dt, generator=g)
+        lens = torch.randint(Lq, cap - lnew + 1, (B,), device=DEV, generator=g).to(torch.int32)
+        lens[0] = cap - lnew
+        knew = torch.randn(B, lnew, Hkv, D, device=DEV, dtype=dt, generator=g) if lnew else None
+        vnew = torch.randn(B, lnew, Hkv, D, device=DEV, dtype=dt, generator=g) if lnew else None
+        full_k, full_v = kc.clone(), vc.clone()
+        for i, n in enumerate(lens.tolist()):
+            if lnew:
+                full_k[i, n:n + lnew] = knew[i]
+                full_v[i, n:n + lnew] = vnew[i]
+        tot = [n + lnew for n in lens.tolist()]
+        exp = ref_on_valid(q, r, full_k, full_v, tot, window=window)
+        for i, n in enumerate(lens.tolist()):   # garbage in every unused slot
+            kc[i, n:] = float("nan")
+            vc[i, n:] = float("nan")
+        if page:
+            kc2, vc2, bt = to_paged(kc, vc, page)
+        else:
+            kc2, vc2, bt = kc, vc, None
+        out = parallax_attn_with_kvcache(q, r, kc2, vc2, knew, vnew, cache_seqlens=lens, block_table=bt,
+                                         window_size=window, num_splits=splits, backend="triton")
+        torch.cuda.synchronize()
+        e = rel(out, exp)
+        ok = bool(torch.isfinite(out).all()) and e <= 1e-2
+        rows.append(dict(case=[B, Lq, Hq, Hkv, cap, page, list(window), lnew, splits], relerr=e, ok=ok))
+        log("check", rows[-1])
+
+    # Graph safety: capture once, change lengths in place, replay.
+    B, Hq, Hkv, D, cap = 4, 32, 8, 128, 4096
+    q = torch.randn(B, 1, Hq, D, device=DEV, dtype=dt, generator=g)
+    r = (0.1 * torch.randn(B, 1, Hq, D, device=DEV, generator=g)).to(dt)
+    kc = torch.randn(B, cap, Hkv, D, device=DEV, dtype=dt, generator=g)
+    vc = torch.randn(B, cap, Hkv, D, device=DEV, dtype=dt, generator=g)
+    kp, vp, bt = to_paged(kc, vc, 64)
+    lens = torch.tensor([100, 4096, 7, 2000], device=DEV, dtype=torch.int32)
+    fn = lambda: parallax_attn_with_kvcache(q, r, kp, vp, cache_seqlens=lens, block_table=bt, backend="triton")
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    for new in ([4096, 1, 3000, 64], [513, 2222, 4095, 1]):
+        lens.copy_(torch.tensor(new, dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        e = rel(out, ref_on_valid(q, r, kc, vc, new))
+        rows.append(dict(case=["graph-replay", new], relerr=e, ok=e <= 1e-2))
+        log("check", rows[-1])
+    results["check"] = rows
+    return all(x["ok"] for x in rows)
+
+
+def make_inputs(B, L, HQ, HKV, D=128):
+    q = torch.randn(B, 1, HQ, D, device=DEV, dtype=torch.bfloat16)
+    r = (0.1 * torch.randn(B, 1, HQ, D, device=DEV)).to(torch.bfloat16)
+    kc = torch.randn(B, L, HKV, D, device=DEV, dtype=torch.bfloat16)
+    vc = torch.randn(B, L, HKV, D, device=DEV, dtype=torch.bfloat16)
+    return q, r, kc, vc
+
+
+def reps_for(roof_us):
+    return max(3, min(50, int(3000 / max(roof_us, 10.0))))
+
+
+def sweep_section(results, bw):
+    shapes = [(1, 16384, 8, 8), (8, 4096, 32, 8), (32, 4096, 8, 8), (1, 1024, 8, 8)]
+    configs = []
+    for bn, st, nw in ((64, 2, 4), (64, 3, 4), (64, 4, 4), (128, 2, 4), (128, 3, 8)):
+        for ppsm in (2, 4, 8):
+            configs.append(dict(BLOCK_N=bn, num_stages=st, num_warps=nw, PROGRAMS_PER_SM=ppsm))
+    configs.append(dict(BLOCK_N=64, num_stages=3, num_warps=4, PROGRAMS_PER_SM=4, MIN_KEYS=64))
+    configs.append(dict(BLOCK_N=64, num_stages=3, num_warps=4, PROGRAMS_PER_SM=4, STACKED=0))
+    rows = []
+    base = dict(dec._CONFIG)
+    for (B, L, HQ, HKV) in shapes:
+        q, r, kc, vc = make_inputs(B, L, HQ, HKV)
+        seq = torch.full((B,), L, device=DEV, dtype=torch.int32)
+        roof = B * L * HKV * 128 * 4 / (bw * 1e12) * 1e6
+        for cfg in configs:
+            dec.set_config(**cfg)
+            try:
+                fn = lambda: parallax_attn_with_kvcache(q, r, kc, vc, cache_seqlens=seq, backend="triton")
+                us = bench_graph(fn, reps_for(roof)) * 1e3
+                rows.append(dict(B=B, L=L, HQ=HQ, HKV=HKV, cfg=cfg, us=us, pct=100 * roof / us))
+            except Exception as e:
+                rows.append(dict(B=B, L=L, HQ=HQ, HKV=HKV, cfg=cfg, error=repr(e)[:200]))
+            dec.set_config(**{k: base[k] for k in cfg})
+        best = min((x for x in rows if x.get("B") == B and x.get("L") == L and x.get("HQ") == HQ and "us" in x),
+                   key=lambda x: x["us"], default=None)
+        log("sweep", B, L, HQ, HKV, "roof %.1f" % roof, "best", best)
+        del q, r, kc, vc
+        torch.cuda.empty_cache()
+    results["sweep"] = rows
+
+
+def grid_section(results, bw, plx, budget_s):
+    rows = []
+    for B in (1, 8, 32, 128):
+        for L in (1024, 4096, 16384):
+            for (HQ, HKV) in ((8, 8), (32, 8)):
+                D = 128
+                kv_bytes = B * L * HKV * D * 2 * 2
+                if kv_bytes * 3 > 40e9:
+                    continue
+                row = dict(B=B, L=L, HQ=HQ, HKV=HKV, roof_us=kv_bytes / (bw * 1e12) * 1e6)
+                q, r, kc, vc = make_inputs(B, L, HQ, HKV)
+                seq = torch.full((B,), L, device=DEV, dtype=torch.int32)
+                scale = D ** -0.5
+                qh, kh, vh = q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
+                cands = {
+                    "sdpa": lambda: F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=(HQ != HKV)),
+                    "ours_dense": lambda: parallax_attn_with_kvcache(q, r, kc, vc, cache_seqlens=seq,
+                                                                     backend="triton"),
+                }
+                paged = {}
+                for page in (64, 256):
+                    paged[page] = to_paged(kc, vc, page)
+                for page, (kp, vp, bt) in paged.items():
+                    cands[f"ours_paged{page}"] = (lambda kp=kp, vp=vp, bt=bt: parallax_attn_with_kvcache(
+                        q, r, kp, vp, cache_seqlens=seq, block_table=bt, backend="triton"))
+                if plx is not None and time.time() - T0 < budget_s:
+                    cands["cute"] = lambda: plx.parallax_attn_with_kvcache(q, r, kc, vc, scale=scale)
+                row["splits"] = dec.default_num_splits(B, HKV, L, q.device)
+                for name, fn in cands.items():
+                    try:
+                        fn()
+                        torch.cuda.synchronize()
+                        t = bench_graph(fn, reps_for(row["roof_us"])) * 1e3
+                        row[name] = dict(us=t, pct=100 * row["roof_us"] / t)
+                    except Exception as e:
+                        row[name] = dict(error=repr(e)[:300])
+                if "us" in row["sdpa"]:
+                    for name in cands:
+                        if name != "sdpa" and "us" in row[name]:
+                            row[name]["x_sdpa"] = row[name]["us"] / row["sdpa"]["us"]
+                rows.append(row)
+                log("grid", json.dumps(row))
+                del q, r, kc, vc, paged, cands, qh, kh, vh
+                torch.cuda.empty_cache()
+    results["grid"] = rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--no-cute", action="store_true")
+    ap.add_argument("--cute-budget", type=float, default=200.0, help="stop timing CuTeDSL after this many seconds")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    results = dict(env=dict(torch=torch.__version__, triton=triton.__version__, gpu=torch.cuda.get_device_name(),
+                            sms=torch.cuda.get_device_properties(0).multi_processor_count, argv=sys.argv))
+    log(results["env"])
+    bw = read_bandwidth()
+    results["read_TBps"] = bw
+    log("read bandwidth TB/s", bw)
+    try:
+        ok = check_section(results)
+    except Exception:
+        traceback.print_exc()
+        log("check failed with the stacked [Q;R] kernel; retrying with two dots per product")
+        dec.set_config(STACKED=0)
+        results["fallback_unstacked"] = True
+        ok = check_section(results)
+    results["check_ok"] = ok
+    plx = None
+    if not args.no_cute:
+        try:
+            import parallax as plx_mod
+            if getattr(plx_mod, "cute_decode_available", False):
+                plx = plx_mod
+            else:
+                results["cute_error"] = str(getattr(plx_mod, "_cute_err_msg", "unavailable"))[-400:]
+        except Exception as e:
+            results["cute_error"] = repr(e)[:400]
+        log("cute:", plx is not None, results.get("cute_error", ""))
+    results["config"] = dict(dec._CONFIG)
+    grid_section(results, bw, plx, args.cute_budget)
+    with open(os.path.join(args.out, "decode.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    if args.sweep:
+        sweep_section(results, bw)
+        with open(os.path.join(args.out, "decode.json"), "w") as f:
+            json.dump(results, f, indent=1)
+
+    print(f"\n==== decode, {results['env']['gpu']}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"read {bw:.2f} TB/s, config {results['config']}, check {'PASS' if ok else 'FAIL'} "
+          f"(max relerr {max(x['relerr'] for x in results['check']):.2e})")
+    print_grid(results)
+    if args.sweep:
+        print("sweep best per shape:")
+        seen = {}
+        for x in results["sweep"]:
+            if "us" in x:
+                key = (x["B"], x["L"], x["HQ"], x["HKV"])
+                if key not in seen or x["us"] < seen[key]["us"]:
+                    seen[key] = x
+        for key, x in seen.items():
+            print(" ", key, f"{x['us']:.1f} us ({x['pct']:.0f}%)", x["cfg"])
+        for x in results["sweep"]:
+            if "us" in x:
+                print("  ", x["B"], x["L"], x["HQ"], x["HKV"], f"{x['us']:.1f}", x["cfg"])
+            else:
+                print("  ", x["B"], x["L"], x["HQ"], x["HKV"], "ERR", x["cfg"], x["error"][:80])
+
+
+def print_grid(results):
+    print("B L Hq/Hkv splits | roof us | SDPA us | ours dense us %roof xSDPA | paged64 | paged256 | CuTeDSL")
+
+    def cell(v):
+        if not isinstance(v, dict):
+            return "-"
+        if "error" in v:
+            return "ERR"
+        s = f"{v['us']:.1f} ({v['pct']:.0f}%"
+        return s + (f", {v['x_sdpa']:.2f}x)" if "x_sdpa" in v else ")")
+    for row in results["grid"]:
+        print(f"{row['B']} {row['L']} {row['HQ']}/{row['HKV']} s{row['splits']} | {row['roof_us']:.1f} | "
+              f"{cell(row.get('sdpa'))} | {cell(row.get('ours_dense'))} | {cell(row.get('ours_paged64'))} | "
+              f"{cell(row.get('ours_paged256'))} | {cell(row.get('cute'))}")
+
+
+if __name__ == "__main__":
+    main()
