@@ -78,10 +78,13 @@ def read_bandwidth():
 def to_paged(kc, vc, page):
     """Scatter a dense (B, L, H, D) cache into randomly placed pages; returns (kp, vp, block_table)."""
     b, l, h, d = kc.shape
-    nb = l // page
+    nb = -(-l // page)
+    if nb * page != l:   # pad the last page with NaN: never read past a sequence's length
+        pad = kc.new_full((b, nb * page - l, h, d), float("nan"))
+        kc, vc = torch.cat([kc, pad], 1), torch.cat([vc, pad], 1)
     perm = torch.randperm(b * nb, device=kc.device)
-    kp = torch.empty_like(kc).view(b * nb, page, h, d)
-    vp = torch.empty_like(vc).view(b * nb, page, h, d)
+    kp = torch.empty((b * nb, page, h, d), device=kc.device, dtype=kc.dtype)
+    vp = torch.empty_like(kp)
     kp[perm] = kc.reshape(b * nb, page, h, d)
     vp[perm] = vc.reshape(b * nb, page, h, d)
     return kp, vp, perm.view(b, nb).to(torch.int32)
@@ -182,14 +185,10 @@ def reps_for(roof_us):
     return max(3, min(50, int(3000 / max(roof_us, 10.0))))
 
 
-def sweep_section(results, bw):
-    shapes = [(1, 16384, 8, 8), (8, 4096, 32, 8), (32, 4096, 8, 8), (1, 1024, 8, 8)]
-    configs = []
-    for bn, st, nw in ((64, 2, 4), (64, 3, 4), (64, 4, 4), (128, 2, 4), (128, 3, 8)):
-        for ppsm in (2, 4, 8):
-            configs.append(dict(BLOCK_N=bn, num_stages=st, num_warps=nw, PROGRAMS_PER_SM=ppsm))
-    configs.append(dict(BLOCK_N=64, num_stages=3, num_warps=4, PROGRAMS_PER_SM=4, MIN_KEYS=64))
-    configs.append(dict(BLOCK_N=64, num_stages=3, num_warps=4, PROGRAMS_PER_SM=4, STACKED=0))
+def sweep_section(results, bw, deadline):
+    shapes = [(1, 16384, 8, 8), (32, 4096, 8, 8), (8, 4096, 32, 8)]
+    configs = [dict(PROGRAMS_PER_SM=2), dict(PROGRAMS_PER_SM=8), dict(num_stages=4), dict(num_stages=2),
+               dict(BLOCK_N=128, num_stages=2), dict(STACKED=0), dict(BLOCK_N=32, num_stages=4)]
     rows = []
     base = dict(dec._CONFIG)
     for (B, L, HQ, HKV) in shapes:
@@ -197,6 +196,8 @@ def sweep_section(results, bw):
         seq = torch.full((B,), L, device=DEV, dtype=torch.int32)
         roof = B * L * HKV * 128 * 4 / (bw * 1e12) * 1e6
         for cfg in configs:
+            if time.time() - T0 > deadline:
+                break
             dec.set_config(**cfg)
             try:
                 fn = lambda: parallax_attn_with_kvcache(q, r, kc, vc, cache_seqlens=seq, backend="triton")
@@ -265,6 +266,7 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-cute", action="store_true")
     ap.add_argument("--cute-budget", type=float, default=200.0, help="stop timing CuTeDSL after this many seconds")
+    ap.add_argument("--sweep-deadline", type=float, default=1e9, help="stop the sweep after this many seconds")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     results = dict(env=dict(torch=torch.__version__, triton=triton.__version__, gpu=torch.cuda.get_device_name(),
@@ -297,8 +299,9 @@ def main():
     grid_section(results, bw, plx, args.cute_budget)
     with open(os.path.join(args.out, "decode.json"), "w") as f:
         json.dump(results, f, indent=1)
+    print_grid(results)
     if args.sweep:
-        sweep_section(results, bw)
+        sweep_section(results, bw, args.sweep_deadline)
         with open(os.path.join(args.out, "decode.json"), "w") as f:
             json.dump(results, f, indent=1)
 
