@@ -337,3 +337,15 @@ def test_triton_kernel_variants(config):
             assert rel(out, exp) < tol(torch.float16)
     finally:
         decode.set_config(**old)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_head_dim_not_power_of_two(backend):
+    b, lq, hq, hkv, d, cap = 2, 2, 6, 3, 24, 40
+    q, r, k, v, g = inputs(b, lq, hq, hkv, d, cap, torch.float32, seed=13)
+    lens = [2, 33]
+    exp = expected(q, r, k, v, lens)
+    poison(k, v, lens)
+    out = parallax_attn_with_kvcache(q, r, k, v, cache_seqlens=torch.tensor(lens, dtype=torch.int32),
+                                     num_splits=2, backend=backend)
+    assert rel(out, exp) < tol(torch.float32)
