@@ -1,0 +1,528 @@
+"""Fused Triton forward and backward kernels for Parallax attention (training).
+
+Forward, one program per (sequence, query head, block of BLOCK_M query rows):
+one pass over the visible K/V tiles feeds both branches from the same tiles and
+the same running max (DESIGN section 1), in base 2 so the inner loop uses exp2:
+
+    s2 = log2(e) * scale * q.k      t = r.k
+    d1 = sum 2^(s2-m)               O1 = sum 2^(s2-m) v
+    d2 = sum 2^(s2-m) t             O2 = sum 2^(s2-m) t v
+    o  = O1/d1 (1 + d2/d1) - O2/d1
+
+Four MMAs per tile (QK^T, RK^T, P1 V, P2 V), operands in the input dtype,
+accumulators in fp32. Saved per row: lse2 = m + log2 d1 (+inf for a row with no
+visible key, which makes every recomputed probability exactly 0), tbar = d2/d1,
+and vbar = O1/d1 (shaped like o, input dtype).
+
+Backward (DESIGN section 1, with a_ij = dO_i.v_j, delta_i = dO_i.o_i,
+beta_i = dO_i.vbar_i):
+
+    dS1 = p [a - delta + (tbar - t)(a - beta)]      dS2 = -p (a - beta)
+    dq = scale dS1 K      dr = dS2 K      dk = scale dS1^T Q + dS2^T R
+    dv = (p (1 + tbar - t))^T dO
+
+Two kernels, no atomics (deterministic) and no Lq x Lk tensor:
+  * dq/dr: one program per query block; it first computes delta and beta for its
+    rows (so no separate preprocessing pass) and stores them for the next kernel;
+  * dk/dv: one program per (sequence, kv head, key block); it walks the query
+    heads of its GQA group and their visible query blocks, so dK/dV are reduced to
+    the kv heads in registers and repeated K/V never exist.
+
+Masks: each row block's key range is split into a leading boundary part, a fully
+visible interior and a trailing boundary part; only boundary tiles build a mask
+(window and causal bounds are exact at every row, whatever the tile alignment).
+
+Layouts: dense (B, L, H, D) or packed varlen (total, H, D) with cu_seqlens; both
+read through the same kernels (a dense batch is a sequence at b * stride_b).
+Head dims that are not powers of two are padded to the next one with masked loads.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ----------------------------------------------------------------------------------------
+# shared helpers
+# ----------------------------------------------------------------------------------------
+
+@triton.jit
+def _visible(offs_m, offs_n, shift, lk, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """(M, N) mask: key n is in range and inside [m + shift - left, m + shift + right]."""
+    vis = (offs_n[None, :] < lk) & (offs_m[:, None] >= 0)
+    if HAS_LEFT:
+        vis = vis & (offs_n[None, :] >= offs_m[:, None] + shift - left)
+    if HAS_RIGHT:
+        vis = vis & (offs_n[None, :] <= offs_m[:, None] + shift + right)
+    return vis
+
+
+@triton.jit
+def _seq_bounds(CUQ, CUK, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
+    if VARLEN:
+        qs = tl.load(CUQ + b)
+        lq = tl.load(CUQ + b + 1) - qs
+        ks = tl.load(CUK + b)
+        lk = tl.load(CUK + b + 1) - ks
+    else:
+        qs = 0
+        lq = seqlen_q
+        ks = 0
+        lk = seqlen_k
+    return qs, lq, ks, lk
+
+
+@triton.jit
+def _key_ranges(m0, lq, lk, shift, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Key tiles seen by rows [m0, m0 + BLOCK_M): [start, a) masked, [a, c) unmasked, [c, end) masked."""
+    m_last = tl.minimum(m0 + BLOCK_M, lq) - 1
+    lo = 0
+    full_lo = 0
+    if HAS_LEFT:
+        lo = tl.maximum(0, m0 + shift - left)
+        # a tile is clear of the left bound when its first key is visible to the last row
+        full_lo = (tl.maximum(0, m_last + shift - left) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    hi = lk
+    upper = lk
+    if HAS_RIGHT:
+        hi = tl.minimum(lk, m_last + shift + right + 1)
+        # ... and clear of the right bound (and of Lk) when its last key is visible to the first row
+        upper = tl.minimum(lk, m0 + shift + right + 1)
+    hi = tl.maximum(hi, lo)
+    start = lo // BLOCK_N * BLOCK_N
+    full_hi = tl.maximum(upper, 0) // BLOCK_N * BLOCK_N
+    a = tl.minimum(tl.maximum(full_lo, start), hi)
+    c = tl.maximum(a, tl.minimum(full_hi, hi))
+    return start, a, c, hi
+
+
+@triton.jit
+def _query_ranges(n0, lq, lk, shift, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Query tiles that see keys [n0, n0 + BLOCK_N): [start, a) masked, [a, c) unmasked, [c, end) masked.
+
+    Rows past Lq need no mask here: their lse is +inf, so their probabilities are 0.
+    """
+    n_last = tl.minimum(n0 + BLOCK_N, lk) - 1
+    lo = 0
+    full_lo = 0
+    if HAS_RIGHT:
+        # key j is visible to row i when i >= j - shift - right
+        lo = tl.maximum(0, n0 - shift - right)
+        full_lo = (tl.maximum(0, n_last - shift - right) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    hi = lq
+    upper = (lq + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    if HAS_LEFT:
+        # ... and when i <= j - shift + left
+        hi = tl.minimum(lq, n_last - shift + left + 1)
+        upper = tl.minimum(lq, n0 - shift + left + 1)
+    hi = tl.maximum(hi, lo)
+    start = lo // BLOCK_M * BLOCK_M
+    full_hi = tl.maximum(upper, 0) // BLOCK_M * BLOCK_M
+    if not HAS_LEFT:
+        full_hi = upper
+    a = tl.minimum(tl.maximum(full_lo, start), hi)
+    c = tl.maximum(a, tl.minimum(full_hi, hi))
+    return start, a, c, hi
+
+
+# ----------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_tiles(acc1, acc2, d1, d2, m_i, q, r, K, V, offs_m, offs_d, dmask, stride_kl, stride_vl,
+               lo, hi, shift, lk, left, right, scale_log2,
+               MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n < lk)[:, None] & dmask[None, :]
+        k = tl.load(K + offs_n[:, None] * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+        t = tl.dot(r, tl.trans(k), input_precision=PREC)
+        if MASK:
+            s = tl.where(_visible(offs_m, offs_n, shift, lk, left, right, HAS_LEFT, HAS_RIGHT), s,
+                         float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row that has seen no visible key keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        e = tl.exp2(s - m_safe[:, None])
+        et = e * t
+        d1 = d1 * alpha + tl.sum(e, 1)
+        d2 = d2 * alpha + tl.sum(et, 1)
+        acc1 = acc1 * alpha[:, None] + tl.dot(e.to(v.dtype), v, input_precision=PREC)
+        acc2 = acc2 * alpha[:, None] + tl.dot(et.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    return acc1, acc2, d1, d2, m_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, R, K, V, O, VB, LSE, TB, CUQ, CUK,
+    stride_qb, stride_ql, stride_qh,
+    stride_kb, stride_kl, stride_kh,
+    stride_sb, stride_sh,
+    seqlen_q, seqlen_k, scale_log2, left, right, tune_key,
+    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    # heaviest row blocks (most keys under a causal mask) first
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    hk = h // G
+    qs, lq, ks, lk = _seq_bounds(CUQ, CUK, b, seqlen_q, seqlen_k, VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= lq:
+        return
+    shift = lk - lq
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    row_mask = offs_m < lq
+    io_mask = row_mask[:, None] & dmask[None, :]
+    q_off = b * stride_qb + (qs + offs_m[:, None]) * stride_ql + h * stride_qh + offs_d[None, :]
+    q = tl.load(Q + q_off, mask=io_mask, other=0.0)
+    r = tl.load(R + q_off, mask=io_mask, other=0.0)
+    kv_base = b * stride_kb + ks * stride_kl + hk * stride_kh
+    Kp = K + kv_base
+    Vp = V + kv_base
+
+    acc1 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    d1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    d2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+
+    start, a, c, end = _key_ranges(m0, lq, lk, shift, left, right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    acc1, acc2, d1, d2, m_i = _fwd_tiles(acc1, acc2, d1, d2, m_i, q, r, Kp, Vp, offs_m, offs_d, dmask,
+                                         stride_kl, stride_kl, start, a, shift, lk, left, right,
+                                         scale_log2, True, HAS_LEFT, HAS_RIGHT, BLOCK_N, PREC)
+    acc1, acc2, d1, d2, m_i = _fwd_tiles(acc1, acc2, d1, d2, m_i, q, r, Kp, Vp, offs_m, offs_d, dmask,
+                                         stride_kl, stride_kl, a, c, shift, lk, left, right,
+                                         scale_log2, False, HAS_LEFT, HAS_RIGHT, BLOCK_N, PREC)
+    acc1, acc2, d1, d2, m_i = _fwd_tiles(acc1, acc2, d1, d2, m_i, q, r, Kp, Vp, offs_m, offs_d, dmask,
+                                         stride_kl, stride_kl, c, end, shift, lk, left, right,
+                                         scale_log2, True, HAS_LEFT, HAS_RIGHT, BLOCK_N, PREC)
+
+    has = d1 > 0.0
+    inv = tl.where(has, 1.0 / tl.where(has, d1, 1.0), 0.0)
+    vb = acc1 * inv[:, None]
+    tb = d2 * inv
+    o = vb * (1.0 + tb)[:, None] - acc2 * inv[:, None]
+    lse2 = tl.where(has, m_i + tl.log2(tl.where(has, d1, 1.0)), float("inf"))
+    tl.store(O + q_off, o.to(O.dtype.element_ty), mask=io_mask)
+    tl.store(VB + q_off, vb.to(VB.dtype.element_ty), mask=io_mask)
+    s_off = b * stride_sb + h * stride_sh + qs + offs_m
+    tl.store(LSE + s_off, lse2, mask=row_mask)
+    tl.store(TB + s_off, tb, mask=row_mask)
+
+
+# ----------------------------------------------------------------------------------------
+# backward: dq, dr (and delta, beta)
+# ----------------------------------------------------------------------------------------
+
+@triton.jit
+def _dq_tiles(dq, dr, q, r, do, lse2, tb, delta, beta, K, V, offs_m, offs_d, dmask, stride_kl,
+              lo, hi, shift, lk, left, right, scale_log2,
+              MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+              BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n < lk)[:, None] & dmask[None, :]
+        k = tl.load(K + offs_n[:, None] * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + offs_n[:, None] * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+        t = tl.dot(r, tl.trans(k), input_precision=PREC)
+        if MASK:
+            s = tl.where(_visible(offs_m, offs_n, shift, lk, left, right, HAS_LEFT, HAS_RIGHT), s,
+                         float("-inf"))
+        p = tl.exp2(s - lse2[:, None])
+        a = tl.dot(do, tl.trans(v), input_precision=PREC)
+        pa = p * (a - beta[:, None])
+        ds1 = p * (a - delta[:, None]) + pa * (tb[:, None] - t)
+        dq = tl.dot(ds1.to(k.dtype), k, dq, input_precision=PREC)
+        dr = tl.dot(pa.to(k.dtype), k, dr, input_precision=PREC)
+    return dq, dr
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, R, K, V, O, VB, DO, LSE, TB, DELTA, BETA, DQ, DR, CUQ, CUK,
+    stride_qb, stride_ql, stride_qh,
+    stride_kb, stride_kl, stride_kh,
+    stride_sb, stride_sh,
+    seqlen_q, seqlen_k, scale, scale_log2, left, right, tune_key,
+    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    hk = h // G
+    qs, lq, ks, lk = _seq_bounds(CUQ, CUK, b, seqlen_q, seqlen_k, VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= lq:
+        return
+    shift = lk - lq
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    row_mask = offs_m < lq
+    io_mask = row_mask[:, None] & dmask[None, :]
+    q_off = b * stride_qb + (qs + offs_m[:, None]) * stride_ql + h * stride_qh + offs_d[None, :]
+    q = tl.load(Q + q_off, mask=io_mask, other=0.0)
+    r = tl.load(R + q_off, mask=io_mask, other=0.0)
+    do = tl.load(DO + q_off, mask=io_mask, other=0.0)
+    o = tl.load(O + q_off, mask=io_mask, other=0.0).to(tl.float32)
+    vb = tl.load(VB + q_off, mask=io_mask, other=0.0).to(tl.float32)
+    delta = tl.sum(do.to(tl.float32) * o, 1)
+    beta = tl.sum(do.to(tl.float32) * vb, 1)
+    s_off = b * stride_sb + h * stride_sh + qs + offs_m
+    tl.store(DELTA + s_off, delta, mask=row_mask)
+    tl.store(BETA + s_off, beta, mask=row_mask)
+    lse2 = tl.load(LSE + s_off, mask=row_mask, other=float("inf"))
+    tb = tl.load(TB + s_off, mask=row_mask, other=0.0)
+
+    kv_base = b * stride_kb + ks * stride_kl + hk * stride_kh
+    Kp = K + kv_base
+    Vp = V + kv_base
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dr = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    start, a, c, end = _key_ranges(m0, lq, lk, shift, left, right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    dq, dr = _dq_tiles(dq, dr, q, r, do, lse2, tb, delta, beta, Kp, Vp, offs_m, offs_d, dmask, stride_kl,
+                       start, a, shift, lk, left, right, scale_log2, True, HAS_LEFT, HAS_RIGHT, BLOCK_N, PREC)
+    dq, dr = _dq_tiles(dq, dr, q, r, do, lse2, tb, delta, beta, Kp, Vp, offs_m, offs_d, dmask, stride_kl,
+                       a, c, shift, lk, left, right, scale_log2, False, HAS_LEFT, HAS_RIGHT, BLOCK_N, PREC)
+    dq, dr = _dq_tiles(dq, dr, q, r, do, lse2, tb, delta, beta, Kp, Vp, offs_m, offs_d, dmask, stride_kl,
+                       c, end, shift, lk, left, right, scale_log2, True, HAS_LEFT, HAS_RIGHT, BLOCK_N, PREC)
+    tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=io_mask)
+    # dS2 = -p (a - beta), so dr = -(pa K)
+    tl.store(DR + q_off, (-dr).to(DR.dtype.element_ty), mask=io_mask)
+
+
+# ----------------------------------------------------------------------------------------
+# backward: dk, dv
+# ----------------------------------------------------------------------------------------
+
+@triton.jit
+def _dkv_tiles(dk, dv, k, v, Q, R, DO, LSE, TB, DELTA, BETA, offs_n, offs_d, dmask, stride_ql,
+               lo, hi, shift, lq, lk, left, right, scale, scale_log2,
+               MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               BLOCK_M: tl.constexpr, PREC: tl.constexpr):
+    # Tiles are held transposed (keys x queries) so that P^T and dS^T feed the MMAs
+    # for dv and dk without a register transpose.
+    for m0 in range(lo, hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        row_mask = offs_m < lq
+        io_mask = row_mask[:, None] & dmask[None, :]
+        q_off = offs_m[:, None] * stride_ql + offs_d[None, :]
+        q = tl.load(Q + q_off, mask=io_mask, other=0.0)
+        r = tl.load(R + q_off, mask=io_mask, other=0.0)
+        do = tl.load(DO + q_off, mask=io_mask, other=0.0)
+        lse2 = tl.load(LSE + offs_m, mask=row_mask, other=float("inf"))
+        tb = tl.load(TB + offs_m, mask=row_mask, other=0.0)
+        delta = tl.load(DELTA + offs_m, mask=row_mask, other=0.0)
+        beta = tl.load(BETA + offs_m, mask=row_mask, other=0.0)
+        st = tl.dot(k, tl.trans(q), input_precision=PREC) * scale_log2
+        tt = tl.dot(k, tl.trans(r), input_precision=PREC)
+        if MASK:
+            vis = tl.trans(_visible(offs_m, offs_n, shift, lk, left, right, HAS_LEFT, HAS_RIGHT))
+            st = tl.where(vis, st, float("-inf"))
+        pt = tl.exp2(st - lse2[None, :])
+        tc = tb[None, :] - tt
+        dv = tl.dot((pt * (1.0 + tc)).to(do.dtype), do, dv, input_precision=PREC)
+        at = tl.dot(v, tl.trans(do), input_precision=PREC)
+        pa = pt * (at - beta[None, :])
+        ds1 = (pt * (at - delta[None, :]) + pa * tc) * scale
+        dk = tl.dot(ds1.to(q.dtype), q, dk, input_precision=PREC)
+        dk = tl.dot((-pa).to(r.dtype), r, dk, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkv_kernel(
+    Q, R, K, V, DO, LSE, TB, DELTA, BETA, DK, DV, CUQ, CUK,
+    stride_qb, stride_ql, stride_qh,
+    stride_kb, stride_kl, stride_kh,
+    stride_sb, stride_sh,
+    seqlen_q, seqlen_k, scale, scale_log2, left, right, tune_key,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    qs, lq, ks, lk = _seq_bounds(CUQ, CUK, b, seqlen_q, seqlen_k, VARLEN)
+    n0 = pid_n * BLOCK_N
+    if n0 >= lk:
+        return
+    shift = lk - lq
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    kv_mask = (offs_n < lk)[:, None] & dmask[None, :]
+    kv_off = b * stride_kb + (ks + offs_n[:, None]) * stride_kl + hk * stride_kh + offs_d[None, :]
+    k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    start, a, c, end = _query_ranges(n0, lq, lk, shift, left, right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    for g in range(G):
+        h = hk * G + g
+        q_base = b * stride_qb + qs * stride_ql + h * stride_qh
+        s_base = b * stride_sb + h * stride_sh + qs
+        Qp = Q + q_base
+        Rp = R + q_base
+        DOp = DO + q_base
+        dk, dv = _dkv_tiles(dk, dv, k, v, Qp, Rp, DOp, LSE + s_base, TB + s_base, DELTA + s_base,
+                            BETA + s_base, offs_n, offs_d, dmask, stride_ql, start, a, shift, lq, lk,
+                            left, right, scale, scale_log2, True, HAS_LEFT, HAS_RIGHT, BLOCK_M, PREC)
+        dk, dv = _dkv_tiles(dk, dv, k, v, Qp, Rp, DOp, LSE + s_base, TB + s_base, DELTA + s_base,
+                            BETA + s_base, offs_n, offs_d, dmask, stride_ql, a, c, shift, lq, lk,
+                            left, right, scale, scale_log2, False, HAS_LEFT, HAS_RIGHT, BLOCK_M, PREC)
+        dk, dv = _dkv_tiles(dk, dv, k, v, Qp, Rp, DOp, LSE + s_base, TB + s_base, DELTA + s_base,
+                            BETA + s_base, offs_n, offs_d, dmask, stride_ql, c, end, shift, lq, lk,
+                            left, right, scale, scale_log2, True, HAS_LEFT, HAS_RIGHT, BLOCK_M, PREC)
+    tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+# ----------------------------------------------------------------------------------------
+# launch configuration
+# ----------------------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Small spaces keep first-call tuning short;
+# results are cached by the autotuner per (sequence-length bucket, head dim, mask kind, dtype).
+_FWD_CONFIGS = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
+_DQ_CONFIGS = [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3)]
+_DKV_CONFIGS = [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3)]
+_TUNE_KEY = ["tune_key", "BLOCK_D", "G", "VARLEN", "HAS_LEFT", "HAS_RIGHT"]
+
+# The interpreter runs one fixed, small configuration (tuning there would only cost time);
+# unequal BLOCK_M / BLOCK_N exercise the tile-range arithmetic.
+INTERPRET_BLOCKS = {"fwd": (32, 16), "dq": (16, 32), "dkv": (16, 32)}
+
+
+def _configs(table):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in table]
+
+
+_fwd_tuned = triton.autotune(_configs(_FWD_CONFIGS), key=_TUNE_KEY)(_fwd_kernel)
+_dq_tuned = triton.autotune(_configs(_DQ_CONFIGS), key=_TUNE_KEY)(_bwd_dq_kernel)
+_dkv_tuned = triton.autotune(_configs(_DKV_CONFIGS), key=_TUNE_KEY)(_bwd_dkv_kernel)
+
+
+def _launch(tuned, raw, name, grid_of, args, meta):
+    if _INTERPRET or os.environ.get("TRITON_INTERPRET") == "1":
+        bm, bn = INTERPRET_BLOCKS[name]
+        raw[grid_of({"BLOCK_M": bm, "BLOCK_N": bn})](*args, BLOCK_M=bm, BLOCK_N=bn, **meta)
+    else:
+        tuned[grid_of](*args, **meta)
+
+
+def _mask_args(causal: bool, left: int, right: int):
+    """Fold causality into the right bound: (has_left, left, has_right, right)."""
+    has_right = right >= 0 or causal
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    return left >= 0, max(left, 0), has_right, max(right, 0)
+
+
+def _tune_key(max_seqlen_q: int, max_seqlen_k: int) -> int:
+    return (triton.next_power_of_2(max(max_seqlen_q, 16)) << 32) | triton.next_power_of_2(max(max_seqlen_k, 16))
+
+
+def _layout(q, k, cu_q, varlen: bool, max_q: int, max_k: int):
+    """Batch count, per-batch lengths and strides shared by the three kernels."""
+    if varlen:
+        batch = cu_q.numel() - 1
+        hq, d = q.shape[1], q.shape[2]
+        hkv = k.shape[1]
+        sq = (0, q.stride(0), q.stride(1))
+        sk = (0, k.stride(0), k.stride(1))
+        ss = (0, q.shape[0])
+    else:
+        batch, max_q, hq, d = q.shape
+        max_k, hkv = k.shape[1], k.shape[2]
+        sq = (q.stride(0), q.stride(1), q.stride(2))
+        sk = (k.stride(0), k.stride(1), k.stride(2))
+        ss = (hq * max_q, max_q)
+    return batch, hq, hkv, d, max_q, max_k, sq, sk, ss
+
+
+def _stats_shape(q, varlen: bool):
+    return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+
+
+def _prec(dtype):
+    # fp32 inputs get full-precision dots (not tf32): they are chosen for accuracy.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def fwd(q, r, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float, left: int, right: int):
+    """Returns (out, vbar, lse2, tbar); inputs contiguous, same dtype."""
+    varlen = cu_q is not None
+    batch, hq, hkv, d, max_q, max_k, sq, sk, ss = _layout(q, k, cu_q, varlen, max_q, max_k)
+    out = torch.empty_like(q)
+    vbar = torch.empty_like(q)
+    lse = torch.empty(_stats_shape(q, varlen), device=q.device, dtype=torch.float32)
+    tbar = torch.empty_like(lse)
+    has_left, left, has_right, right = _mask_args(causal, left, right)
+    cu_q_arg = cu_q if varlen else q
+    cu_k_arg = cu_k if varlen else q
+    args = (q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg, *sq, *sk, *ss, max_q, max_k,
+            scale * LOG2E, left, right, _tune_key(max_q, max_k))
+    meta = dict(HQ=hq, G=hq // hkv, D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), VARLEN=varlen,
+                HAS_LEFT=has_left, HAS_RIGHT=has_right, PREC=_prec(q.dtype))
+    _launch(_fwd_tuned, _fwd_kernel, "fwd",
+            lambda m: (batch * hq, triton.cdiv(max_q, m["BLOCK_M"])), args, meta)
+    return out, vbar, lse, tbar
+
+
+def bwd(dout, q, r, k, v, out, vbar, lse, tbar, cu_q, cu_k, max_q: int, max_k: int, causal: bool,
+        scale: float, left: int, right: int):
+    """Returns (dq, dr, dk, dv); dk/dv already reduced over each kv head's query heads."""
+    varlen = cu_q is not None
+    batch, hq, hkv, d, max_q, max_k, sq, sk, ss = _layout(q, k, cu_q, varlen, max_q, max_k)
+    dq = torch.empty_like(q)
+    dr = torch.empty_like(r)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    delta = torch.empty_like(lse)
+    beta = torch.empty_like(lse)
+    has_left, left, has_right, right = _mask_args(causal, left, right)
+    cu_q_arg = cu_q if varlen else q
+    cu_k_arg = cu_k if varlen else q
+    key = _tune_key(max_q, max_k)
+    meta = dict(G=hq // hkv, D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), VARLEN=varlen,
+                HAS_LEFT=has_left, HAS_RIGHT=has_right, PREC=_prec(q.dtype))
+    args = (q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg, cu_k_arg, *sq, *sk, *ss,
+            max_q, max_k, scale, scale * LOG2E, left, right, key)
+    _launch(_dq_tuned, _bwd_dq_kernel, "dq",
+            lambda m: (batch * hq, triton.cdiv(max_q, m["BLOCK_M"])), args, dict(HQ=hq, **meta))
+    if k.numel() == 0:
+        return dq, dr, dk, dv
+    args = (q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg, *sq, *sk, *ss,
+            max_q, max_k, scale, scale * LOG2E, left, right, key)
+    _launch(_dkv_tuned, _bwd_dkv_kernel, "dkv",
+            lambda m: (batch * hkv, triton.cdiv(max_k, m["BLOCK_N"])), args, dict(HKV=hkv, **meta))
+    return dq, dr, dk, dv
