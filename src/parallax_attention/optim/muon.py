@@ -1,0 +1,299 @@
+"""Muon for hidden 2-D matrices and AdamW for everything else, in one optimizer.
+
+Why not wrap ``torch.optim.Muon``: it only accepts plain 2-D tensors and
+orthogonalises whatever it is given, so under FSDP2 (parameters and gradients
+are DTensors sharded on dim 0) it would orthogonalise each rank's *shard* — a
+different, wrong update. This implementation follows the same math (same
+Newton-Schulz polynomial, momentum, Nesterov, decoupled weight decay and both
+learning-rate adjustments; a test checks it update-for-update against
+``torch.optim.Muon``) and gathers a sharded matrix before orthogonalising it.
+The AdamW half is written out too so that both halves live in one
+``torch.optim.Optimizer`` whose ``param_groups`` carry a ``kind`` key: one
+object to step, checkpoint and schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5
+LR_ADJUSTMENTS = ("original", "match_rms_adamw", "none")
+
+
+def zeropower_via_newtonschulz(
+    g: Tensor,
+    steps: int = NS_STEPS,
+    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    eps: float = 1e-7,
+    dtype: torch.dtype | None = torch.bfloat16,
+) -> Tensor:
+    """Approximate U V^T of ``g = U S V^T`` with the quintic Newton-Schulz iteration.
+
+    The coefficients maximise the slope at zero rather than converge, so the
+    singular values of the result land roughly in [0.5, 1.5] instead of at 1
+    (Keller Jordan's Muon). ``dtype`` is the working precision (bf16 as in the
+    reference; ``None`` keeps ``g``'s dtype). Returns a tensor of ``g``'s dtype.
+    """
+    if g.ndim != 2:
+        raise ValueError(f"g must be a 2-D matrix, got shape {tuple(g.shape)}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    a, b, c = coefficients
+    x = g.to(dtype) if dtype is not None else g.clone()
+    transposed = g.size(0) > g.size(1)
+    if transposed:  # iterate on the short side: X X^T is then the small Gram matrix
+        x = x.T
+    # Frobenius norm >= spectral norm, so this puts every singular value in (0, 1].
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.addmm(x, poly, x, beta=a)
+    if transposed:
+        x = x.T
+    return x.to(g.dtype)
+
+
+def adjusted_lr(lr: float, shape: torch.Size | tuple[int, ...], adjustment: str) -> float:
+    """Per-matrix Muon learning rate.
+
+    ``original``: lr * max(1, rows/cols)^0.5 (Keller Jordan).
+    ``match_rms_adamw``: lr * 0.2 * sqrt(max(rows, cols)), which gives the update
+    the RMS of a typical AdamW update so AdamW's lr and weight decay carry over
+    (Moonshot, "Muon is Scalable for LLM Training").
+    """
+    rows, cols = int(shape[0]), int(shape[1])
+    if adjustment == "original":
+        return lr * math.sqrt(max(1.0, rows / cols))
+    if adjustment == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    if adjustment == "none":
+        return lr
+    raise ValueError(f"adjust_lr must be one of {LR_ADJUSTMENTS}, got {adjustment!r}")
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _orthogonalise(update: Tensor, steps, coefficients, eps, dtype) -> Tensor:
+    """Newton-Schulz on the *whole* matrix, also when ``update`` is an FSDP2 shard."""
+    if not _is_dtensor(update):
+        return zeropower_via_newtonschulz(update, steps, coefficients, eps, dtype)
+    from torch.distributed.tensor import DTensor, Replicate
+
+    # Gather the full matrix on every rank (each rank computes the same result;
+    # the redundant work is small next to the forward/backward), then hand back
+    # the local shard with the parameter's own placements. Replicate -> Shard
+    # is a local slice, no communication.
+    full = zeropower_via_newtonschulz(update.full_tensor(), steps, coefficients, eps, dtype)
+    replicated = DTensor.from_local(
+        full, update.device_mesh, [Replicate()] * update.device_mesh.ndim, run_check=False
+    )
+    return replicated.redistribute(update.device_mesh, update.placements)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """One optimizer: Muon on groups with ``kind="muon"``, AdamW on ``kind="adamw"``.
+
+    Build the groups with :func:`build_param_groups` (or pass dicts with a
+    ``kind`` key). Muon groups use ``lr, momentum, nesterov, weight_decay,
+    ns_steps, ns_coefficients, adjust_lr, ns_dtype``; AdamW groups use ``lr,
+    betas, eps, weight_decay``. Weight decay is decoupled (``p *= 1 - lr*wd``)
+    in both. Each group also remembers ``initial_lr`` and
+    ``initial_weight_decay`` so a schedule can scale them.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 3e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = NS_STEPS,
+        ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+        adjust_lr: str = "match_rms_adamw",
+        ns_dtype: torch.dtype | None = torch.bfloat16,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+    ) -> None:
+        if lr < 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if adjust_lr not in LR_ADJUSTMENTS:
+            raise ValueError(f"adjust_lr must be one of {LR_ADJUSTMENTS}, got {adjust_lr!r}")
+        defaults = dict(
+            kind="adamw", lr=lr, weight_decay=weight_decay, momentum=momentum,
+            nesterov=nesterov, ns_steps=ns_steps, ns_coefficients=tuple(ns_coefficients),
+            adjust_lr=adjust_lr, ns_dtype=ns_dtype, betas=tuple(betas), eps=eps,
+        )
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            if group["kind"] not in ("muon", "adamw"):
+                raise ValueError(f"param group kind must be 'muon' or 'adamw', got {group['kind']!r}")
+            if group["kind"] == "muon":
+                for p in group["params"]:
+                    if p.ndim != 2:
+                        raise ValueError(
+                            f"Muon groups take 2-D matrices only; got a parameter of shape {tuple(p.shape)}"
+                        )
+            group.setdefault("initial_lr", group["lr"])
+            group.setdefault("initial_weight_decay", group["weight_decay"])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["kind"] == "muon":
+                self._muon_group(group)
+            else:
+                self._adamw_group(group)
+        return loss
+
+    def _muon_group(self, group) -> None:
+        lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            g = p.grad
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(g)
+            buf = state["momentum_buffer"]
+            # buf = mu*buf + (1-mu)*g; Nesterov looks one step ahead along it.
+            buf.lerp_(g, 1 - mu)
+            update = g.lerp(buf, mu) if group["nesterov"] else buf
+            update = _orthogonalise(
+                update, group["ns_steps"], group["ns_coefficients"], 1e-7, group["ns_dtype"]
+            )
+            p.mul_(1 - lr * wd)
+            p.add_(update, alpha=-adjusted_lr(lr, p.shape, group["adjust_lr"]))
+
+    def _adamw_group(self, group) -> None:
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            g = p.grad
+            state = self.state[p]
+            if "step" not in state:
+                # A tensor step (as torch's AdamW keeps it) round-trips through
+                # distributed state-dict helpers.
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            # Out of place: Optimizer.load_state_dict does not copy "step", so an
+            # in-place += would also advance the optimizer it was loaded from.
+            state["step"] = state["step"] + 1
+            t = float(state["step"])
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            p.mul_(1 - lr * wd)
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            bc1 = 1 - beta1**t
+            bc2 = 1 - beta2**t
+            denom = (v.sqrt() / math.sqrt(bc2)).add_(eps)
+            p.addcdiv_(m, denom, value=-lr / bc1)
+
+
+# Parameter roles. Name fragments of the hidden matrices that Muon takes; the
+# rest (embeddings, output head, norms, gates, biases) go to AdamW.
+MUON_NAME_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "r_proj", "gate_proj", "up_proj", "down_proj")
+NO_DECAY_NAME_PARTS = ("norm", "bias", "gate")  # probe gate: "probe_gate"/"r_gate"; not "gate_proj"
+
+
+def classify_parameter(name: str, p: Tensor) -> str:
+    """'muon', 'adamw' (embedding/output head: decayed) or 'adamw_no_wd' (norms, gates, biases)."""
+    leaf = name.rsplit(".", 1)[-1]
+    if p.ndim == 2 and leaf == "weight" and any(part in name for part in MUON_NAME_PARTS):
+        return "muon"
+    if p.ndim < 2 or leaf == "bias":
+        return "adamw_no_wd"
+    if any(part in name for part in NO_DECAY_NAME_PARTS) and not any(part in name for part in MUON_NAME_PARTS):
+        return "adamw_no_wd"
+    return "adamw"
+
+
+def build_param_groups(
+    model: torch.nn.Module,
+    optimizer: str = "muon",
+    lr: float = 3e-3,
+    weight_decay: float = 0.1,
+    adamw_lr: float | None = None,
+) -> list[dict]:
+    """Named parameter groups for :class:`MuonAdamW`.
+
+    ``optimizer="muon"``: hidden matrices -> group "muon"; embeddings and output
+    head -> "adamw"; norms, gates, biases -> "adamw_no_wd" (weight decay 0).
+    ``optimizer="adamw"``: the hidden matrices join the decayed AdamW group
+    ("adamw_hidden"), the paper's AdamW-only baseline. Tied parameters appear once.
+    """
+    if optimizer not in ("muon", "adamw"):
+        raise ValueError(f"optimizer must be 'muon' or 'adamw', got {optimizer!r}")
+    adamw_lr = lr if adamw_lr is None else adamw_lr
+    buckets: dict[str, list] = {"muon": [], "adamw": [], "adamw_no_wd": []}
+    names: dict[str, list[str]] = {k: [] for k in buckets}
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        role = classify_parameter(name, p)
+        buckets[role].append(p)
+        names[role].append(name)
+    groups = []
+    if buckets["muon"]:
+        if optimizer == "muon":
+            groups.append(dict(name="muon", kind="muon", params=buckets["muon"], param_names=names["muon"],
+                               lr=lr, weight_decay=weight_decay))
+        else:
+            groups.append(dict(name="adamw_hidden", kind="adamw", params=buckets["muon"],
+                               param_names=names["muon"], lr=adamw_lr, weight_decay=weight_decay))
+    if buckets["adamw"]:
+        groups.append(dict(name="adamw", kind="adamw", params=buckets["adamw"], param_names=names["adamw"],
+                           lr=adamw_lr, weight_decay=weight_decay))
+    if buckets["adamw_no_wd"]:
+        groups.append(dict(name="adamw_no_wd", kind="adamw", params=buckets["adamw_no_wd"],
+                           param_names=names["adamw_no_wd"], lr=adamw_lr, weight_decay=0.0))
+    return groups
+
+
+def build_optimizer(
+    model: torch.nn.Module,
+    optimizer: str = "muon",
+    lr: float = 3e-3,
+    weight_decay: float = 0.1,
+    adamw_lr: float | None = None,
+    adjust_lr: str = "match_rms_adamw",
+    momentum: float = 0.95,
+    betas: tuple[float, float] = (0.9, 0.95),
+    ns_dtype: torch.dtype | None = None,
+) -> MuonAdamW:
+    """The training recipe's optimizer for ``model`` (see :func:`build_param_groups`).
+
+    ``ns_dtype=None`` picks bf16 Newton-Schulz on CUDA (as the reference does)
+    and fp32 elsewhere, where bf16 matmuls are slow and gain nothing.
+    """
+    if ns_dtype is None:
+        first = next(model.parameters())
+        ns_dtype = torch.bfloat16 if first.device.type == "cuda" else torch.float32
+    groups = build_param_groups(model, optimizer, lr, weight_decay, adamw_lr)
+    return MuonAdamW(groups, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                     adjust_lr=adjust_lr, ns_dtype=ns_dtype, betas=betas)
