@@ -9,4 +9,10 @@ __version__ = "0.1.0"
 
 from .ops import parallax_attn, parallax_attn_varlen, parallax_attn_with_kvcache  # noqa: E402
 
+# Register model_type "parallax_qwen3" with transformers' Auto classes once they load (no-op
+# without transformers; does not import it).
+from .models.registration import install as _install_hf_registration  # noqa: E402
+
+_install_hf_registration()
+
 __all__ = ["__version__", "parallax_attn", "parallax_attn_varlen", "parallax_attn_with_kvcache"]

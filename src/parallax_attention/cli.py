@@ -14,7 +14,10 @@ import sys
 from . import __version__
 
 # (name, module, one-line help)
-SUBCOMMANDS: list[tuple[str, str, str]] = []
+SUBCOMMANDS: list[tuple[str, str, str]] = [
+    ("convert", "parallax_attention.models.convert",
+     "convert a Hugging Face Qwen3/Qwen2/Llama checkpoint to parallax_qwen3 (zero probe)"),
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

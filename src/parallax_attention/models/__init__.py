@@ -1,22 +1,28 @@
 """Qwen3-style Parallax models on Hugging Face transformers, and checkpoint conversion.
 
-Importing this package registers model_type "parallax_qwen3" with AutoConfig, AutoModel and
-AutoModelForCausalLM.
+Names load on first use, so importing this package (or the `plx` CLI) stays cheap. Loading the
+modeling code registers model_type "parallax_qwen3" with AutoConfig, AutoModel and
+AutoModelForCausalLM (importing `parallax_attention` arranges that as soon as transformers' Auto
+classes are loaded).
 """
 
-from .configuration import MODEL_TYPE, PRESETS, ParallaxConfig
-from .modeling import ParallaxDecoderLayer, ParallaxForCausalLM, ParallaxModel, ParallaxPreTrainedModel
-from .registration import register
+from importlib import import_module
 
-register()
+_EXPORTS = {
+    "MODEL_TYPE": "configuration", "PRESETS": "configuration", "ParallaxConfig": "configuration",
+    "ParallaxDecoderLayer": "modeling", "ParallaxForCausalLM": "modeling", "ParallaxModel": "modeling",
+    "ParallaxPreTrainedModel": "modeling", "convert_checkpoint": "convert", "ConversionError": "convert",
+    "register": "registration",
+}
 
-__all__ = ["MODEL_TYPE", "PRESETS", "ParallaxConfig", "ParallaxDecoderLayer", "ParallaxForCausalLM",
-           "ParallaxModel", "ParallaxPreTrainedModel", "convert_checkpoint", "register"]
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
-    # Conversion pulls in safetensors and file handling; load it on first use.
-    if name == "convert_checkpoint":
-        from .convert import convert_checkpoint
-        return convert_checkpoint
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

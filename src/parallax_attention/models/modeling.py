@@ -155,3 +155,11 @@ class ParallaxForCausalLM(ParallaxPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                    ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
+
+
+def _register():
+    from .registration import register
+    register()
+
+
+_register()
