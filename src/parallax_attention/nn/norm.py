@@ -14,7 +14,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x32 = x.to(torch.float32)
+        # At least float32 (half-precision inputs are upcast; float64 stays float64).
+        x32 = x.to(torch.float32) if x.element_size() < 4 else x
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         # Cast back before the weight, as the Hugging Face Llama/Qwen norms do, so that converted
         # checkpoints round exactly like their source in half precision.
