@@ -17,6 +17,10 @@ from . import __version__
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("convert", "parallax_attention.models.convert",
      "convert a Hugging Face Qwen3/Qwen2/Llama checkpoint to parallax_qwen3 (zero probe)"),
+    ("prepare", "parallax_attention.data.prepare",
+     "tokenise text files, the embedded corpus or a HF dataset into token shards"),
+    ("train", "parallax_attention.train.cli",
+     "train a Parallax or softmax model (Muon recipe; torchrun for DDP/FSDP2)"),
 ]
 
 
