@@ -132,3 +132,13 @@ def test_left_padded_batch_generation_matches_single():
     out = model.generate(batch, attention_mask=mask, **kw)
     assert torch.equal(out[0, 10:], model.generate(a, **kw)[0, 10:])
     assert torch.equal(out[1, 10:], model.generate(b, **kw)[0, 6:])
+
+
+def test_autocast_training_step():
+    # float32 weights under bfloat16 autocast (the norms return float32, the linears bfloat16).
+    model = _model(probe_scale=0.1).train()
+    ids = torch.randint(0, 1024, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.model.layers[0].self_attn.r_proj.weight.grad.abs().max() > 0

@@ -224,6 +224,11 @@ class ParallaxAttention(nn.Module):
         return self.o_proj(o.reshape(bsz, lq, self.num_heads * self.head_dim))
 
     def _attend(self, q, r, k, v, key_mask):
+        # Under autocast the norms (float32 weights) return float32 while v comes out of a linear
+        # layer in the autocast dtype; the ops want one dtype.
+        dt = v.dtype
+        q, k = q.to(dt), k.to(dt)
+        r = r.to(dt) if r is not None else None
         lq, lk = q.shape[1], k.shape[1]
         window = self.window_size
         if key_mask is not None:
