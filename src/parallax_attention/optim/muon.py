@@ -102,6 +102,16 @@ def _orthogonalise(update: Tensor, steps, coefficients, eps, dtype) -> Tensor:
     return replicated.redistribute(update.device_mesh, update.placements)
 
 
+def _dtype_name(dtype) -> str | None:
+    if dtype is None or dtype == "none":
+        return None
+    if isinstance(dtype, torch.dtype):
+        return str(dtype).removeprefix("torch.")
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        return dtype
+    raise ValueError(f"ns_dtype must be a torch dtype, its name, or None; got {dtype!r}")
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """One optimizer: Muon on groups with ``kind="muon"``, AdamW on ``kind="adamw"``.
 
@@ -123,7 +133,7 @@ class MuonAdamW(torch.optim.Optimizer):
         ns_steps: int = NS_STEPS,
         ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
         adjust_lr: str = "match_rms_adamw",
-        ns_dtype: torch.dtype | None = torch.bfloat16,
+        ns_dtype: torch.dtype | str | None = torch.bfloat16,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
     ) -> None:
@@ -135,6 +145,9 @@ class MuonAdamW(torch.optim.Optimizer):
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if adjust_lr not in LR_ADJUSTMENTS:
             raise ValueError(f"adjust_lr must be one of {LR_ADJUSTMENTS}, got {adjust_lr!r}")
+        # Kept as a string in the param groups: distributed state-dict helpers
+        # only accept tensors, numbers, strings and containers of them.
+        ns_dtype = _dtype_name(ns_dtype)
         defaults = dict(
             kind="adamw", lr=lr, weight_decay=weight_decay, momentum=momentum,
             nesterov=nesterov, ns_steps=ns_steps, ns_coefficients=tuple(ns_coefficients),
@@ -150,6 +163,7 @@ class MuonAdamW(torch.optim.Optimizer):
                         raise ValueError(
                             f"Muon groups take 2-D matrices only; got a parameter of shape {tuple(p.shape)}"
                         )
+            group["ns_dtype"] = _dtype_name(group["ns_dtype"])
             group.setdefault("initial_lr", group["lr"])
             group.setdefault("initial_weight_decay", group["weight_decay"])
 
@@ -179,9 +193,8 @@ class MuonAdamW(torch.optim.Optimizer):
             # buf = mu*buf + (1-mu)*g; Nesterov looks one step ahead along it.
             buf.lerp_(g, 1 - mu)
             update = g.lerp(buf, mu) if group["nesterov"] else buf
-            update = _orthogonalise(
-                update, group["ns_steps"], group["ns_coefficients"], 1e-7, group["ns_dtype"]
-            )
+            ns_dtype = getattr(torch, group["ns_dtype"]) if group["ns_dtype"] else None
+            update = _orthogonalise(update, group["ns_steps"], group["ns_coefficients"], 1e-7, ns_dtype)
             p.mul_(1 - lr * wd)
             p.add_(update, alpha=-adjusted_lr(lr, p.shape, group["adjust_lr"]))
 
