@@ -142,3 +142,15 @@ def test_autocast_training_step():
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     assert torch.isfinite(loss) and model.model.layers[0].self_attn.r_proj.weight.grad.abs().max() > 0
+
+
+def test_model_benchmark_smoke(tmp_path):
+    import pathlib
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "model.py"
+    out = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path)], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads((tmp_path / "model_bench.json").read_text())["rows"]
+    assert [r["section"] for r in rows] == ["train fwd+bwd", "generate", "generate"]
+    assert all(r["softmax_tok_s"] > 0 and r["parallax_tok_s"] > 0 and not r["note"] for r in rows)
+    assert out.stdout.rstrip().splitlines()[-1].startswith("| generate")

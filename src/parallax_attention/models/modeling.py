@@ -95,6 +95,10 @@ class ParallaxModel(ParallaxPreTrainedModel):
         if not use_cache:
             cache = None
         past = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is not None and attention_mask.dim() == 2 and bool(attention_mask.all()):
+            # No padding: one host check here instead of one per layer, and the layers take their
+            # fast unmasked paths.
+            attention_mask = None
         if position_ids is None:
             position_ids = torch.arange(past, past + x.shape[1], device=x.device)[None]
         cos, sin = self.rotary_emb(position_ids, x.dtype)

@@ -1,0 +1,182 @@
+"""Model throughput: Parallax vs softmax attention in the same Qwen3-style model (random init).
+
+    PYTHONPATH=src python benchmarks/model.py [--smoke] [--out DIR]
+
+Sections:
+  train     tokens/s of one training step (forward + backward, no optimizer) of the 0.6b preset,
+            bf16 weights, L = 4096, batch --train-batch.
+  generate  tokens/s of greedy generation with transformers' DynamicCache at B = 1 and B = 32,
+            prompt 512, 256 new tokens (no early stop), counting new tokens only.
+
+Each row runs attention="parallax" and "softmax" on the same shapes; "ratio" = parallax / softmax
+throughput (targets: training >= 0.85, generation >= 0.9). --smoke runs a tiny version on the CPU.
+Prints a markdown table last; writes JSON to --out (default $OUT or .).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+from parallax_attention.models import ParallaxConfig, ParallaxForCausalLM  # noqa: E402
+
+T0 = time.time()
+
+
+def log(*a):
+    print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build(preset, attention, dtype, device, backend, seed=0):
+    torch.manual_seed(seed)
+    cfg = ParallaxConfig.from_preset(preset, attention=attention, attn_backend=backend)
+    with torch.device(device):  # initialise on the device: much faster than on the host for 0.6b
+        model = ParallaxForCausalLM(cfg)
+    return model.to(dtype=dtype)
+
+
+def bench_train(model, batch, seqlen, steps, device):
+    """Median seconds of forward + backward of the LM loss on random tokens."""
+    model.train()
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, seqlen), device=device)
+    times = []
+    for i in range(steps + 2):  # two warm-up steps (kernel compilation, allocator)
+        sync(device)
+        t = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - t)
+        model.zero_grad(set_to_none=True)
+    assert torch.isfinite(loss).item(), "non-finite loss"
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def bench_generate(model, batch, prompt_len, new_tokens, device, reps):
+    """Median seconds of generate() of new_tokens greedy tokens after a prompt_len prompt."""
+    model.eval()
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (batch, prompt_len), device=device)
+    kw = dict(do_sample=False, use_cache=True, eos_token_id=None, pad_token_id=0)
+    model.generate(prompt, max_new_tokens=8, min_new_tokens=8, **kw)  # warm-up
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
+        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    assert out.shape == (batch, prompt_len + new_tokens), out.shape
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU (checks the script runs)")
+    ap.add_argument("--preset", default=None, help="model preset (default 0.6b; tiny with --smoke)")
+    ap.add_argument("--seqlen", type=int, default=None, help="training sequence length (default 4096)")
+    ap.add_argument("--train-batch", type=int, default=1)
+    ap.add_argument("--train-steps", type=int, default=5)
+    ap.add_argument("--gen-batches", default=None, help="comma-separated (default 1,32)")
+    ap.add_argument("--prompt", type=int, default=None, help="prompt length (default 512)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="generated tokens (default 256)")
+    ap.add_argument("--gen-reps", type=int, default=1)
+    ap.add_argument("--backend", default="auto", help="op backend for attention='parallax'")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+
+    if args.smoke:
+        device, dtype = torch.device("cpu"), torch.float32
+        preset, seqlen, gen_batches, prompt, new = "tiny", 64, [1, 2], 16, 8
+        args.train_steps = min(args.train_steps, 2)
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("benchmarks/model.py: needs a CUDA device (use --smoke on the CPU)")
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        preset, seqlen, gen_batches, prompt, new = "0.6b", 4096, [1, 32], 512, 256
+    preset = args.preset or preset
+    seqlen = args.seqlen or seqlen
+    gen_batches = [int(b) for b in args.gen_batches.split(",")] if args.gen_batches else gen_batches
+    prompt = args.prompt or prompt
+    new = args.new_tokens or new
+    log(f"device={device} dtype={dtype} preset={preset} torch={torch.__version__}")
+
+    results = {"config": dict(preset=preset, seqlen=seqlen, train_batch=args.train_batch, gen_batches=gen_batches,
+                              prompt=prompt, new_tokens=new, dtype=str(dtype), backend=args.backend,
+                              device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
+               "rows": []}
+    rows = []  # (section, shape, softmax tok/s, parallax tok/s, note)
+
+    def run(attention, fn):
+        backend = args.backend if attention == "parallax" else "auto"
+        try:
+            model = build(preset, attention, dtype, device, backend)
+            return fn(model), ""
+        except Exception as e:  # noqa: BLE001 - report and go on with the other rows
+            traceback.print_exc()
+            note = f"{attention} failed: {type(e).__name__}: {str(e)[:80]}"
+            if attention == "parallax" and backend != "torch":
+                log(f"{note}; retrying with backend='torch'")
+                model = build(preset, attention, dtype, device, "torch")
+                return fn(model), note + " (torch backend used)"
+            return float("nan"), note
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    tokens = args.train_batch * seqlen
+    res = {}
+    for attention in ("softmax", "parallax"):
+        sec, note = run(attention, lambda m: bench_train(m, args.train_batch, seqlen, args.train_steps, device))
+        res[attention] = (tokens / sec, note)
+        log(f"train {attention}: {sec * 1e3:.1f} ms/step, {tokens / sec:,.0f} tok/s {note}")
+    rows.append(("train fwd+bwd", f"B={args.train_batch} L={seqlen}", res["softmax"][0], res["parallax"][0],
+                 "; ".join(n for _, n in res.values() if n)))
+
+    for b in gen_batches:
+        res = {}
+        for attention in ("softmax", "parallax"):
+            sec, note = run(attention, lambda m: bench_generate(m, b, prompt, new, device, args.gen_reps))
+            res[attention] = (b * new / sec, note)
+            log(f"generate B={b} {attention}: {sec:.2f} s, {b * new / sec:,.0f} new tok/s {note}")
+        rows.append(("generate", f"B={b} prompt={prompt} new={new}", res["softmax"][0], res["parallax"][0],
+                     "; ".join(n for _, n in res.values() if n)))
+
+    for sec_name, shape, soft, plx, note in rows:
+        results["rows"].append(dict(section=sec_name, shape=shape, softmax_tok_s=soft, parallax_tok_s=plx,
+                                    ratio=plx / soft if soft else None, note=note))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "model_bench.json"), "w") as f:
+        json.dump(results, f, indent=2)
+
+    print()
+    print(f"Model throughput, {preset} preset, {results['config']['device']}, {str(dtype).replace('torch.', '')}, "
+          f"random init (tokens/s; ratio = parallax / softmax)")
+    print()
+    print("| section | shape | softmax tok/s | parallax tok/s | ratio | note |")
+    print("|---|---|---|---|---|---|")
+    for r in results["rows"]:
+        print(f"| {r['section']} | {r['shape']} | {r['softmax_tok_s']:,.0f} | {r['parallax_tok_s']:,.0f} | "
+              f"{r['ratio']:.3f} | {r['note']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
