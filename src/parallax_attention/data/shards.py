@@ -96,9 +96,12 @@ def write_shards(
     eos = np.asarray([tokenizer.eos_id], dtype=np.int64)
     bar = None
     if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total_docs, unit="doc", desc="tokenising", dynamic_ncols=True)
+        try:
+            from tqdm import tqdm
+        except ImportError:  # progress bar is optional
+            tqdm = None
+        if tqdm is not None:
+            bar = tqdm(total=total_docs, unit="doc", desc="tokenising", dynamic_ncols=True)
     t0 = time.time()
     pending: list[tuple[str, str]] = []
 

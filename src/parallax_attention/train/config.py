@@ -87,8 +87,18 @@ class TrainConfig:
 
 
 def _parse_value(text: str) -> Any:
-    import yaml
+    try:
+        import yaml
+    except ImportError:  # minimal images: JSON-ish literals, else the raw string
+        import json
 
+        low = text.strip().lower()
+        if low in ("true", "false", "null", "none"):
+            return {"true": True, "false": False}.get(low)
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
     return yaml.safe_load(text)
 
 

@@ -70,6 +70,24 @@ class MetricsLog:
                 self.tb.close()
 
 
+class _PlainProgress:
+    """Stand-in for tqdm where it is not installed: a line every 5% of the run."""
+
+    def __init__(self, total, initial=0, **_):
+        self.total, self.n, self.every, self.post = total, initial, max(1, total // 20), ""
+
+    def update(self, k):
+        self.n += k
+
+    def set_postfix(self, **kw):
+        if self.n % self.every == 0 or self.n == self.total:
+            print(f"step {self.n}/{self.total} " + " ".join(f"{k}={v}" for k, v in kw.items()),
+                  file=sys.stderr, flush=True)
+
+    def close(self):
+        pass
+
+
 def embedded_data_dir(tokenizer: str, vocab_size: int) -> Path:
     """Where the embedded corpus is prepared (once per tokenizer and Python version)."""
     root = os.environ.get("PLX_DATA_CACHE") or os.path.join(
@@ -185,11 +203,15 @@ def _train(cfg: TrainConfig, info) -> dict:
     log = MetricsLog(out / "metrics.jsonl", info.is_main, step if resumed_from else None,
                      out / "tensorboard" if cfg.tensorboard else None)
     if info.is_main:
-        import yaml
+        try:
+            import yaml
 
-        tmp = out / "config.yaml.tmp"
-        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        os.replace(tmp, out / "config.yaml")
+            name, text = "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        except ImportError:
+            name, text = "config.json", json.dumps(cfg.to_dict(), indent=2)
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
         where = f"resuming from {resumed_from}" if resumed_from else "starting"
         print(f"{where}: {cfg.preset} {cfg.attention} {cfg.optimizer}, {n_params / 1e6:.2f}M params, "
               f"{info.world_size} process(es) on {device.type}, global batch {global_batch} x {cfg.seq_len}",
@@ -221,8 +243,10 @@ def _train(cfg: TrainConfig, info) -> dict:
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, step + cfg.stop_after)
     bar = None
     if info.is_main and cfg.progress:
-        from tqdm import tqdm
-
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = _PlainProgress
         bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
     model.train()
     tokens_per_step = global_batch * cfg.seq_len
