@@ -114,6 +114,11 @@ def check_section(results):
         (2, 1, 16, 1, 5000, None, (300, -1), 1, 7),
         (2, 4, 8, 4, 1024, 256, (100, -1), 0, 1),
         (5, 1, 8, 8, 700, 32, (-1, -1), 1, 3),
+        # per-shape launch choices: 2 stages with 64 splits, 3 stages with 6, 2 stages with 2
+        (1, 1, 8, 8, 16384, None, (-1, -1), 0, 0),
+        (8, 1, 32, 8, 4096, None, (-1, -1), 1, 0),
+        (32, 1, 32, 8, 4096, None, (-1, -1), 0, 0),
+        (4, 1, 8, 8, 4096, None, (-1, -1), 0, 0),
     ]
     g = torch.Generator(device=DEV).manual_seed(0)
     for (B, Lq, Hq, Hkv, cap, page, window, lnew, splits) in cases:
@@ -185,33 +190,64 @@ def reps_for(roof_us):
     return max(3, min(50, int(3000 / max(roof_us, 10.0))))
 
 
+SWEEP = [
+    # (B, L, Hq, Hkv, page or None, [(num_stages, num_splits, other config), ...]): alternatives to the
+    # per-shape choice (printed "chosen" when it is the default), PDL off, BLOCK_N 32.
+    (1, 4096, 8, 8, None, [(3, 32, {}), (3, 32, dict(PDL=0)), (3, 16, {}), (2, 64, {})]),
+    (1, 16384, 8, 8, None, [(2, 64, {}), (2, 64, dict(PDL=0)), (3, 43, {}), (3, 64, {})]),
+    (8, 1024, 32, 8, None, [(3, 6, {}), (3, 6, dict(PDL=0)), (2, 8, {}), (3, 4, {})]),
+    (8, 4096, 32, 8, None, [(3, 6, {}), (2, 8, {}), (3, 4, {}), (2, 5, {})]),
+    (8, 16384, 8, 8, None, [(3, 6, {}), (2, 8, {}), (3, 12, {}), (2, 5, {})]),
+    (32, 4096, 32, 8, None, [(2, 2, {}), (3, 3, {}), (3, 1, {}), (2, 5, {})]),
+    (128, 4096, 8, 8, None, [(3, 5, {}), (3, 1, {}), (2, 1, {}), (4, 1, dict(BLOCK_N=32))]),
+    (32, 4096, 8, 8, 64, [(3, 2, {}), (3, 3, {}), (3, 1, {}), (2, 2, {})]),
+    (8, 16384, 8, 8, 64, [(3, 8, {}), (3, 6, {}), (3, 4, {}), (3, 12, {})]),
+]
+
+
 def sweep_section(results, bw, deadline):
-    shapes = [(1, 16384, 8, 8), (32, 4096, 8, 8), (8, 4096, 32, 8)]
-    configs = [dict(PROGRAMS_PER_SM=2), dict(PROGRAMS_PER_SM=8), dict(num_stages=4), dict(num_stages=2),
-               dict(BLOCK_N=128, num_stages=2), dict(STACKED=0), dict(BLOCK_N=32, num_stages=4)]
+    """Forced (num_stages, num_splits) on a few shapes, to check the per-shape choice."""
     rows = []
-    base = dict(dec._CONFIG)
-    for (B, L, HQ, HKV) in shapes:
+    for (B, L, HQ, HKV, page, alts) in SWEEP:
+        if time.time() - T0 > deadline:
+            break
         q, r, kc, vc = make_inputs(B, L, HQ, HKV)
         seq = torch.full((B,), L, device=DEV, dtype=torch.int32)
+        bt = None
+        if page:
+            kc, vc, bt = to_paged(kc, vc, page)
         roof = B * L * HKV * 128 * 4 / (bw * 1e12) * 1e6
-        for cfg in configs:
+        chosen = dec.launch_config(B, HKV, HQ // HKV, L, 128, 2, page is not None, q.device)
+        for (stages, splits, extra) in alts:
             if time.time() - T0 > deadline:
                 break
-            dec.set_config(**cfg)
+            old = dec.set_config(num_stages=stages, **extra)
             try:
-                fn = lambda: parallax_attn_with_kvcache(q, r, kc, vc, cache_seqlens=seq, backend="triton")
+                fn = lambda: parallax_attn_with_kvcache(q, r, kc, vc, cache_seqlens=seq, block_table=bt,
+                                                        num_splits=splits, backend="triton")
                 us = bench_graph(fn, reps_for(roof)) * 1e3
-                rows.append(dict(B=B, L=L, HQ=HQ, HKV=HKV, cfg=cfg, us=us, pct=100 * roof / us))
+                rows.append(dict(B=B, L=L, HQ=HQ, HKV=HKV, page=page, stages=stages, splits=splits, extra=extra,
+                                 chosen=list(chosen) if not extra else None, us=us, pct=100 * roof / us))
             except Exception as e:
-                rows.append(dict(B=B, L=L, HQ=HQ, HKV=HKV, cfg=cfg, error=repr(e)[:200]))
-            dec.set_config(**{k: base[k] for k in cfg})
-        best = min((x for x in rows if x.get("B") == B and x.get("L") == L and x.get("HQ") == HQ and "us" in x),
-                   key=lambda x: x["us"], default=None)
-        log("sweep", B, L, HQ, HKV, "roof %.1f" % roof, "best", best)
+                rows.append(dict(B=B, L=L, HQ=HQ, HKV=HKV, page=page, stages=stages, splits=splits, extra=extra,
+                                 error=repr(e)[:200]))
+            finally:
+                dec.set_config(**old)
+            log("sweep", rows[-1])
         del q, r, kc, vc
         torch.cuda.empty_cache()
     results["sweep"] = rows
+
+
+PREV_RULE = dict(num_stages=3, PROGRAMS_PER_SM=4)
+
+
+def with_config(cfg, fn):
+    old = dec.set_config(**cfg)
+    try:
+        return fn()
+    finally:
+        dec.set_config(**old)
 
 
 def grid_section(results, bw, plx, budget_s):
@@ -232,6 +268,9 @@ def grid_section(results, bw, plx, budget_s):
                     "sdpa": lambda: F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=(HQ != HKV)),
                     "ours_dense": lambda: parallax_attn_with_kvcache(q, r, kc, vc, cache_seqlens=seq,
                                                                      backend="triton"),
+                    # The first rule (3 stages, about 4 programs per SM), timed in the same run.
+                    "ours_dense_prev": lambda: with_config(PREV_RULE, lambda: parallax_attn_with_kvcache(
+                        q, r, kc, vc, cache_seqlens=seq, backend="triton")),
                 }
                 paged = {}
                 for page in (64, 256):
@@ -239,9 +278,13 @@ def grid_section(results, bw, plx, budget_s):
                 for page, (kp, vp, bt) in paged.items():
                     cands[f"ours_paged{page}"] = (lambda kp=kp, vp=vp, bt=bt: parallax_attn_with_kvcache(
                         q, r, kp, vp, cache_seqlens=seq, block_table=bt, backend="triton"))
+                # The default again, last: the spread between the two is the run-to-run noise.
+                cands["ours_dense_again"] = cands["ours_dense"]
                 if plx is not None and time.time() - T0 < budget_s:
                     cands["cute"] = lambda: plx.parallax_attn_with_kvcache(q, r, kc, vc, scale=scale)
-                row["splits"] = dec.default_num_splits(B, HKV, L, q.device)
+                row["cfg_dense"] = list(dec.launch_config(B, HKV, HQ // HKV, L, D, 2, False, q.device))
+                row["cfg_paged"] = list(dec.launch_config(B, HKV, HQ // HKV, L, D, 2, True, q.device))
+                row["splits"] = row["cfg_dense"][1]
                 for name, fn in cands.items():
                     try:
                         fn()
@@ -275,14 +318,23 @@ def main():
     bw = read_bandwidth()
     results["read_TBps"] = bw
     log("read bandwidth TB/s", bw)
-    try:
-        ok = check_section(results)
-    except Exception:
-        traceback.print_exc()
+    def checked():
+        try:
+            return check_section(results)
+        except Exception:
+            traceback.print_exc()
+            return False
+    ok = checked()
+    if not ok:
+        log("check failed with the merge launched programmatically dependent; retrying without")
+        dec.set_config(PDL=0)
+        results["fallback_no_pdl"] = True
+        ok = checked()
+    if not ok:
         log("check failed with the stacked [Q;R] kernel; retrying with two dots per product")
         dec.set_config(STACKED=0)
         results["fallback_unstacked"] = True
-        ok = check_section(results)
+        ok = checked()
     results["check_ok"] = ok
     plx = None
     if not args.no_cute:
@@ -310,24 +362,19 @@ def main():
           f"(max relerr {max(x['relerr'] for x in results['check']):.2e})")
     print_grid(results)
     if args.sweep:
-        print("sweep best per shape:")
-        seen = {}
+        print("sweep (B L Hq Hkv page: stages splits us %roof; chosen = the per-shape default):")
         for x in results["sweep"]:
+            tag = f"  {x['B']} {x['L']} {x['HQ']} {x['HKV']} {x['page']}: {x['stages']} {x['splits']} {x['extra']}"
             if "us" in x:
-                key = (x["B"], x["L"], x["HQ"], x["HKV"])
-                if key not in seen or x["us"] < seen[key]["us"]:
-                    seen[key] = x
-        for key, x in seen.items():
-            print(" ", key, f"{x['us']:.1f} us ({x['pct']:.0f}%)", x["cfg"])
-        for x in results["sweep"]:
-            if "us" in x:
-                print("  ", x["B"], x["L"], x["HQ"], x["HKV"], f"{x['us']:.1f}", x["cfg"])
+                print(tag, f"{x['us']:.1f} {x['pct']:.0f}%", "chosen" if [x["stages"], x["splits"]] ==
+                      x["chosen"] else "")
             else:
-                print("  ", x["B"], x["L"], x["HQ"], x["HKV"], "ERR", x["cfg"], x["error"][:80])
+                print(tag, "ERR", x["error"][:80])
 
 
 def print_grid(results):
-    print("B L Hq/Hkv splits | roof us | SDPA us | ours dense us %roof xSDPA | paged64 | paged256 | CuTeDSL")
+    print("B L Hq/Hkv (stages,splits) dense/paged | roof us | SDPA us | ours dense us %roof xSDPA | paged64 | "
+          "paged256 | dense, previous rule | dense again | CuTeDSL")
 
     def cell(v):
         if not isinstance(v, dict):
@@ -337,9 +384,10 @@ def print_grid(results):
         s = f"{v['us']:.1f} ({v['pct']:.0f}%"
         return s + (f", {v['x_sdpa']:.2f}x)" if "x_sdpa" in v else ")")
     for row in results["grid"]:
-        print(f"{row['B']} {row['L']} {row['HQ']}/{row['HKV']} s{row['splits']} | {row['roof_us']:.1f} | "
-              f"{cell(row.get('sdpa'))} | {cell(row.get('ours_dense'))} | {cell(row.get('ours_paged64'))} | "
-              f"{cell(row.get('ours_paged256'))} | {cell(row.get('cute'))}")
+        print(f"{row['B']} {row['L']} {row['HQ']}/{row['HKV']} {tuple(row['cfg_dense'])}/{tuple(row['cfg_paged'])} | "
+              f"{row['roof_us']:.1f} | {cell(row.get('sdpa'))} | {cell(row.get('ours_dense'))} | "
+              f"{cell(row.get('ours_paged64'))} | {cell(row.get('ours_paged256'))} | "
+              f"{cell(row.get('ours_dense_prev'))} | {cell(row.get('ours_dense_again'))} | {cell(row.get('cute'))}")
 
 
 if __name__ == "__main__":

@@ -349,3 +349,49 @@ def test_head_dim_not_power_of_two(backend):
     out = parallax_attn_with_kvcache(q, r, k, v, cache_seqlens=torch.tensor(lens, dtype=torch.int32),
                                      num_splits=2, backend=backend)
     assert rel(out, exp) < tol(torch.float32)
+
+
+def test_launch_config_from_static_shapes():
+    """The per-shape choice on a 132-SM part: the paths the H200 table measured."""
+    from parallax_attention.ops.triton import decode
+    cpu = torch.device("cpu")
+    # B=1, long cache: one buffer and 5 programs per SM fit 64 splits in one wave.
+    assert decode.launch_config(1, 8, 1, 16384, 128, 2, False, cpu) == (2, 64)
+    # B=8: 6 splits = 384 programs, one wave at 3 per SM with two buffers.
+    assert decode.launch_config(8, 8, 4, 4096, 128, 2, False, cpu) == (3, 6)
+    # Paged keeps 3 stages (its K/V get one buffer anyway) and fills 4 per SM.
+    assert decode.launch_config(8, 8, 4, 4096, 128, 2, True, cpu) == (3, 8)
+    assert decode.launch_config(128, 8, 1, 4096, 128, 2, True, cpu) == (3, 1)
+    # The split count never exceeds capacity / MIN_KEYS, and a short cache gets one split.
+    assert decode.launch_config(1, 1, 1, 100, 128, 2, False, cpu)[1] == 1
+    # The old fixed rule stays reachable for comparison.
+    old = decode.set_config(PROGRAMS_PER_SM=4)
+    try:
+        assert decode.launch_config(1, 8, 1, 16384, 128, 2, False, cpu) == (3, 66)
+    finally:
+        decode.set_config(**old)
+
+
+@pytest.mark.parametrize("layout", ["dense", 16])
+@pytest.mark.parametrize("window", [(-1, -1), (60, -1)])
+def test_auto_splits_match_reference(layout, window):
+    """Heuristic split counts > 1 (MIN_KEYS lowered so small caches split) give the reference output,
+    including the window-bounded key count."""
+    from parallax_attention.ops.triton import decode
+    b, lq, hq, hkv, d, cap = 2, 1, 4, 2, 32, 160
+    q, r, k, v, g = inputs(b, lq, hq, hkv, d, cap, torch.float16, seed=31)
+    lens = [cap, 77]
+    exp = expected(q, r, k, v, lens, window=window)
+    poison(k, v, lens)
+    kk, vv, bt = (k, v, None) if layout == "dense" else to_paged(k, v, layout, g)
+    old = decode.set_config(MIN_KEYS=16, BLOCK_N=16)
+    try:
+        keys = cap if window[0] < 0 else lq + window[0]
+        stages, splits = decode.launch_config(b, hkv, hq // hkv * lq, keys, d, 2, layout != "dense",
+                                              torch.device("cpu"))
+        assert splits > 1
+        out = parallax_attn_with_kvcache(q, r, kk, vv, cache_seqlens=torch.tensor(lens, dtype=torch.int32),
+                                         block_table=bt, window_size=window, backend="triton")
+    finally:
+        decode.set_config(**old)
+    assert rel(out, exp) < tol(torch.float16)

@@ -31,6 +31,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 LOG2E = 1.4426950408889634
 
@@ -49,7 +50,13 @@ def _decode_split_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
     PAGED: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     ROW_MASK: tl.constexpr, SINGLE: tl.constexpr, PREC: tl.constexpr, STACKED: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:
+        # Let the merge grid launch as soon as every split program has started; it waits for
+        # this grid's completion (gdc_wait) before reading the partials, so this only hides
+        # the merge's launch latency behind the last wave.
+        gdc_launch_dependents()
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = pid_bh // HKV
@@ -201,8 +208,12 @@ def _decode_split_kernel(
 def _decode_merge_kernel(
     PSTAT, PO, OUT, lq, num_splits,
     stride_ob, stride_om, stride_oh,
-    HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:
+        # Launched programmatically dependent on the split grid: wait until all of its
+        # partials are written and visible.
+        gdc_wait()
     row = tl.program_id(0)          # (b * lq + i) * HQ + h
     h = row % HQ
     bi = row // HQ
@@ -239,25 +250,110 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def default_num_splits(batch: int, heads_kv: int, capacity: int, device: torch.device) -> int:
-    """Splits per (sequence, kv head), from static shapes only (so graphs replay).
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
-    Aim for about four programs per SM so that enough loads are in flight to
-    saturate HBM, but keep at least MIN_KEYS keys of capacity per split
-    so that the partials and the merge stay negligible against the K/V bytes.
+
+# Why a wave model: the kernel is memory-bound and every program streams the same number of
+# keys, so what decides the time is how the programs fill the SMs. On the H200 (132 SMs) the
+# previous rule (about 4 programs per SM) left 1.3-1.5 waves at B=8 and B=1 (the second wave
+# mostly empty) and 2.6 waves at B=128; the paged kernel, whose occupancy differs, landed on
+# 1.9 waves at B=128 and was faster than dense there, and on 1.1-1.5 waves at B=8/B=32 and was
+# slower. So the split count and the pipeline depth are chosen together, per shape.
+#
+# Resident programs per SM for the launch configurations used here, from Triton 3.6's own
+# resource report for this kernel (BLOCK_N 64, D 128, 16 MMA rows, 4 warps, 16-bit K/V):
+# dense 3 stages: 71.7 KB shared (two K/V buffers) -> 3 per SM; dense 2 stages: 38.9 KB (one
+# buffer), 80 registers -> 5 per SM; paged: the pipeliner gives the block-table load its own
+# stage, so K/V keep one buffer whatever num_stages is (39.2 KB), and 117 registers -> 4 per SM.
+# Other head dims and tiles use the same formula for shared memory (an estimate).
+SMEM_PER_SM = 228 * 1024
+SMEM_RESERVED = 1024              # per program, by the driver
+REG_LIMIT = {False: 5, True: 4}   # programs per SM allowed by registers (dense, paged)
+# Programs per SM needed to keep HBM busy: with two K/V buffers 3 were enough in the first H200
+# run (98-99% of the roofline at B=32 L=16384, 3 per SM in 2 full waves); with one buffer 4
+# (paged at B=128: 100-102% with 4 per SM, 72-83% where a wave had 1-2 per SM).
+SATURATE = {1: 4, 2: 3}
+# Fixed cost of a program (prologue, partial store) and of the merge launch, in K/V tiles.
+PROGRAM_OVERHEAD_TILES = 1.0
+MERGE_LAUNCH_TILES = 2.0
+
+
+def _programs_per_sm(paged: bool, stages: int, mma_rows: int, block_n: int, block_d: int, esize: int) -> int:
+    tile = 2 * block_n * block_d * esize                       # one K and one V tile
+    bufs = 1 if paged else max(1, stages - 1)
+    smem = bufs * tile + mma_rows * (block_d + block_n) * esize + SMEM_RESERVED   # + [Q;R] and [P;P*t]
+    return max(1, min(REG_LIMIT[paged], SMEM_PER_SM // smem))
+
+
+def _model_time(base: int, keys: int, splits: int, occ: int, depth: int, rows: int, d: int, block_n: int,
+                esize: int, sms: int) -> tuple[float, int]:
+    """Estimated time, in units of one K/V tile streamed per SM, and the splits actually used.
+
+    Programs run in waves of sms * occ; a wave costs (tiles + overhead) times the programs per
+    SM it holds, but never less than SATURATE programs' worth (fewer cannot keep HBM busy).
+    Splits add the merge: a launch plus writing and reading the (m, d1, d2, O1, O2) partials.
+    """
+    chunk = _cdiv(_cdiv(keys, splits), block_n) * block_n
+    used = _cdiv(keys, chunk)          # splits that get keys when the cache is full
+    programs = base * used
+    per_program = chunk // block_n + PROGRAM_OVERHEAD_TILES
+    t, left = 0.0, programs
+    while left > 0:
+        wave = min(left, sms * occ)
+        t += per_program * max(_cdiv(wave, sms), SATURATE[depth])
+        left -= wave
+    if used > 1:
+        tile = 2 * block_n * d * esize
+        t += MERGE_LAUNCH_TILES + programs * rows * (2 * d + 4) * 4 * 2 / (sms * tile)
+    return t, used
+
+
+def launch_config(batch: int, heads_kv: int, rows: int, keys: int, d: int, esize: int, paged: bool,
+                  device: torch.device) -> tuple[int, int]:
+    """(num_stages, num_splits) from static shapes only, so a captured graph replays for any lengths.
+
+    rows: query rows per program (G * Lq); keys: the most keys a sequence can attend (the
+    capacity, or the window plus Lq when the window has a left edge).
     """
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 132
+    block_n = _CONFIG["BLOCK_N"]
+    block_m = max(8 if _CONFIG["STACKED"] else 16, 1 << max(0, (rows - 1).bit_length()))
+    block_d = max(16, 1 << max(0, (d - 1).bit_length()))
     base = batch * heads_kv
-    want = max(1, math.ceil(_CONFIG["PROGRAMS_PER_SM"] * sms / base))
-    by_len = max(1, capacity // _CONFIG["MIN_KEYS"])
-    return int(min(want, by_len, MAX_SPLITS))
+    max_splits = int(min(MAX_SPLITS, max(1, keys // _CONFIG["MIN_KEYS"])))
+    if _CONFIG["num_stages"]:
+        stage_opts = [_CONFIG["num_stages"]]
+    else:
+        stage_opts = [3] if paged else [3, 2]
+    if _CONFIG["PROGRAMS_PER_SM"]:
+        # The first rule, kept for comparison: a fixed number of programs per SM.
+        want = max(1, math.ceil(_CONFIG["PROGRAMS_PER_SM"] * sms / base))
+        return stage_opts[0], int(min(want, max_splits))
+    best = None
+    for stages in stage_opts:
+        occ = _programs_per_sm(paged, stages, 2 * block_m, block_n, block_d, esize)
+        depth = 1 if paged or stages <= 2 else 2
+        for splits in range(1, max_splits + 1):
+            t, used = _model_time(base, keys, splits, occ, depth, rows, d, block_n, esize, sms)
+            if best is None or t < best[0] - 1e-9:   # ties: more stages, fewer splits
+                best = (t, stages, used)
+    return best[1], best[2]
+
+
+def default_num_splits(batch: int, heads_kv: int, capacity: int, device: torch.device, rows: int = 1,
+                       d: int = 128, esize: int = 2, paged: bool = False) -> int:
+    """Splits per (sequence, kv head) that decode_triton picks for these static shapes."""
+    return launch_config(batch, heads_kv, rows, capacity, d, esize, paged, device)[1]
 
 
 MAX_SPLITS = 128
 
-# Launch configuration; the benchmark overrides these through set_config.
-_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "PROGRAMS_PER_SM": 4, "MIN_KEYS": 128, "STACKED": 1}
+# Launch configuration; the benchmark overrides these through set_config. num_stages 0 and
+# PROGRAMS_PER_SM 0 mean "chosen per shape by launch_config".
+_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 0, "PROGRAMS_PER_SM": 0, "MIN_KEYS": 128, "STACKED": 1,
+           "PDL": 1}
 
 
 def set_config(**kw) -> dict:
@@ -285,12 +381,15 @@ def decode_triton(q, r, k_cache, v_cache, block_table, seqlens, seq_const: int, 
     paged = block_table is not None
     page = k_cache.shape[1] if paged else 1
     capacity = block_table.shape[1] * page if paged else k_cache.shape[1]
-    if num_splits <= 0:
-        num_splits = default_num_splits(bsz, hkv, capacity, q.device)
     left, right = window
     if causal:
         right = 0 if right < 0 else min(right, 0)
     has_left, has_right = left >= 0, right >= 0
+    # A left window bounds the keys any row reads, statically: lq + left.
+    keys = min(capacity, lq + left) if has_left else capacity
+    stages, auto_splits = launch_config(bsz, hkv, g * lq, keys, d, q.element_size(), paged, q.device)
+    if num_splits <= 0:
+        num_splits = auto_splits
     # With one query row the split range already is its window: keys [n-1-left, n-1] with
     # the aligned key last. Several rows need the per-row mask when any bound is finite.
     row_mask = lq > 1 and (has_left or has_right)
@@ -312,6 +411,9 @@ def decode_triton(q, r, k_cache, v_cache, block_table, seqlens, seq_const: int, 
     seq_arg = seqlens if seqlens is not None else q  # unused pointer when HAS_SEQ is False
     bt = block_table if paged else q
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    # Programmatic dependent launch of the merge (Hopper and newer; not in the interpreter).
+    pdl = bool(_CONFIG["PDL"]) and not single and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
+    launch_kw = dict(launch_pdl=True) if pdl else {}
     grid = (bsz * hkv, num_splits)
     _decode_split_kernel[grid](
         q, r, k_cache, v_cache, bt, seq_arg, out, pstat, po,
@@ -325,14 +427,14 @@ def decode_triton(q, r, k_cache, v_cache, block_table, seqlens, seq_const: int, 
         out.stride(0), out.stride(1), out.stride(2),
         HKV=hkv, G=g, D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page,
         PAGED=paged, HAS_SEQ=seqlens is not None, HAS_LEFT=has_left, HAS_RIGHT=has_right,
-        ROW_MASK=row_mask, SINGLE=single, PREC=prec, STACKED=stacked,
-        num_warps=_CONFIG["num_warps"], num_stages=_CONFIG["num_stages"],
+        ROW_MASK=row_mask, SINGLE=single, PREC=prec, STACKED=stacked, PDL=pdl,
+        num_warps=_CONFIG["num_warps"], num_stages=stages,
     )
     if not single:
         _decode_merge_kernel[(bsz * lq * hq,)](
             pstat, po, out, lq, num_splits,
             out.stride(0), out.stride(1), out.stride(2),
-            HQ=hq, D=d, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
-            num_warps=4 if block_d >= 128 else 2,
+            HQ=hq, D=d, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), PDL=pdl,
+            num_warps=4 if block_d >= 128 else 2, **launch_kw,
         )
     return out
