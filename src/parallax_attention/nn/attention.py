@@ -249,6 +249,10 @@ class ParallaxAttention(nn.Module):
             backend = "torch" if self.backend == "reference" else self.backend
             return parallax_attn_with_kvcache(q, r, k, v, causal=True, window_size=window,
                                               softmax_scale=self.scale, backend=backend)
+        if lk > lq:
+            # Keys are strided views of the cache here (chunked prefill); the training kernels
+            # expect the (batch, seqlen, heads, head_dim) layout in memory.
+            k, v = k.contiguous(), v.contiguous()
         return parallax_attn(q, r, k, v, causal=True, window_size=window, softmax_scale=self.scale,
                              backend=self.backend)
 
