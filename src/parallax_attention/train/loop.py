@@ -306,7 +306,8 @@ def _train(cfg: TrainConfig, info) -> dict:
             bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{train_tokens / train_time:,.0f}")
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
             last_eval = evaluate(step)
-        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == end:
+        # ckpt_every=0 turns checkpoints off entirely (benchmarks); otherwise also save on the last step.
+        if cfg.ckpt_every and (step % cfg.ckpt_every == 0 or step == end):
             save(step)
     if bar is not None:
         bar.close()

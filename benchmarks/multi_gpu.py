@@ -1,0 +1,266 @@
+"""FSDP2 + Muon across several GPUs (or CPU processes with gloo): scaling, loss agreement, Muon check.
+
+    PYTHONPATH=src python benchmarks/multi_gpu.py --gpus 1,2,4,8          # device: 0.6b, bf16, L=4096
+    PYTHONPATH=src python benchmarks/multi_gpu.py --cpu --smoke           # 1 and 2 gloo processes, tiny
+    torchrun --nproc_per_node 2 benchmarks/multi_gpu.py --check-muon      # only the Muon check
+
+For every N in --gpus it launches `plx train --parallel fsdp` with N processes
+(torchrun) and the same seed and global batch (micro-batch per GPU fixed,
+gradient accumulation makes up the rest), then reports tokens/s per GPU
+(median over steps after the warm-up), scaling efficiency against the
+1-process run, and the largest loss difference from the 1-process run over
+the first 50 steps. Last, with the largest N, one Muon update under FSDP2 is
+compared with a single-process computation of the same update (full-matrix
+Newton-Schulz), and with the wrong, shard-wise orthogonalisation for contrast.
+Prints a table last; writes results.json and table.md to --out (default $OUT or .).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SRC = HERE.parent / "src"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(SRC) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def launch(nproc: int, args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """`python -m parallax_attention.cli ARGS` in nproc processes (torchrun when nproc > 1)."""
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "parallax_attention.cli"]
+    else:
+        cmd = [sys.executable, "-m", "parallax_attention.cli"]
+    return subprocess.run(cmd + args, env=_env(), timeout=timeout, capture_output=True, text=True)
+
+
+# ------------------------------------------------------------------ Muon check (runs inside torchrun)
+
+
+def check_muon(device_type: str, seed: int = 0) -> dict:
+    """One Muon step under FSDP2 vs. the same step in one process; returns relative errors (rank 0)."""
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from parallax_attention.optim import MuonAdamW, zeropower_via_newtonschulz
+
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    dev = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+
+    # Odd shapes: 75 rows do not split evenly over ranks (FSDP2 pads the last shard).
+    def make():
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Linear(48, 75, bias=False), nn.Tanh(), nn.Linear(75, 40, bias=False))
+        for layer in (m[0], m[2]):
+            layer.weight.data.normal_(0, 0.2)
+        return m.to(dev)
+
+    torch.manual_seed(seed + 1)
+    x = torch.randn(8 * world, 48, device=dev)
+    y = torch.randn(8 * world, 40, device=dev)
+
+    ref = make()
+    sharded = make()
+    before = [p.detach().clone() for p in ref.parameters()]
+    mesh = init_device_mesh(device_type, (world,))
+    fully_shard(sharded[0], mesh=mesh)
+    fully_shard(sharded[2], mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+
+    kw = dict(lr=0.02, weight_decay=0.1, adjust_lr="match_rms_adamw", ns_dtype=torch.float32)
+    opt_ref = MuonAdamW([dict(kind="muon", params=list(ref.parameters()))], **kw)
+    opt_sh = MuonAdamW([dict(kind="muon", params=list(sharded.parameters()))], **kw)
+    # Reference: the whole batch in one process.
+    nn.functional.mse_loss(ref(x), y).backward()
+    grads_ref = [p.grad.detach().clone() for p in ref.parameters()]
+    opt_ref.step()
+    # FSDP2: each rank its slice of the batch; gradients are averaged by reduce-scatter.
+    xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+    nn.functional.mse_loss(sharded(xs), ys).backward()
+    opt_sh.step()
+
+    out = {"world_size": world, "params": []}
+    for i, (p_ref, p_sh, b, g) in enumerate(zip(ref.parameters(), sharded.parameters(), before, grads_ref)):
+        full = p_sh.full_tensor().detach()
+        d_ref, d_sh = p_ref.detach() - b, full - b
+        rel = float((d_sh - d_ref).norm() / d_ref.norm())
+        # What orthogonalising each rank's shard on its own would have produced.
+        rows = g.shape[0]
+        step = -(-rows // world)
+        naive = torch.cat([zeropower_via_newtonschulz(g[r * step:(r + 1) * step], dtype=torch.float32)
+                           for r in range(world) if r * step < rows])
+        d_naive = -0.02 * 0.1 * b - 0.02 * 0.2 * max(g.shape) ** 0.5 * naive
+        rel_naive = float((d_naive - d_ref).norm() / d_ref.norm())
+        out["params"].append({"shape": list(g.shape), "rel_err_fsdp": rel, "rel_err_shardwise": rel_naive})
+    out["max_rel_err_fsdp"] = max(p["rel_err_fsdp"] for p in out["params"])
+    out["min_rel_err_shardwise"] = min(p["rel_err_shardwise"] for p in out["params"])
+    dist.barrier()
+    dist.destroy_process_group()
+    return out
+
+
+# ------------------------------------------------------------------ driver
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gpus", default=None, help="comma-separated process counts (default 1,2,4,8 capped by GPUs)")
+    ap.add_argument("--cpu", action="store_true", help="gloo processes on CPU instead of GPUs")
+    ap.add_argument("--smoke", action="store_true", help="tiny preset, short sequences, a few steps")
+    ap.add_argument("--preset", default="0.6b")
+    ap.add_argument("--attention", default="parallax", choices=("parallax", "softmax"))
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per forward")
+    ap.add_argument("--global-batch", type=int, default=None, help="default: micro-batch x largest N")
+    ap.add_argument("--compare-steps", type=int, default=50, help="loss compared over the first K steps")
+    ap.add_argument("--data", default=None, help="prepared data directory (default: embedded corpus, bytes)")
+    ap.add_argument("--timeout", type=float, default=580.0, help="seconds per launched run")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--check-muon", action="store_true", help="(inside torchrun) only the Muon check")
+    args = ap.parse_args()
+
+    if args.check_muon:
+        import torch
+
+        dev = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
+        res = check_muon(dev)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("MUON_CHECK " + json.dumps(res), flush=True)
+        return 0
+
+    import torch
+
+    if args.smoke:
+        args.cpu = True
+        args.preset, args.steps, args.seq_len, args.compare_steps = "tiny", 6, 64, 6
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    n_dev = os.cpu_count() if args.cpu else torch.cuda.device_count()
+    counts = [int(c) for c in args.gpus.split(",")] if args.gpus else [n for n in (1, 2, 4, 8) if n <= max(1, n_dev)]
+    if args.cpu and not args.gpus:
+        counts = [1, 2]
+    if counts[0] != 1:
+        counts = [1] + counts
+    global_batch = args.global_batch or args.micro_batch * max(counts)
+    for n in counts:
+        if global_batch % (n * args.micro_batch):
+            raise SystemExit(f"--global-batch {global_batch} is not a multiple of micro-batch x {n}")
+
+    data = args.data
+    if data is None:
+        data = str(out / "data-bytes")
+        if not (Path(data) / "manifest.json").is_file():
+            sys.path.insert(0, str(SRC))
+            from parallax_attention.data import prepare
+
+            prepare("embedded", Path(data), tokenizer="bytes", progress=False,
+                    max_bytes=2_000_000 if args.smoke else None)
+
+    results = {"preset": args.preset, "seq_len": args.seq_len, "global_batch": global_batch,
+               "device": "cpu (gloo)" if args.cpu else torch.cuda.get_device_name(0), "runs": []}
+    base_losses = None
+    base_tps = None
+    for n in counts:
+        run_dir = out / f"fsdp_{n}"
+        accum = global_batch // (n * args.micro_batch)
+        cli = ["train", "--preset", args.preset, "--attention", args.attention, "--steps", str(args.steps),
+               "--out", str(run_dir), "--data", data, "--seq-len", str(args.seq_len),
+               "--batch-size", str(args.micro_batch), "--grad-accum", str(accum), "--no-progress",
+               "--parallel", "fsdp" if n > 1 else "none", "--device", "cpu" if args.cpu else "cuda",
+               "eval_every=0", "ckpt_every=0", "warmup=10", "log_every=1"]
+        if args.preset != "tiny":
+            cli.append("model.vocab_size=151936")  # the preset's real embedding size
+        t0 = time.time()
+        print(f"[{n} process(es)] plx {' '.join(cli)}", flush=True)
+        proc = launch(n, cli, args.timeout)
+        wall = time.time() - t0
+        if proc.returncode != 0:
+            print(proc.stdout[-3000:], proc.stderr[-5000:], sep="\n")
+            results["runs"].append({"n": n, "error": proc.stderr[-2000:]})
+            continue
+        lines = [r for r in read_metrics(run_dir) if "loss" in r]
+        losses = [r["loss"] for r in lines]
+        skip = min(5, len(lines) - 1)
+        tps = statistics.median(r["tokens_per_s"] for r in lines[skip:])
+        row = {"n": n, "tokens_per_s": tps, "tokens_per_s_per_gpu": tps / n, "wall_s": wall,
+               "final_loss": losses[-1], "losses": losses}
+        if n == 1:
+            base_losses, base_tps = losses, tps
+        if base_tps:
+            row["scaling_efficiency"] = (tps / n) / base_tps
+        if base_losses:
+            k = min(args.compare_steps, len(losses), len(base_losses))
+            row["max_abs_loss_diff_first_k"] = max(abs(a - b) for a, b in zip(losses[:k], base_losses[:k]))
+            row["compare_k"] = k
+        results["runs"].append(row)
+
+    nmax = max(counts)
+    if nmax > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nmax),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(Path(__file__).resolve()),
+               "--check-muon"] + (["--cpu"] if args.cpu else [])
+        proc = subprocess.run(cmd, env=_env(), timeout=args.timeout, capture_output=True, text=True)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("MUON_CHECK ")]
+        results["muon_check"] = json.loads(line[-1][len("MUON_CHECK "):]) if line else {"error": proc.stderr[-2000:]}
+
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    table = [f"FSDP2 {args.preset} {args.attention}, L={args.seq_len}, global batch {global_batch}, "
+             f"{results['device']}", "",
+             "| N | tokens/s | tokens/s per GPU | scaling eff. | max |loss - loss(1)|, first K steps |",
+             "|---|---|---|---|---|"]
+    for r in results["runs"]:
+        if "error" in r:
+            table.append(f"| {r['n']} | failed | | | |")
+            continue
+        eff = f"{100 * r['scaling_efficiency']:.1f}%" if "scaling_efficiency" in r else "-"
+        table.append(f"| {r['n']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_gpu']:,.0f} | {eff} | "
+                     f"{r.get('max_abs_loss_diff_first_k', 0):.2e} (K={r.get('compare_k', '-')}) |")
+    mc = results.get("muon_check")
+    if mc and "error" not in mc:
+        table += ["", f"Muon under FSDP2 ({mc['world_size']} ranks) vs one process: max relative update error "
+                      f"{mc['max_rel_err_fsdp']:.2e}; shard-wise orthogonalisation would give "
+                      f">= {mc['min_rel_err_shardwise']:.2e}"]
+    elif mc:
+        table += ["", "Muon check failed: " + mc["error"][-500:]]
+    text = "\n".join(table)
+    (out / "table.md").write_text(text + "\n")
+    print(text)
+    ok = all("error" not in r for r in results["runs"]) and (not mc or "error" not in mc)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
