@@ -83,9 +83,6 @@ def parallax_config_from_hf(cfg: dict):
     if cfg.get("use_sliding_window") or any(t != "full_attention" for t in cfg.get("layer_types") or []):
         raise ConversionError("config.json: sliding-window layers (use_sliding_window / layer_types) are not "
                               "supported; convert a full-attention checkpoint")
-    if cfg.get("pretraining_tp", 1) not in (None, 1):
-        # Only changes how Llama splits its matmuls, not the function; nothing to do.
-        pass
     heads = cfg["num_attention_heads"]
     kv_heads = cfg.get("num_key_value_heads") or heads
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
@@ -155,6 +152,10 @@ class _Source:
     def _load_bin(path: Path) -> dict:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - the legacy (non-zip) format cannot be memory-mapped
+            pass
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
             raise ConversionError(f"{path.name}: cannot read PyTorch weights ({e})") from None
 
