@@ -415,6 +415,14 @@ def _bwd_dkv_kernel(
 _FWD_CONFIGS = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
 _DQ_CONFIGS = [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3)]
 _DKV_CONFIGS = [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3)]
+if os.environ.get("PARALLAX_TRAIN_TUNE") == "wide":
+    # exploration space for benchmarking sessions; the defaults above are its winners
+    _FWD_CONFIGS = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
+                    (128, 32, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2)]
+    _DQ_CONFIGS = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
+                   (64, 128, 8, 2), (64, 32, 4, 3), (128, 64, 4, 3)]
+    _DKV_CONFIGS = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 2),
+                    (64, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2)]
 _TUNE_KEY = ["tune_key", "BLOCK_D", "G", "VARLEN", "HAS_LEFT", "HAS_RIGHT"]
 
 # The interpreter runs one fixed, small configuration (tuning there would only cost time);

@@ -1,0 +1,338 @@
+"""GPU training kernels: accuracy check and forward / forward+backward timing.
+
+    python benchmarks/train_kernels.py --check            # bf16/fp16 vs float64 reference on a grid
+    python benchmarks/train_kernels.py --bench            # timing table vs SDPA (flash, cuDNN) and parallax-kernel
+    python benchmarks/train_kernels.py --check --bench --out DIR
+
+FLOP counts (P = number of visible (query, key) pairs per head, exact for causal
+and windows; one matmul over the pairs costs 2 * D * P per head):
+  Parallax forward   4 matmuls (QK^T, RK^T, P1 V, P2 V)                  8 D P
+  Parallax backward  8 matmuls (QK^T, RK^T, dO V^T, dV, dS1^T Q, dS2^T R, dS1 K, dS2 K)  16 D P
+                     (the kernels recompute QK^T, RK^T and dO V^T in both backward kernels, so they
+                     execute 11; the count above is the algorithm's, so TFLOP/s is not inflated)
+  softmax forward    2 matmuls, backward 5 (FlashAttention's count)       4 D P / 10 D P
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+from parallax_attention.ops import parallax_attn, parallax_attn_varlen  # noqa: E402
+from parallax_attention.ops.reference import parallax_attn_reference  # noqa: E402
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def visible_pairs(lq, lk, causal, window):
+    left, right = window
+    i = torch.arange(lq, dtype=torch.int64)
+    shift = lk - lq
+    lo = torch.zeros_like(i) if left < 0 else (i + shift - left).clamp_min(0)
+    hi = torch.full_like(i, lk - 1) if right < 0 else (i + shift + right).clamp(max=lk - 1)
+    if causal:
+        hi = torch.minimum(hi, i + shift)
+    return int((hi - lo + 1).clamp_min(0).sum())
+
+
+# ------------------------------------------------------------------------------------------
+# check
+# ------------------------------------------------------------------------------------------
+
+# (B, Hq, Hkv, Lq, Lk, D, causal, window, r_scale)  r_scale multiplies randn for the probe;
+# 1/sqrt(D) makes r.k about as large as the scaled q.k, 1.0 is a stress case (|t| ~ sqrt(D)).
+CHECK_GRID = [
+    (2, 8, 8, 1024, 1024, 128, True, (-1, -1), None),
+    (1, 4, 4, 8192, 8192, 128, True, (-1, -1), None),
+    (2, 8, 2, 2048, 2048, 64, True, (-1, -1), None),       # GQA
+    (1, 8, 1, 1000, 1500, 96, True, (-1, -1), None),       # MQA, Lq != Lk, D padded
+    (1, 4, 4, 1500, 1000, 128, True, (-1, -1), None),      # Lq > Lk: empty leading rows
+    (2, 4, 4, 2048, 2048, 128, False, (-1, -1), None),
+    (1, 4, 2, 4096, 4096, 128, True, (300, -1), None),     # sliding window, not tile-aligned
+    (1, 4, 4, 3000, 3000, 128, False, (257, 100), None),   # two-sided window
+    (1, 4, 4, 1024, 1024, 256, True, (-1, -1), None),
+    (2, 4, 4, 1024, 1024, 32, True, (-1, -1), None),
+    (1, 4, 4, 2048, 2048, 128, True, (-1, -1), 1.0),       # large probe
+]
+VARLEN_CHECK = [((0, 700, 2700, 2701, 4100), 8, 2, 128, True, (-1, -1)),
+                ((0, 513, 1300, 3000), 4, 4, 64, False, (200, 31))]
+
+
+DEV = "cuda"
+
+
+def _inputs(b, hq, hkv, lq, lk, d, dtype, r_scale):
+    dev = DEV
+    r_scale = d ** -0.5 if r_scale is None else r_scale
+    q = torch.randn(b, lq, hq, d, device=dev).to(dtype)
+    r = (torch.randn(b, lq, hq, d, device=dev) * r_scale).to(dtype)
+    k = torch.randn(b, lk, hkv, d, device=dev).to(dtype)
+    v = torch.randn(b, lk, hkv, d, device=dev).to(dtype)
+    do = torch.randn(b, lq, hq, d, device=dev).to(dtype)
+    return q, r, k, v, do
+
+
+def _grads(fn, xs, do):
+    xs = [x.detach().requires_grad_() for x in xs]
+    o = fn(*xs)
+    g = torch.autograd.grad(o, xs, do)
+    return (o,) + tuple(g)
+
+
+def run_check(log):
+    worst = {}
+    rows = []
+    names = ("o", "dq", "dr", "dk", "dv")
+
+    def record(tag, dtype, ours, ref):
+        errs = [rel(a, b) for a, b in zip(ours, ref)]
+        finite = all(bool(torch.isfinite(a).all()) for a in ours)
+        key = str(dtype).replace("torch.", "")
+        for n, e in zip(names, errs):
+            if e > worst.get((key, n), (-1, ""))[0]:
+                worst[(key, n)] = (e, tag)
+        ok = finite and max(errs) <= (1e-2 if dtype == torch.bfloat16 else 5e-3)
+        row = dict(case=tag, dtype=key, finite=finite, ok=ok, **dict(zip(names, errs)))
+        rows.append(row)
+        log(json.dumps(row))
+
+    for b, hq, hkv, lq, lk, d, causal, window, r_scale in CHECK_GRID:
+        tag = f"B{b} H{hq}/{hkv} L{lq}x{lk} D{d} causal={causal} win={window} r={r_scale or 'D^-1/2'}"
+        for dtype in (torch.bfloat16, torch.float16):
+            torch.manual_seed(hash((tag, str(dtype))) % 2**31)
+            q, r, k, v, do = _inputs(b, hq, hkv, lq, lk, d, dtype, r_scale)
+            ours = _grads(lambda *x: parallax_attn(*x, causal=causal, window_size=window, backend="triton"),
+                          (q, r, k, v), do)
+            ref = _grads(lambda *x: parallax_attn_reference(*x, causal=causal, window_size=window),
+                         [x.double() for x in (q, r, k, v)], do.double())
+            record(tag, dtype, ours, ref)
+            del ref, ours
+            torch.cuda.empty_cache()
+
+    for cu, hq, hkv, d, causal, window in VARLEN_CHECK:
+        tag = f"varlen {cu} H{hq}/{hkv} D{d} causal={causal} win={window}"
+        cu_t = torch.tensor(cu, dtype=torch.int32, device=DEV)
+        lens = [cu[i + 1] - cu[i] for i in range(len(cu) - 1)]
+        for dtype in (torch.bfloat16, torch.float16):
+            torch.manual_seed(len(tag))
+            q, r, k, v, do = (x[0] for x in _inputs(1, hq, hkv, cu[-1], cu[-1], d, dtype, None))
+            ours = _grads(lambda *x: parallax_attn_varlen(*x, cu_t, cu_t, max(lens), max(lens), causal=causal,
+                                                          window_size=window, backend="triton"),
+                          (q, r, k, v), do)
+
+            def ref_fn(q, r, k, v):
+                outs = []
+                for i in range(len(lens)):
+                    sl = slice(cu[i], cu[i + 1])
+                    outs.append(parallax_attn_reference(q[None, sl], r[None, sl], k[None, sl], v[None, sl],
+                                                        causal=causal, window_size=window)[0])
+                return torch.cat(outs)
+            ref = _grads(ref_fn, [x.double() for x in (q, r, k, v)], do.double())
+            record(tag, dtype, ours, ref)
+
+    # determinism, CUDA graph capture and torch.compile of forward + backward
+    extra = {}
+    q, r, k, v, do = _inputs(2, 8, 2, 2048, 2048, 128, torch.bfloat16, None)
+    f = lambda *x: parallax_attn(*x, causal=True, backend="triton")  # noqa: E731
+    g1 = _grads(f, (q, r, k, v), do)
+    g2 = _grads(f, (q, r, k, v), do)
+    extra["deterministic"] = all(torch.equal(a, b) for a, b in zip(g1, g2))
+    try:
+        xs = [x.detach().clone().requires_grad_() for x in (q, r, k, v)]
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                o = f(*xs)
+                o.backward(do)
+        torch.cuda.current_stream().wait_stream(s)
+        for x in xs:
+            x.grad = None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            o = f(*xs)
+            o.backward(do)
+        graph.replay()
+        torch.cuda.synchronize()
+        extra["cuda_graph_max_abs_diff"] = max(
+            (a - b).abs().max().item() for a, b in zip([o] + [x.grad for x in xs], g1))
+    except Exception as e:  # report, do not hide
+        extra["cuda_graph_error"] = repr(e)[:300]
+    try:
+        t0 = time.time()
+        cf = torch.compile(f, fullgraph=True)
+        gc = _grads(cf, (q, r, k, v), do)
+        extra["compile_fullgraph_max_abs_diff"] = max((a - b).abs().max().item() for a, b in zip(gc, g1))
+        extra["compile_s"] = time.time() - t0
+    except Exception as e:
+        extra["compile_error"] = repr(e)[:300]
+    log(json.dumps(extra))
+    return rows, {f"{k[0]} {k[1]}": v for k, v in worst.items()}, extra
+
+
+# ------------------------------------------------------------------------------------------
+# bench
+# ------------------------------------------------------------------------------------------
+
+# (B, Hq, Hkv, L, D, window)   all causal bf16
+BENCH_GRID = [
+    (4, 16, 16, 1024, 128, (-1, -1)),
+    (4, 16, 16, 4096, 128, (-1, -1)),
+    (2, 16, 16, 8192, 128, (-1, -1)),
+    (1, 16, 16, 16384, 128, (-1, -1)),
+    (4, 16, 16, 4096, 64, (-1, -1)),
+    (4, 32, 8, 4096, 128, (-1, -1)),
+    (4, 16, 16, 4096, 128, (1023, -1)),
+]
+
+
+def bench_ms(fn, grad_to_none=None):
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+
+
+def run_bench(log, plx):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    rows = []
+    for b, hq, hkv, L, d, window in BENCH_GRID:
+        torch.manual_seed(0)
+        dt = torch.bfloat16
+        q = torch.randn(b, L, hq, d, device="cuda", dtype=dt, requires_grad=True)
+        r = (torch.randn(b, L, hq, d, device="cuda", dtype=dt) * 0.1).requires_grad_()
+        k = torch.randn(b, L, hkv, d, device="cuda", dtype=dt, requires_grad=True)
+        v = torch.randn(b, L, hkv, d, device="cuda", dtype=dt, requires_grad=True)
+        do = torch.randn(b, L, hq, d, device="cuda", dtype=dt)
+        # heads-first copies for SDPA and parallax-kernel
+        qh, rh, kh, vh, doh = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, r, k, v, do))
+        pairs = visible_pairs(L, L, True, window) * b * hq
+        row = dict(B=b, Hq=hq, Hkv=hkv, L=L, D=d, window=list(window), pairs=pairs)
+        flops = {"plx": (8 * d * pairs, 24 * d * pairs), "sm": (4 * d * pairs, 14 * d * pairs)}
+
+        def time_pair(name, fwd, leaves, kind):
+            try:
+                tf = bench_ms(fwd)
+                def fb():
+                    fwd().backward(doh if kind != "ours" else do)
+                tfb = bench_ms(fb, grad_to_none=leaves)
+                fl = flops["plx" if kind in ("ours", "plx") else "sm"]
+                row[name] = dict(fwd_ms=tf, fwdbwd_ms=tfb, fwd_tflops=fl[0] / tf / 1e9, fwdbwd_tflops=fl[1] / tfb / 1e9)
+            except Exception as e:
+                row[name] = dict(error=repr(e)[:200])
+
+        time_pair("ours", lambda: parallax_attn(q, r, k, v, causal=True, window_size=window, backend="triton"),
+                  [q, r, k, v], "ours")
+        if window == (-1, -1):
+            gqa = hq != hkv
+            for name, be in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+                def f(be=be):
+                    with sdpa_kernel([be]):
+                        return F.scaled_dot_product_attention(qh, kh, vh,
+                                                              is_causal=True, enable_gqa=gqa)
+                time_pair(name, f, [qh, kh, vh], "sm")
+            if plx is not None:
+                if gqa:
+                    # MHA only: the K/V repeat is part of its cost for a GQA layer
+                    def fp():
+                        return plx.parallax_func(qh, rh, kh.repeat_interleave(hq // hkv, 1),
+                                                 vh.repeat_interleave(hq // hkv, 1), d ** -0.5)
+                else:
+                    def fp():
+                        return plx.parallax_func(qh, rh, kh, vh, d ** -0.5)
+                time_pair("plx_kernel", fp, [qh, rh, kh, vh], "plx")
+        rows.append(row)
+        log(json.dumps(row))
+        del q, r, k, v, do, qh, rh, kh, vh, doh
+        torch.cuda.empty_cache()
+    return rows
+
+
+def table(rows):
+    def cell(row, name, key):
+        x = row.get(name)
+        if not x or key not in x:
+            return "-"
+        return f"{x[key]:.3f}"
+    lines = ["| B,Hq/Hkv,L,D,window | ours fwd ms | ours fwd+bwd ms | ours TFLOP/s fwd / f+b | SDPA flash fwd / f+b ms "
+             "| SDPA cuDNN fwd / f+b ms | parallax-kernel fwd / f+b ms | f+b speed-up vs parallax-kernel | f+b / cuDNN |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        o = row.get("ours", {})
+        p = row.get("plx_kernel", {})
+        c = row.get("sdpa_cudnn", {})
+        sp = f"{p['fwdbwd_ms'] / o['fwdbwd_ms']:.2f}x" if "fwdbwd_ms" in p and "fwdbwd_ms" in o else "-"
+        rc = f"{o['fwdbwd_ms'] / c['fwdbwd_ms']:.2f}x" if "fwdbwd_ms" in c and "fwdbwd_ms" in o else "-"
+        tf = f"{o['fwd_tflops']:.0f} / {o['fwdbwd_tflops']:.0f}" if "fwd_tflops" in o else o.get("error", "-")
+        win = "" if row["window"] == [-1, -1] else f",win{tuple(row['window'])}"
+        lines.append(f"| {row['B']},{row['Hq']}/{row['Hkv']},{row['L']},{row['D']}{win} | {cell(row, 'ours', 'fwd_ms')} | "
+                     f"{cell(row, 'ours', 'fwdbwd_ms')} | {tf} | {cell(row, 'sdpa_flash', 'fwd_ms')} / "
+                     f"{cell(row, 'sdpa_flash', 'fwdbwd_ms')} | {cell(row, 'sdpa_cudnn', 'fwd_ms')} / "
+                     f"{cell(row, 'sdpa_cudnn', 'fwdbwd_ms')} | {cell(row, 'plx_kernel', 'fwd_ms')} / "
+                     f"{cell(row, 'plx_kernel', 'fwdbwd_ms')} | {sp} | {rc} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("train_kernels.py needs a CUDA GPU")
+    if not (args.check or args.bench):
+        args.check = args.bench = True
+    os.makedirs(args.out, exist_ok=True)
+    logf = open(os.path.join(args.out, "train_kernels.log"), "a")
+
+    def log(s):
+        print(s, flush=True)
+        logf.write(s + "\n")
+        logf.flush()
+
+    import triton
+    env = dict(torch=torch.__version__, triton=triton.__version__, gpu=torch.cuda.get_device_name(),
+               tune=os.environ.get("PARALLAX_TRAIN_TUNE", "default"))
+    log(json.dumps(env))
+    result = {"env": env}
+    if args.check:
+        t0 = time.time()
+        rows, worst, extra = run_check(log)
+        result.update(check=rows, worst=worst, extra=extra, check_s=time.time() - t0)
+    if args.bench:
+        plx = None
+        try:
+            import parallax as plx  # parallax-kernel, for comparison
+        except Exception:
+            traceback.print_exc()
+        result["bench"] = run_bench(log, plx)
+        from parallax_attention.ops.triton import train as tr
+        result["tuned"] = {name: {str(k): str(c) for k, c in fn.cache.items()}
+                           for name, fn in (("fwd", tr._fwd_tuned), ("dq", tr._dq_tuned), ("dkv", tr._dkv_tuned))}
+        log(json.dumps(result["tuned"]))
+    with open(os.path.join(args.out, "train_kernels.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    if args.check:
+        log("worst norm-relative error per tensor (dtype tensor: error, case):")
+        for k, (e, tag) in sorted(result["worst"].items()):
+            log(f"  {k}: {e:.2e}  {tag}")
+        bad = [r for r in result["check"] if not r["ok"]]
+        log(f"check: {len(result['check']) - len(bad)}/{len(result['check'])} ok; extra {json.dumps(result['extra'])}")
+    if args.bench:
+        log(table(result["bench"]))
+
+
+if __name__ == "__main__":
+    main()
