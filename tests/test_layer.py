@@ -151,16 +151,17 @@ def test_probe_gate_scales_the_probe():
 def test_kv_cache_steps_equal_full_forward(attention):
     torch.manual_seed(0)
     layer = _randomize(ParallaxAttention(32, 4, 2, 8, attention=attention, layer_idx=0)).eval()
-    x = torch.randn(2, 12, 32)
+    x = torch.randn(2, 32, 32)
     full = layer(x)
     cache = DynamicCache()
     with torch.no_grad():
         parts = [layer(x[:, :5], cache=cache)]
         parts += [layer(x[:, i:i + 1], cache=cache) for i in range(5, 9)]
-        parts.append(layer(x[:, 9:], cache=cache))      # a multi-token chunk after the cache
-    assert cache.get_seq_length() == 12
+        parts.append(layer(x[:, 9:12], cache=cache))    # a short chunk after the cache (decode op)
+        parts.append(layer(x[:, 12:], cache=cache))     # a long chunk (training op on the cache)
+    assert cache.get_seq_length() == 32
     # Only k and v are cached.
-    assert cache.layers[0].keys.shape == (2, 2, 12, 8)
+    assert cache.layers[0].keys.shape == (2, 2, 32, 8)
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
