@@ -86,7 +86,9 @@ class ParallaxModel(ParallaxPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("input_ids, inputs_embeds: expected exactly one of them")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache is None:
+            # A training forward has no use for a cache; don't hold every layer's k and v.
+            use_cache = self.config.use_cache and not self.training
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if checkpointing:
             use_cache = False  # recomputation would append to the cache twice
