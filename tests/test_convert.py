@@ -23,6 +23,9 @@ CASES = {
     "qwen2": (Qwen2ForCausalLM, Qwen2Config, dict(tie_word_embeddings=False)),
     "llama": (LlamaForCausalLM, LlamaConfig, dict(attention_bias=True, mlp_bias=True,
                                                   rope_parameters={"rope_theta": 5000.0, **LLAMA3_ROPE})),
+    "llama-linear": (LlamaForCausalLM, LlamaConfig, dict(
+        head_dim=8, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 500.0})),
 }
 
 
@@ -62,7 +65,7 @@ def test_convert_reproduces_source_then_probe_moves_it(kind, tmp_path):
 
     model = ParallaxForCausalLM.from_pretrained(dst).eval()
     layer = model.model.layers[1].self_attn
-    assert layer.r_proj.weight.abs().max() == 0 and torch.equal(layer.r_norm.weight, torch.ones(32 if kind == "qwen3" else 16))
+    assert layer.r_proj.weight.abs().max() == 0 and torch.equal(layer.r_norm.weight, torch.ones(layer.head_dim))
     torch.manual_seed(1)
     ids = torch.randint(0, 160, (2, 48))
     with torch.no_grad():
