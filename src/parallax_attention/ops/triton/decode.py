@@ -55,7 +55,8 @@ def _decode_split_kernel(
     if PDL:
         # Let the merge grid launch as soon as every split program has started; it waits for
         # this grid's completion (gdc_wait) before reading the partials, so this only hides
-        # the merge's launch latency behind the last wave.
+        # the merge's launch latency behind the last wave. Measured on the H200: 0.4-0.9 us
+        # saved at B=1, but 2.4 us lost at B=8 L=1024 Hq/Hkv 32/8 (not yet understood).
         gdc_launch_dependents()
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -273,6 +274,9 @@ REG_LIMIT = {False: 5, True: 4}   # programs per SM allowed by registers (dense,
 # Programs per SM needed to keep HBM busy: with two K/V buffers 3 were enough in the first H200
 # run (98-99% of the roofline at B=32 L=16384, 3 per SM in 2 full waves); with one buffer 4
 # (paged at B=128: 100-102% with 4 per SM, 72-83% where a wave had 1-2 per SM).
+# The second run (BENCHMARKS.md, sweep) shows 4 is too pessimistic for one buffer: 2 stages in
+# one wave of about 4 per SM beat the choice at B=1 L=4096 and B=8. Kept until the grid is
+# re-measured with a lower value, so that the table matches the code.
 SATURATE = {1: 4, 2: 3}
 # Fixed cost of a program (prologue, partial store) and of the merge launch, in K/V tiles.
 PROGRAM_OVERHEAD_TILES = 1.0
