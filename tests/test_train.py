@@ -108,6 +108,11 @@ def test_config_precedence_and_errors(tmp_path):
         load_config(None, {}, ["steps"])
     with pytest.raises(ValueError, match="optimizer"):
         load_config(None, {}, ["optimizer=sgd"])
+    # Values are converted to the field's type ("3e-3" is a string to YAML 1.1).
+    cfg = load_config(None, {}, ["lr=3e-3", "steps=10", "resume=true"])
+    assert cfg.lr == 0.003 and cfg.steps == 10 and cfg.resume is True
+    with pytest.raises(ValueError, match="steps: expected int"):
+        load_config(None, {}, ["steps=ten"])
     y.write_text("bogus: 1\n")
     with pytest.raises(ValueError, match="bogus"):
         load_config(y)

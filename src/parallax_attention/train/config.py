@@ -140,4 +140,30 @@ def load_config(path: str | Path | None = None, cli: dict | None = None,
         if v is not None and k in names:
             cfg[k] = v
     cfg = apply_overrides(cfg, overrides or [])
-    return TrainConfig(**cfg).validate()
+    return TrainConfig(**{k: _coerce(k, v) for k, v in cfg.items()}).validate()
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Convert to the field's declared type (YAML reads "3e-3" as a string, "1" as an int for a float)."""
+    ftype = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}[name]
+    if value is None or ftype == "dict":
+        return value
+    base = ftype.replace(" | None", "")
+    try:
+        if base == "float":
+            return float(value)
+        if base == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if base == "bool":
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if base == "str":
+            return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected {base}, got {value!r}") from None
+    return value
