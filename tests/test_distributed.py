@@ -46,29 +46,32 @@ ARGS = ["--seq-len", "32", "--batch-size", "2", "--steps", "3", "--no-progress",
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_match_one(data_dir, tmp_path, mode):
+def test_two_processes_match_one_and_resume_in_one(data_dir, tmp_path, mode):
     # One process with the same global batch: micro-batch 2 x accumulation 4.
-    single = load_config(None, {}, [f"data={data_dir}", f"out={tmp_path / 'one'}", "seq_len=32", "batch_size=2",
-                                    "steps=3", "progress=false", "grad_accum=4", "model.num_hidden_layers=1",
-                                    "warmup=1", "eval_every=0", "ckpt_every=0"])
-    train(single)
+    one_proc = [f"data={data_dir}", "seq_len=32", "batch_size=2", "steps=3", "progress=false", "grad_accum=4",
+                "model.num_hidden_layers=1", "warmup=1", "eval_every=0", "ckpt_every=3"]
+    train(load_config(None, {}, one_proc + [f"out={tmp_path / 'one'}"]))
+    # Two processes (micro-batch 2 x accumulation 2 each), interrupted after step 2 ...
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "parallax_attention.cli", "train", "--data", str(data_dir),
-           "--out", str(tmp_path / mode), "--parallel", mode, "--device", "cpu", *ARGS]
+           "--out", str(tmp_path / mode), "--parallel", mode, "--device", "cpu", "--stop-after", "2", *ARGS]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    from parallax_attention.train import checkpoint as ckpt
+
+    # ... leaving a checkpoint of full (unsharded) tensors ...
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / mode))
+    assert state["step"] == 2
+    q = [v for k, v in state["model"].items() if k.endswith("layers.0.self_attn.q_proj.weight")][0]
+    assert type(q).__name__ == "Tensor" and q.shape[0] == q.shape[1]
+    # ... that a single process resumes for step 3.
+    train(load_config(None, {}, one_proc + [f"out={tmp_path / mode}", "resume=true"]))
     read = lambda d: [json.loads(ln)["loss"] for ln in (tmp_path / d / "metrics.jsonl").read_text().splitlines()
                       if "\"loss\"" in ln]
     one, two = read("one"), read(mode)
     assert len(one) == len(two) == 3
     for a, b in zip(one, two):
         assert abs(a - b) < 1e-4, (one, two)
-    # The distributed checkpoint holds full (unsharded) tensors that load into a plain model.
-    from parallax_attention.train import checkpoint as ckpt
-
-    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / mode))
-    q = [v for k, v in state["model"].items() if k.endswith("layers.0.self_attn.q_proj.weight")][0]
-    assert type(q).__name__ == "Tensor" and q.shape[0] == q.shape[1]
 
 
 def test_muon_under_fsdp2_orthogonalises_full_matrices():

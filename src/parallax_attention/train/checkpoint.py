@@ -61,50 +61,41 @@ def load_checkpoint(path: Path) -> dict:
 # ------------------------------------------------------------- state helpers
 
 
-def _is_fsdp2(model: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(model, FSDPModule)
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # cpu_offload gathers on rank 0 only and needs a process group; one process keeps tensors as they are.
+    return StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized(), **kw)
+
+
+# The distributed state-dict helpers are used in every mode (one process, DDP, FSDP2),
+# so a checkpoint has one layout: full tensors, optimizer state keyed by parameter
+# name. A run can therefore resume under a different parallelism or world size.
 
 
 def model_state(model: nn.Module) -> dict:
     """Full model state dict on CPU (gathered under FSDP2; every rank must call this)."""
-    if _is_fsdp2(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    inner = model.module if hasattr(model, "module") else model
-    return {k: v.detach().cpu().clone() for k, v in inner.state_dict().items()}
+    return _to_cpu(get_model_state_dict(model, options=_options()))
 
 
 def load_model_state(model: nn.Module, sd: dict) -> None:
-    if _is_fsdp2(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True))
-        return
-    inner = model.module if hasattr(model, "module") else model
-    inner.load_state_dict(sd)
+    set_model_state_dict(model, sd, options=_options())
 
 
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    if _is_fsdp2(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        return get_optimizer_state_dict(model, optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return _to_cpu(optimizer.state_dict())
+    return _to_cpu(get_optimizer_state_dict(model, optimizer, options=_options()))
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sd: dict) -> None:
-    if _is_fsdp2(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        set_optimizer_state_dict(model, optimizer, sd, options=StateDictOptions(full_state_dict=True))
-        return
-    optimizer.load_state_dict(sd)
+    set_optimizer_state_dict(model, optimizer, sd, options=_options())
 
 
 def _to_cpu(obj):
