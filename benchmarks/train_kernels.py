@@ -56,18 +56,18 @@ def visible_pairs(lq, lk, causal, window):
 CHECK_GRID = [
     (2, 8, 8, 1024, 1024, 128, True, (-1, -1), None),
     (1, 4, 4, 8192, 8192, 128, True, (-1, -1), None),
-    (2, 8, 2, 2048, 2048, 64, True, (-1, -1), None),       # GQA
-    (1, 8, 1, 1000, 1500, 96, True, (-1, -1), None),       # MQA, Lq != Lk, D padded
+    (2, 8, 2, 2048, 2048, 128, True, (-1, -1), None),      # GQA
+    (1, 8, 8, 1000, 1500, 128, True, (-1, -1), None),      # Lq < Lk
     (1, 4, 4, 1500, 1000, 128, True, (-1, -1), None),      # Lq > Lk: empty leading rows
     (2, 4, 4, 2048, 2048, 128, False, (-1, -1), None),
-    (1, 4, 2, 4096, 4096, 128, True, (300, -1), None),     # sliding window, not tile-aligned
+    (1, 4, 4, 4096, 4096, 128, True, (300, -1), None),     # sliding window, not tile-aligned
     (1, 4, 4, 3000, 3000, 128, False, (257, 100), None),   # two-sided window
-    (1, 4, 4, 1024, 1024, 256, True, (-1, -1), None),
-    (2, 4, 4, 1024, 1024, 32, True, (-1, -1), None),
     (1, 4, 4, 2048, 2048, 128, True, (-1, -1), 1.0),       # large probe
+    (2, 8, 8, 2048, 2048, 64, True, (-1, -1), None),
 ]
-VARLEN_CHECK = [((0, 700, 2700, 2701, 4100), 8, 2, 128, True, (-1, -1)),
-                ((0, 513, 1300, 3000), 4, 4, 64, False, (200, 31))]
+# more head dims (32, 96, 256) and MQA: add rows here; each new (head dim, group, mask kind)
+# costs a kernel compile on first use
+VARLEN_CHECK = [((0, 700, 2700, 2701, 4100), 8, 8, 128, True, (-1, -1))]
 
 
 DEV = "cuda"
@@ -91,7 +91,7 @@ def _grads(fn, xs, do):
     return (o,) + tuple(g)
 
 
-def run_check(log):
+def run_check(log, dtypes, with_compile):
     worst = {}
     rows = []
     names = ("o", "dq", "dr", "dk", "dv")
@@ -110,7 +110,7 @@ def run_check(log):
 
     for b, hq, hkv, lq, lk, d, causal, window, r_scale in CHECK_GRID:
         tag = f"B{b} H{hq}/{hkv} L{lq}x{lk} D{d} causal={causal} win={window} r={r_scale or 'D^-1/2'}"
-        for dtype in (torch.bfloat16, torch.float16):
+        for dtype in dtypes:
             torch.manual_seed(hash((tag, str(dtype))) % 2**31)
             q, r, k, v, do = _inputs(b, hq, hkv, lq, lk, d, dtype, r_scale)
             ours = _grads(lambda *x: parallax_attn(*x, causal=causal, window_size=window, backend="triton"),
@@ -125,7 +125,7 @@ def run_check(log):
         tag = f"varlen {cu} H{hq}/{hkv} D{d} causal={causal} win={window}"
         cu_t = torch.tensor(cu, dtype=torch.int32, device=DEV)
         lens = [cu[i + 1] - cu[i] for i in range(len(cu) - 1)]
-        for dtype in (torch.bfloat16, torch.float16):
+        for dtype in dtypes:
             torch.manual_seed(len(tag))
             q, r, k, v, do = (x[0] for x in _inputs(1, hq, hkv, cu[-1], cu[-1], d, dtype, None))
             ours = _grads(lambda *x: parallax_attn_varlen(*x, cu_t, cu_t, max(lens), max(lens), causal=causal,
@@ -170,14 +170,15 @@ def run_check(log):
             (a - b).abs().max().item() for a, b in zip([o] + [x.grad for x in xs], g1))
     except Exception as e:  # report, do not hide
         extra["cuda_graph_error"] = repr(e)[:300]
-    try:
-        t0 = time.time()
-        cf = torch.compile(f, fullgraph=True)
-        gc = _grads(cf, (q, r, k, v), do)
-        extra["compile_fullgraph_max_abs_diff"] = max((a - b).abs().max().item() for a, b in zip(gc, g1))
-        extra["compile_s"] = time.time() - t0
-    except Exception as e:
-        extra["compile_error"] = repr(e)[:300]
+    if with_compile:
+        try:
+            t0 = time.time()
+            cf = torch.compile(f, fullgraph=True)
+            gc = _grads(cf, (q, r, k, v), do)
+            extra["compile_fullgraph_max_abs_diff"] = max((a - b).abs().max().item() for a, b in zip(gc, g1))
+            extra["compile_s"] = time.time() - t0
+        except Exception as e:
+            extra["compile_error"] = repr(e)[:300]
     log(json.dumps(extra))
     return rows, {f"{k[0]} {k[1]}": v for k, v in worst.items()}, extra
 
@@ -259,6 +260,44 @@ def run_bench(log, plx):
     return rows
 
 
+SWEEP = {"fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+         "dq": [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
+         "dkv": [(32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3)]}
+
+
+def run_sweep(log, b=4, h=16, L=4096, d=128):
+    """Time each launch configuration on one shape and keep the fastest per kernel."""
+    from parallax_attention.ops.triton import train as tr
+    torch.manual_seed(0)
+    dt = torch.bfloat16
+    q = torch.randn(b, L, h, d, device="cuda", dtype=dt, requires_grad=True)
+    r = (torch.randn(b, L, h, d, device="cuda", dtype=dt) * 0.1).requires_grad_()
+    k = torch.randn(b, L, h, d, device="cuda", dtype=dt, requires_grad=True)
+    v = torch.randn(b, L, h, d, device="cuda", dtype=dt, requires_grad=True)
+    do = torch.randn(b, L, h, d, device="cuda", dtype=dt)
+    f = lambda: parallax_attn(q, r, k, v, causal=True, backend="triton")  # noqa: E731
+
+    def fb():
+        f().backward(do)
+    out = {}
+    for name in ("fwd", "dq", "dkv"):
+        best = None
+        for cfg in SWEEP[name]:
+            tr.FIXED[name][128] = cfg
+            try:
+                t = bench_ms(f) if name == "fwd" else bench_ms(fb, grad_to_none=[q, r, k, v])
+            except Exception as e:
+                log(f"sweep {name} {cfg}: {e!r:.200}")
+                continue
+            out[f"{name} {cfg}"] = t
+            log(f"sweep {name} {cfg}: {t:.3f} ms")
+            if best is None or t < best[0]:
+                best = (t, cfg)
+        tr.FIXED[name][128] = best[1]
+    log("sweep chose " + json.dumps({n: tr.FIXED[n][128] for n in ("fwd", "dq", "dkv")}))
+    return out, {n: tr.FIXED[n][128] for n in ("fwd", "dq", "dkv")}
+
+
 def table(rows):
     def cell(row, name, key):
         x = row.get(name)
@@ -289,6 +328,9 @@ def main():
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--dtypes", default="bf16,fp16", help="check dtypes, comma-separated (bf16, fp16)")
+    ap.add_argument("--compile", action="store_true", help="also check torch.compile(fullgraph=True)")
+    ap.add_argument("--sweep", action="store_true", help="time launch configurations first, keep the fastest")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("train_kernels.py needs a CUDA GPU")
@@ -304,34 +346,35 @@ def main():
 
     import triton
     env = dict(torch=torch.__version__, triton=triton.__version__, gpu=torch.cuda.get_device_name(),
-               tune=os.environ.get("PARALLAX_TRAIN_TUNE", "default"))
+               autotune=os.environ.get("PARALLAX_TRAIN_AUTOTUNE", "0"))
     log(json.dumps(env))
     result = {"env": env}
-    if args.check:
-        t0 = time.time()
-        rows, worst, extra = run_check(log)
-        result.update(check=rows, worst=worst, extra=extra, check_s=time.time() - t0)
+
+    def save():
+        with open(os.path.join(args.out, "train_kernels.json"), "w") as f:
+            json.dump(result, f, indent=1)
     if args.bench:
+        if args.sweep:
+            result["sweep"], result["chosen"] = run_sweep(log)
         plx = None
         try:
             import parallax as plx  # parallax-kernel, for comparison
         except Exception:
             traceback.print_exc()
         result["bench"] = run_bench(log, plx)
-        from parallax_attention.ops.triton import train as tr
-        result["tuned"] = {name: {str(k): str(c) for k, c in fn.cache.items()}
-                           for name, fn in (("fwd", tr._fwd_tuned), ("dq", tr._dq_tuned), ("dkv", tr._dkv_tuned))}
-        log(json.dumps(result["tuned"]))
-    with open(os.path.join(args.out, "train_kernels.json"), "w") as f:
-        json.dump(result, f, indent=1)
+        save()
+        log(table(result["bench"]))
     if args.check:
+        t0 = time.time()
+        dtypes = [{"bf16": torch.bfloat16, "fp16": torch.float16}[x] for x in args.dtypes.split(",")]
+        rows, worst, extra = run_check(log, dtypes, args.compile)
+        result.update(check=rows, worst=worst, extra=extra, check_s=time.time() - t0)
+        save()
         log("worst norm-relative error per tensor (dtype tensor: error, case):")
         for k, (e, tag) in sorted(result["worst"].items()):
             log(f"  {k}: {e:.2e}  {tag}")
         bad = [r for r in result["check"] if not r["ok"]]
         log(f"check: {len(result['check']) - len(bad)}/{len(result['check'])} ok; extra {json.dumps(result['extra'])}")
-    if args.bench:
-        log(table(result["bench"]))
 
 
 if __name__ == "__main__":

@@ -410,19 +410,22 @@ def _bwd_dkv_kernel(
 # launch configuration
 # ----------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). Small spaces keep first-call tuning short;
-# results are cached by the autotuner per (sequence-length bucket, head dim, mask kind, dtype).
-_FWD_CONFIGS = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
-_DQ_CONFIGS = [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3)]
-_DKV_CONFIGS = [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3)]
-if os.environ.get("PARALLAX_TRAIN_TUNE") == "wide":
-    # exploration space for benchmarking sessions; the defaults above are its winners
-    _FWD_CONFIGS = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
-                    (128, 32, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2)]
-    _DQ_CONFIGS = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
-                   (64, 128, 8, 2), (64, 32, 4, 3), (128, 64, 4, 3)]
-    _DKV_CONFIGS = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 2),
-                    (64, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages).
+#
+# By default each kernel launches one fixed configuration per head-dim class, chosen for
+# register pressure (two fp32 accumulators per program, four score-sized tiles per step)
+# and the H200's shared memory: compiling and timing a tuning space costs seconds per
+# configuration and mask kind on first use. PARALLAX_TRAIN_AUTOTUNE=1 switches to
+# triton.autotune over the small spaces below; its results are cached per
+# (sequence-length bucket, head dim, GQA group, mask kind, dtype), never re-tuned per call.
+FIXED = {
+    "fwd": {128: (128, 64, 8, 3), 256: (64, 32, 4, 2)},
+    "dq": {128: (128, 32, 8, 3), 256: (64, 32, 4, 2)},
+    "dkv": {128: (32, 128, 8, 3), 256: (32, 64, 4, 2)},
+}
+_FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
+_DQ_CONFIGS = [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)]
+_DKV_CONFIGS = [(32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3)]
 _TUNE_KEY = ["tune_key", "BLOCK_D", "G", "VARLEN", "HAS_LEFT", "HAS_RIGHT"]
 
 # The interpreter runs one fixed, small configuration (tuning there would only cost time);
@@ -443,8 +446,12 @@ def _launch(tuned, raw, name, grid_of, args, meta):
     if _INTERPRET or os.environ.get("TRITON_INTERPRET") == "1":
         bm, bn = INTERPRET_BLOCKS[name]
         raw[grid_of({"BLOCK_M": bm, "BLOCK_N": bn})](*args, BLOCK_M=bm, BLOCK_N=bn, **meta)
-    else:
+    elif os.environ.get("PARALLAX_TRAIN_AUTOTUNE") == "1":
         tuned[grid_of](*args, **meta)
+    else:
+        bm, bn, w, st = FIXED[name][128 if meta["BLOCK_D"] <= 128 else 256]
+        raw[grid_of({"BLOCK_M": bm, "BLOCK_N": bn})](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st,
+                                                      **meta)
 
 
 def _mask_args(causal: bool, left: int, right: int):

@@ -1,0 +1,211 @@
+"""Triton training kernels (forward and backward) against the float64 reference.
+
+On machines without CUDA these run under TRITON_INTERPRET=1 (set in conftest), in
+fp32 and fp16 only: the interpreter's bf16 dot is unreliable. Shapes are small but
+span several tiles in both directions, so tile-range arithmetic, boundary masks and
+the unmasked interior path are all exercised (interpreter tiles are 16/32 wide).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from parallax_attention.ops import parallax_attn, parallax_attn_varlen
+from parallax_attention.ops.reference import parallax_attn_reference
+
+triton = pytest.importorskip("triton")
+from parallax_attention.ops.triton import train as train_mod  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3}
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+
+
+def _make(b, lq, lk, hq, hkv, d, dtype, r_scale=None, gen=None):
+    r_scale = d ** -0.5 if r_scale is None else r_scale
+    q = torch.randn(b, lq, hq, d, generator=gen)
+    r = torch.randn(b, lq, hq, d, generator=gen) * r_scale
+    k = torch.randn(b, lk, hkv, d, generator=gen)
+    v = torch.randn(b, lk, hkv, d, generator=gen)
+    do = torch.randn(b, lq, hq, d, generator=gen)
+    return [x.to(device=DEV, dtype=dtype) for x in (q, r, k, v, do)]
+
+
+def _fwd_bwd(fn, xs, do):
+    xs = [x.detach().clone().requires_grad_() for x in xs]
+    o = fn(*xs)
+    grads = torch.autograd.grad(o, xs, do)
+    return [o, *grads]
+
+
+def _compare(ours, ref, tol):
+    names = ("o", "dq", "dr", "dk", "dv")
+    for name, a, b in zip(names, ours, ref):
+        assert a.shape == b.shape, name
+        assert torch.isfinite(a).all(), name
+        err = _rel(a, b)
+        assert err <= tol, f"{name}: norm-relative error {err:.2e} > {tol:.0e}"
+
+
+CASES = [
+    # (B, Lq, Lk, Hq, Hkv, D, causal, window)
+    (2, 45, 45, 2, 2, 32, True, (-1, -1)),
+    (1, 50, 50, 2, 2, 64, False, (-1, -1)),
+    (2, 33, 70, 4, 2, 32, True, (-1, -1)),      # Lq < Lk, GQA
+    (1, 70, 33, 3, 1, 32, True, (-1, -1)),      # Lq > Lk (empty leading rows), MQA
+    (1, 61, 47, 2, 2, 32, False, (-1, -1)),     # Lq > Lk non-causal
+    (1, 64, 64, 2, 1, 32, True, (9, -1)),       # sliding window not aligned to tiles
+    (1, 57, 66, 4, 2, 32, False, (13, 5)),      # two-sided window, Lq != Lk
+    (1, 50, 50, 2, 2, 32, False, (0, 0)),       # each row sees one key
+    (1, 48, 48, 2, 2, 32, True, (21, 7)),       # causal clamps right to 0
+    (1, 40, 40, 2, 2, 96, True, (-1, -1)),      # head dim padded to 128
+    (1, 37, 41, 2, 2, 24, False, (3, -1)),      # head dim padded to 32
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}_Lq{}_Lk{}_H{}-{}_D{}_c{}_w{}-{}".format(*c[:7], *c[7]))
+def test_matches_reference(case, dtype):
+    b, lq, lk, hq, hkv, d, causal, window = case
+    gen = torch.Generator().manual_seed(hash((case, str(dtype))) % 2**31)
+    q, r, k, v, do = _make(b, lq, lk, hq, hkv, d, dtype, gen=gen)
+    ours = _fwd_bwd(lambda *x: parallax_attn(*x, causal=causal, window_size=window, backend="triton"),
+                    (q, r, k, v), do)
+    ref = _fwd_bwd(lambda *x: parallax_attn_reference(*x, causal=causal, window_size=window),
+                   [x.double() for x in (q, r, k, v)], do.double())
+    _compare(ours, ref, TOL[dtype])
+    for a, x in zip(ours, (q, q, r, k, v)):
+        assert a.dtype == dtype and a.shape == x.shape
+
+
+def test_other_tile_shapes(monkeypatch):
+    # The range arithmetic must not depend on BLOCK_M == BLOCK_N or on which is larger.
+    monkeypatch.setitem(train_mod.INTERPRET_BLOCKS, "fwd", (16, 32))
+    monkeypatch.setitem(train_mod.INTERPRET_BLOCKS, "dq", (32, 16))
+    monkeypatch.setitem(train_mod.INTERPRET_BLOCKS, "dkv", (32, 16))
+    gen = torch.Generator().manual_seed(11)
+    for causal, window in ((True, (11, -1)), (False, (6, 17))):
+        q, r, k, v, do = _make(1, 53, 67, 2, 1, 32, torch.float32, gen=gen)
+        ours = _fwd_bwd(lambda *x: parallax_attn(*x, causal=causal, window_size=window, backend="triton"),
+                        (q, r, k, v), do)
+        ref = _fwd_bwd(lambda *x: parallax_attn_reference(*x, causal=causal, window_size=window),
+                       [x.double() for x in (q, r, k, v)], do.double())
+        _compare(ours, ref, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (False, (-1, -1)), (False, (7, 3))])
+def test_varlen_matches_reference(dtype, causal, window):
+    gen = torch.Generator().manual_seed(5)
+    lens_q = [17, 1, 0, 40, 23]
+    lens_k = [17, 30, 4, 40, 9]      # per-sequence Lq != Lk, an empty query sequence, Lq > Lk
+    hq, hkv, d = 4, 2, 32
+    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    q, r, _, _, do = (x[0] for x in _make(1, sum(lens_q), 1, hq, hkv, d, dtype, gen=gen))
+    _, _, k, v, _ = (x[0] for x in _make(1, 1, sum(lens_k), hq, hkv, d, dtype, gen=gen))
+
+    ours = _fwd_bwd(lambda *x: parallax_attn_varlen(*x, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
+                                                    window_size=window, backend="triton"),
+                    (q, r, k, v), do)
+
+    def ref_fn(q, r, k, v):
+        outs = []
+        for i in range(len(lens_q)):
+            sq = slice(int(cu_q[i]), int(cu_q[i + 1]))
+            sk = slice(int(cu_k[i]), int(cu_k[i + 1]))
+            if lens_q[i] == 0:
+                continue
+            outs.append(parallax_attn_reference(q[None, sq], r[None, sq], k[None, sk], v[None, sk],
+                                                causal=causal, window_size=window)[0])
+        return torch.cat(outs)
+
+    ref = _fwd_bwd(ref_fn, [x.double() for x in (q, r, k, v)], do.double())
+    _compare(ours, ref, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_rows_without_keys_give_zeros_and_zero_grads(dtype):
+    # Lq > Lk under bottom-right causal: the first Lq - Lk queries see no key.
+    # A window (2, -1) with Lk > Lq non-causal leaves no row empty, so use a right bound that
+    # pushes the visible band past the last key for the last rows as well.
+    gen = torch.Generator().manual_seed(3)
+    q, r, k, v, do = _make(2, 40, 25, 2, 2, 32, dtype, gen=gen)
+    out, dq, dr, dk, dv = _fwd_bwd(lambda *x: parallax_attn(*x, causal=True, backend="triton"), (q, r, k, v), do)
+    for t in (out, dq, dr):
+        assert torch.isfinite(t).all()
+        assert torch.count_nonzero(t[:, :15]) == 0
+        assert torch.count_nonzero(t[:, 15:]) > 0
+    assert torch.isfinite(dk).all() and torch.isfinite(dv).all()
+
+    # window entirely to the left of each row's diagonal shifted past the start: rows 0..4 see nothing
+    q, r, k, v, do = _make(1, 30, 30, 2, 2, 32, dtype, gen=gen)
+    out, dq, dr, dk, dv = _fwd_bwd(
+        lambda *x: parallax_attn(*x, causal=False, window_size=(-1, -1), backend="triton")
+        if False else parallax_attn(x[0], x[1], x[2][:, :25], x[3][:, :25], causal=True, backend="triton"),
+        (q, r, k, v), do)
+    assert torch.count_nonzero(out[:, :5]) == 0 and torch.count_nonzero(dq[:, :5]) == 0
+    assert torch.count_nonzero(dk[:, 25:]) == 0 and torch.count_nonzero(dv[:, 25:]) == 0
+
+
+def test_large_probe_and_scores_stay_accurate():
+    # |t| ~ 50 and peaked softmax: the two-branch combination must not blow up or cancel badly.
+    gen = torch.Generator().manual_seed(9)
+    q, r, k, v, do = _make(1, 48, 48, 2, 2, 32, torch.float32, r_scale=8.0, gen=gen)
+    q = q * 4
+    ours = _fwd_bwd(lambda *x: parallax_attn(*x, causal=True, backend="triton"), (q, r, k, v), do)
+    ref = _fwd_bwd(lambda *x: parallax_attn_reference(*x, causal=True), [x.double() for x in (q, r, k, v)],
+                   do.double())
+    _compare(ours, ref, 1e-4)
+
+
+def test_zero_probe_is_softmax_attention():
+    gen = torch.Generator().manual_seed(4)
+    q, r, k, v, do = _make(1, 40, 40, 2, 2, 32, torch.float32, gen=gen)
+    out = parallax_attn(q, torch.zeros_like(r), k, v, causal=True, backend="triton")
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                            is_causal=True).transpose(1, 2)
+    assert _rel(out, sdpa) < 1e-5
+
+
+def test_backward_is_deterministic():
+    gen = torch.Generator().manual_seed(6)
+    q, r, k, v, do = _make(1, 45, 45, 4, 1, 32, torch.float32, gen=gen)
+    f = lambda *x: parallax_attn(*x, causal=True, window_size=(10, -1), backend="triton")  # noqa: E731
+    g1 = _fwd_bwd(f, (q, r, k, v), do)
+    g2 = _fwd_bwd(f, (q, r, k, v), do)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+def test_float64_routes_to_torch_backend():
+    gen = torch.Generator().manual_seed(8)
+    q, r, k, v, do = _make(1, 20, 20, 2, 2, 16, torch.float64, gen=gen)
+    out = parallax_attn(q, r, k, v, causal=True, backend="triton")
+    ref = parallax_attn_reference(q, r, k, v, causal=True)
+    assert out.dtype == torch.float64 and _rel(out, ref) < 1e-12
+
+
+def test_custom_op_registration_opcheck():
+    gen = torch.Generator().manual_seed(12)
+    q, r, k, v, _ = _make(1, 20, 24, 2, 1, 16, torch.float32, gen=gen)
+    args = [x.requires_grad_() for x in (q, r, k, v)] + [None, None, 20, 24, True, 0.25, 5, -1]
+    torch.library.opcheck(torch.ops.parallax_attention.fwd.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_compile_fullgraph_forward_backward():
+    gen = torch.Generator().manual_seed(13)
+    q, r, k, v, do = _make(1, 40, 40, 4, 2, 32, torch.float32, gen=gen)
+
+    def f(q, r, k, v):
+        return parallax_attn(q, r, k, v, causal=True, window_size=(12, -1), backend="triton")
+
+    eager = _fwd_bwd(f, (q, r, k, v), do)
+    compiled = _fwd_bwd(torch.compile(f, fullgraph=True, backend="aot_eager"), (q, r, k, v), do)
+    for a, b in zip(compiled, eager):
+        assert torch.equal(a, b)
