@@ -126,3 +126,20 @@ def test_checkpoint_atomic_save_and_prune(tmp_path):
     (tmp_path / "checkpoints" / ".step_00000009.pt.tmp123").write_bytes(b"partial")
     assert ckpt.latest_checkpoint(tmp_path).name == "step_00000003.pt"
     assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))["step"] == 3
+
+
+def test_compare_tiny_example_prints_table_and_writes_plot(data_dir, tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "cmp"
+    proc = subprocess.run([sys.executable, str(root / "examples" / "compare_tiny.py"), "--steps", "4",
+                           "--data", str(data_dir), "--out", str(out), "--seq-len", "32", "--batch-size", "4",
+                           "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for row in ("final train loss", "final val loss", "val perplexity", "train tokens/s"):
+        assert row in proc.stdout
+    assert (out / "loss_curves.png").stat().st_size > 1000
+    res = json.loads((out / "results.json").read_text())
+    assert res["runs"]["parallax"]["attention"] == "parallax" and res["runs"]["softmax"]["step"] == 4
