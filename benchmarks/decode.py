@@ -114,11 +114,15 @@ def check_section(results):
         (2, 1, 16, 1, 5000, None, (300, -1), 1, 7),
         (2, 4, 8, 4, 1024, 256, (100, -1), 0, 1),
         (5, 1, 8, 8, 700, 32, (-1, -1), 1, 3),
-        # per-shape launch choices: 2 stages with 64 splits, 3 stages with 6, 2 stages with 2
+        # per-shape launch choices: (2, 64) with the PDL merge, (2, 8) without, (3, 1), (3, 16),
+        # paged (3, 64) with PDL and (3, 8) without, (2, 64) with 1-tile splits
         (1, 1, 8, 8, 16384, None, (-1, -1), 0, 0),
         (8, 1, 32, 8, 4096, None, (-1, -1), 1, 0),
         (32, 1, 32, 8, 4096, None, (-1, -1), 0, 0),
-        (4, 1, 8, 8, 4096, None, (-1, -1), 0, 0),
+        (1, 1, 32, 8, 1024, None, (-1, -1), 0, 0),
+        (1, 1, 32, 8, 4096, 64, (-1, -1), 0, 0),
+        (8, 1, 8, 8, 2048, 256, (-1, -1), 0, 0),
+        (1, 1, 8, 8, 4096, None, (-1, -1), 0, 0),
     ]
     g = torch.Generator(device=DEV).manual_seed(0)
     for (B, Lq, Hq, Hkv, cap, page, window, lnew, splits) in cases:
@@ -153,27 +157,29 @@ def check_section(results):
         rows.append(dict(case=[B, Lq, Hq, Hkv, cap, page, list(window), lnew, splits], relerr=e, ok=ok))
         log("check", rows[-1])
 
-    # Graph safety: capture once, change lengths in place, replay.
-    B, Hq, Hkv, D, cap = 4, 32, 8, 128, 4096
-    q = torch.randn(B, 1, Hq, D, device=DEV, dtype=dt, generator=g)
-    r = (0.1 * torch.randn(B, 1, Hq, D, device=DEV, generator=g)).to(dt)
-    kc = torch.randn(B, cap, Hkv, D, device=DEV, dtype=dt, generator=g)
-    vc = torch.randn(B, cap, Hkv, D, device=DEV, dtype=dt, generator=g)
-    kp, vp, bt = to_paged(kc, vc, 64)
-    lens = torch.tensor([100, 4096, 7, 2000], device=DEV, dtype=torch.int32)
-    fn = lambda: parallax_attn_with_kvcache(q, r, kp, vp, cache_seqlens=lens, block_table=bt, backend="triton")
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    for new in ([4096, 1, 3000, 64], [513, 2222, 4095, 1]):
-        lens.copy_(torch.tensor(new, dtype=torch.int32))
-        graph.replay()
+    # Graph safety: capture once, change lengths in place, replay (B=4: plain merge; B=1: PDL merge).
+    for B, lens0, news in ((4, [100, 4096, 7, 2000], ([4096, 1, 3000, 64], [513, 2222, 4095, 1])),
+                           (1, [100], ([4096], [513]))):
+        Hq, Hkv, D, cap = 32, 8, 128, 4096
+        q = torch.randn(B, 1, Hq, D, device=DEV, dtype=dt, generator=g)
+        r = (0.1 * torch.randn(B, 1, Hq, D, device=DEV, generator=g)).to(dt)
+        kc = torch.randn(B, cap, Hkv, D, device=DEV, dtype=dt, generator=g)
+        vc = torch.randn(B, cap, Hkv, D, device=DEV, dtype=dt, generator=g)
+        kp, vp, bt = to_paged(kc, vc, 64)
+        lens = torch.tensor(lens0, device=DEV, dtype=torch.int32)
+        fn = lambda: parallax_attn_with_kvcache(q, r, kp, vp, cache_seqlens=lens, block_table=bt, backend="triton")
+        fn()
         torch.cuda.synchronize()
-        e = rel(out, ref_on_valid(q, r, kc, vc, new))
-        rows.append(dict(case=["graph-replay", new], relerr=e, ok=e <= 1e-2))
-        log("check", rows[-1])
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+        for new in news:
+            lens.copy_(torch.tensor(new, dtype=torch.int32))
+            graph.replay()
+            torch.cuda.synchronize()
+            e = rel(out, ref_on_valid(q, r, kc, vc, new))
+            rows.append(dict(case=["graph-replay", new], relerr=e, ok=e <= 1e-2))
+            log("check", rows[-1])
     results["check"] = rows
     return all(x["ok"] for x in rows)
 
@@ -192,16 +198,15 @@ def reps_for(roof_us):
 
 SWEEP = [
     # (B, L, Hq, Hkv, page or None, [(num_stages, num_splits, other config), ...]): alternatives to the
-    # per-shape choice (printed "chosen" when it is the default), PDL off, BLOCK_N 32.
-    (1, 4096, 8, 8, None, [(3, 32, {}), (3, 32, dict(PDL=0)), (3, 16, {}), (2, 64, {})]),
-    (1, 16384, 8, 8, None, [(2, 64, {}), (2, 64, dict(PDL=0)), (3, 43, {}), (3, 64, {})]),
-    (8, 1024, 32, 8, None, [(3, 6, {}), (3, 6, dict(PDL=0)), (2, 8, {}), (3, 4, {})]),
-    (8, 4096, 32, 8, None, [(3, 6, {}), (2, 8, {}), (3, 4, {}), (2, 5, {})]),
-    (8, 16384, 8, 8, None, [(3, 6, {}), (2, 8, {}), (3, 12, {}), (2, 5, {})]),
-    (32, 4096, 32, 8, None, [(2, 2, {}), (3, 3, {}), (3, 1, {}), (2, 5, {})]),
-    (128, 4096, 8, 8, None, [(3, 5, {}), (3, 1, {}), (2, 1, {}), (4, 1, dict(BLOCK_N=32))]),
-    (32, 4096, 8, 8, 64, [(3, 2, {}), (3, 3, {}), (3, 1, {}), (2, 2, {})]),
-    (8, 16384, 8, 8, 64, [(3, 8, {}), (3, 6, {}), (3, 4, {}), (3, 12, {})]),
+    # per-shape choice (printed "chosen" when it is the default), PDL forced (2) or off (0), BLOCK_N 32.
+    (8, 1024, 32, 8, None, [(2, 8, {}), (2, 8, dict(PDL=2)), (3, 1, {}), (2, 16, {})]),
+    (1, 4096, 8, 8, None, [(2, 64, {}), (2, 64, dict(PDL=0)), (2, 32, {}), (3, 64, {})]),
+    (128, 4096, 8, 8, None, [(3, 1, {}), (3, 5, {}), (4, 1, dict(BLOCK_N=32))]),
+    (128, 4096, 32, 8, None, [(3, 1, {}), (3, 5, {}), (4, 1, dict(BLOCK_N=32))]),
+    (128, 16384, 8, 8, None, [(2, 5, {}), (3, 5, {}), (3, 1, {})]),
+    (32, 1024, 32, 8, None, [(3, 1, {}), (2, 2, {}), (2, 2, dict(PDL=2))]),
+    (1, 4096, 32, 8, 64, [(3, 64, {}), (3, 64, dict(PDL=0)), (3, 32, {})]),
+    (8, 4096, 32, 8, 64, [(3, 8, {}), (3, 8, dict(PDL=2)), (3, 16, {})]),
 ]
 
 
@@ -239,7 +244,12 @@ def sweep_section(results, bw, deadline):
     results["sweep"] = rows
 
 
-PREV_RULE = dict(num_stages=3, PROGRAMS_PER_SM=4)
+# The previous default (commit 53e4393, measured in BENCHMARKS.md then): (stages, splits) for the
+# dense cache by (B, L), with the PDL merge always on; timed in the same run for comparison.
+PREV_DEFAULT = {(1, 1024): (3, 8), (1, 4096): (3, 32), (1, 16384): (2, 64)}
+PREV_DEFAULT.update({(8, L): (3, 6) for L in (1024, 4096, 16384)})
+PREV_DEFAULT.update({(32, L): (2, 2) for L in (1024, 4096, 16384)})
+PREV_DEFAULT.update({(128, 1024): (3, 1), (128, 4096): (3, 5), (128, 16384): (3, 5)})
 
 
 def with_config(cfg, fn):
@@ -268,9 +278,10 @@ def grid_section(results, bw, plx, budget_s):
                     "sdpa": lambda: F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=(HQ != HKV)),
                     "ours_dense": lambda: parallax_attn_with_kvcache(q, r, kc, vc, cache_seqlens=seq,
                                                                      backend="triton"),
-                    # The first rule (3 stages, about 4 programs per SM), timed in the same run.
-                    "ours_dense_prev": lambda: with_config(PREV_RULE, lambda: parallax_attn_with_kvcache(
-                        q, r, kc, vc, cache_seqlens=seq, backend="triton")),
+                    # The previous default (stages, splits, PDL always), timed in the same run.
+                    "ours_dense_prev": lambda: with_config(
+                        dict(num_stages=PREV_DEFAULT[B, L][0], PDL=2), lambda: parallax_attn_with_kvcache(
+                            q, r, kc, vc, cache_seqlens=seq, num_splits=PREV_DEFAULT[B, L][1], backend="triton")),
                 }
                 paged = {}
                 for page in (64, 256):
@@ -374,7 +385,7 @@ def main():
 
 def print_grid(results):
     print("B L Hq/Hkv (stages,splits) dense/paged | roof us | SDPA us | ours dense us %roof xSDPA | paged64 | "
-          "paged256 | dense, previous rule | dense again | CuTeDSL")
+          "paged256 | dense, previous default | dense again | CuTeDSL")
 
     def cell(v):
         if not isinstance(v, dict):

@@ -56,7 +56,8 @@ def _decode_split_kernel(
         # Let the merge grid launch as soon as every split program has started; it waits for
         # this grid's completion (gdc_wait) before reading the partials, so this only hides
         # the merge's launch latency behind the last wave. Measured on the H200: 0.4-0.9 us
-        # saved at B=1, but 2.4 us lost at B=8 L=1024 Hq/Hkv 32/8 (not yet understood).
+        # saved at B=1 (8-32 merge programs), 2.4 us lost at B=8 L=1024 Hq/Hkv 32/8 (256), so
+        # decode_triton enables it only for small merge grids (use_pdl).
         gdc_launch_dependents()
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -271,16 +272,24 @@ def _cdiv(a: int, b: int) -> int:
 SMEM_PER_SM = 228 * 1024
 SMEM_RESERVED = 1024              # per program, by the driver
 REG_LIMIT = {False: 5, True: 4}   # programs per SM allowed by registers (dense, paged)
-# Programs per SM needed to keep HBM busy: with two K/V buffers 3 were enough in the first H200
-# run (98-99% of the roofline at B=32 L=16384, 3 per SM in 2 full waves); with one buffer 4
-# (paged at B=128: 100-102% with 4 per SM, 72-83% where a wave had 1-2 per SM).
-# The second run (BENCHMARKS.md, sweep) shows 4 is too pessimistic for one buffer: 2 stages in
-# one wave of about 4 per SM beat the choice at B=1 L=4096 and B=8. Kept until the grid is
-# re-measured with a lower value, so that the table matches the code.
-SATURATE = {1: 4, 2: 3}
-# Fixed cost of a program (prologue, partial store) and of the merge launch, in K/V tiles.
-PROGRAM_OVERHEAD_TILES = 1.0
+# Programs per SM needed to keep HBM busy, by K/V buffers per program (Little's law: about 4
+# K/V tiles in flight per SM). One buffer: 4 (paged B=8 L=16384 with 2/3/4 per SM: 73/89/93% of
+# the roofline; paged B=32 L=4096 with 2/4: 72/93%; dense 2 stages B=8 L=16384 with 3/4:
+# 86/96%). Two buffers: 2 (dense 3 stages, B=32 L=4096 32/8, one split = 2 per SM: 99%).
+SATURATE = {1: 4, 2: 2}
+# Fixed cost of a program (prologue, pipeline fill, partial store), in K/V tiles, by buffers: a
+# two-buffer pipeline issues two tiles before the first one is used, which short splits do not
+# amortise (B=1 L=4096: 3 stages x 32 splits of 2 tiles 10.4 us, 2 stages x 64 splits of 1 tile
+# 8.4; B=8 L=1024 32/8: 3 stages x 4 splits 13.7 us, 2 stages x 8 splits 12.2). With these
+# values (and 1-tile splits allowed, MIN_KEYS = BLOCK_N) the model picks the fastest measured
+# configuration at 8 of the 9 shapes of the 2026-11-29 sweep (B=128 L=4096: (3, 1) 503 us against
+# (3, 5) 490).
+PROGRAM_OVERHEAD_TILES = {1: 0.5, 2: 1.5}
+# Fixed cost of the merge launch, in K/V tiles.
 MERGE_LAUNCH_TILES = 2.0
+# The merge is launched programmatically dependent (PDL) only when its grid has at most this
+# fraction of an SM count of programs (see the split kernel's gdc_launch_dependents).
+PDL_MAX_MERGE_PER_SM = 0.25
 
 
 def _programs_per_sm(paged: bool, stages: int, mma_rows: int, block_n: int, block_d: int, esize: int) -> int:
@@ -301,7 +310,7 @@ def _model_time(base: int, keys: int, splits: int, occ: int, depth: int, rows: i
     chunk = _cdiv(_cdiv(keys, splits), block_n) * block_n
     used = _cdiv(keys, chunk)          # splits that get keys when the cache is full
     programs = base * used
-    per_program = chunk // block_n + PROGRAM_OVERHEAD_TILES
+    per_program = chunk // block_n + PROGRAM_OVERHEAD_TILES[depth]
     t, left = 0.0, programs
     while left > 0:
         wave = min(left, sms * occ)
@@ -346,6 +355,18 @@ def launch_config(batch: int, heads_kv: int, rows: int, keys: int, d: int, esize
     return best[1], best[2]
 
 
+def use_pdl(merge_programs: int, sms: int) -> bool:
+    """Whether to launch the merge programmatically dependent on the split grid (static shapes).
+
+    _CONFIG["PDL"]: 0 never, 2 always, 1 (default) only for a small merge grid: at B=1 PDL hid
+    0.4-0.9 us of launch latency (8-32 merge programs), at B=8 Hq=32 it cost 2.4 us (256).
+    """
+    mode = _CONFIG["PDL"]
+    if mode != 1:
+        return mode == 2
+    return merge_programs <= PDL_MAX_MERGE_PER_SM * sms
+
+
 def default_num_splits(batch: int, heads_kv: int, capacity: int, device: torch.device, rows: int = 1,
                        d: int = 128, esize: int = 2, paged: bool = False) -> int:
     """Splits per (sequence, kv head) that decode_triton picks for these static shapes."""
@@ -355,8 +376,9 @@ def default_num_splits(batch: int, heads_kv: int, capacity: int, device: torch.d
 MAX_SPLITS = 128
 
 # Launch configuration; the benchmark overrides these through set_config. num_stages 0 and
-# PROGRAMS_PER_SM 0 mean "chosen per shape by launch_config".
-_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 0, "PROGRAMS_PER_SM": 0, "MIN_KEYS": 128, "STACKED": 1,
+# PROGRAMS_PER_SM 0 mean "chosen per shape by launch_config"; PDL 0 never, 1 by shape (use_pdl),
+# 2 always.
+_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 0, "PROGRAMS_PER_SM": 0, "MIN_KEYS": 64, "STACKED": 1,
            "PDL": 1}
 
 
@@ -416,7 +438,9 @@ def decode_triton(q, r, k_cache, v_cache, block_table, seqlens, seq_const: int, 
     bt = block_table if paged else q
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     # Programmatic dependent launch of the merge (Hopper and newer; not in the interpreter).
-    pdl = bool(_CONFIG["PDL"]) and not single and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
+    pdl = (not single and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
+           and use_pdl(bsz * lq * hq, _sm_count(q.device.index if q.device.index is not None
+                                                 else torch.cuda.current_device())))
     launch_kw = dict(launch_pdl=True) if pdl else {}
     grid = (bsz * hkv, num_splits)
     _decode_split_kernel[grid](
