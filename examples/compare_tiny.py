@@ -1,12 +1,12 @@
 """Train a tiny Parallax model and its softmax twin on the embedded corpus, then compare.
 
-    python examples/compare_tiny.py [--steps 500] [--out runs/compare_tiny]
+    python examples/compare_tiny.py [--steps 400] [--out runs/compare_tiny]
 
 Both runs share the seed, data (Python's standard library, BPE-tokenised; no
 download), number of steps and the Muon recipe (Muon for hidden matrices,
 AdamW for the rest, WSD schedule with weight-decay annealing). Prints a
 side-by-side table and writes OUT/loss_curves.png and OUT/results.json.
-Sized for a laptop CPU: about 5 minutes on 2 cores.
+Sized for a laptop CPU: about 4-5 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-2)
