@@ -103,7 +103,20 @@ def rel(a, b):
 
 
 def check_section(results):
-    """bf16 kernel vs float64 on the valid keys; every case must be <= 1e-2 norm-relative."""
+    """bf16 kernel vs float64 on the valid keys, with the default config and with dec.CANDIDATE."""
+    rows = []
+    for cfg in ({}, dec.CANDIDATE):
+        old = dec.set_config(**cfg)
+        try:
+            rows += [dict(r, config=cfg) for r in _check(cfg)]
+        finally:
+            dec.set_config(**old)
+    results["check"] = rows
+    return all(x["ok"] for x in rows)
+
+
+def _check(cfg):
+    """Every case must be <= 1e-2 norm-relative."""
     rows = []
     dt = torch.bfloat16
     cases = [
@@ -114,8 +127,9 @@ def check_section(results):
         (2, 1, 16, 1, 5000, None, (300, -1), 1, 7),
         (2, 4, 8, 4, 1024, 256, (100, -1), 0, 1),
         (5, 1, 8, 8, 700, 32, (-1, -1), 1, 3),
-        # per-shape launch choices: (2, 64) with the PDL merge, (2, 8) without, (3, 1), (3, 16),
-        # paged (3, 64) with PDL and (3, 8) without, (2, 64) with 1-tile splits
+        # per-shape launch choices (default / candidate): (2, 64) / (2, 64), (3, 6) / (2, 8) without
+        # PDL, (2, 2) / (3, 1), (3, 8) / (3, 16), paged (3, 32) / (3, 64), (3, 8) / (3, 8) without PDL,
+        # (3, 32) / (2, 64) with 1-tile splits
         (1, 1, 8, 8, 16384, None, (-1, -1), 0, 0),
         (8, 1, 32, 8, 4096, None, (-1, -1), 1, 0),
         (32, 1, 32, 8, 4096, None, (-1, -1), 0, 0),
@@ -155,9 +169,9 @@ def check_section(results):
         e = rel(out, exp)
         ok = bool(torch.isfinite(out).all()) and e <= 1e-2
         rows.append(dict(case=[B, Lq, Hq, Hkv, cap, page, list(window), lnew, splits], relerr=e, ok=ok))
-        log("check", rows[-1])
+        log("check", cfg, rows[-1])
 
-    # Graph safety: capture once, change lengths in place, replay (B=4: plain merge; B=1: PDL merge).
+    # Graph safety: capture once, change lengths in place, replay (candidate: B=4 plain merge, B=1 PDL).
     for B, lens0, news in ((4, [100, 4096, 7, 2000], ([4096, 1, 3000, 64], [513, 2222, 4095, 1])),
                            (1, [100], ([4096], [513]))):
         Hq, Hkv, D, cap = 32, 8, 128, 4096
@@ -179,9 +193,8 @@ def check_section(results):
             torch.cuda.synchronize()
             e = rel(out, ref_on_valid(q, r, kc, vc, new))
             rows.append(dict(case=["graph-replay", new], relerr=e, ok=e <= 1e-2))
-            log("check", rows[-1])
-    results["check"] = rows
-    return all(x["ok"] for x in rows)
+            log("check", cfg, rows[-1])
+    return rows
 
 
 def make_inputs(B, L, HQ, HKV, D=128):
@@ -198,20 +211,29 @@ def reps_for(roof_us):
 
 SWEEP = [
     # (B, L, Hq, Hkv, page or None, [(num_stages, num_splits, other config), ...]): alternatives to the
-    # per-shape choice (printed "chosen" when it is the default), PDL forced (2) or off (0), BLOCK_N 32.
-    (8, 1024, 32, 8, None, [(2, 8, {}), (2, 8, dict(PDL=2)), (3, 1, {}), (2, 16, {})]),
+    # choice of the candidate config dec.CANDIDATE, on top of which the sweep runs (printed "chosen"
+    # when it is the candidate's choice): PDL always (1) or off (0), BLOCK_N 32.
+    (8, 1024, 32, 8, None, [(2, 8, {}), (2, 8, dict(PDL=1)), (3, 1, {}), (2, 16, {})]),
     (1, 4096, 8, 8, None, [(2, 64, {}), (2, 64, dict(PDL=0)), (2, 32, {}), (3, 64, {})]),
     (128, 4096, 8, 8, None, [(3, 1, {}), (3, 5, {}), (4, 1, dict(BLOCK_N=32))]),
     (128, 4096, 32, 8, None, [(3, 1, {}), (3, 5, {}), (4, 1, dict(BLOCK_N=32))]),
     (128, 16384, 8, 8, None, [(2, 5, {}), (3, 5, {}), (3, 1, {})]),
-    (32, 1024, 32, 8, None, [(3, 1, {}), (2, 2, {}), (2, 2, dict(PDL=2))]),
+    (32, 1024, 32, 8, None, [(3, 1, {}), (2, 2, {}), (2, 2, dict(PDL=1))]),
     (1, 4096, 32, 8, 64, [(3, 64, {}), (3, 64, dict(PDL=0)), (3, 32, {})]),
-    (8, 4096, 32, 8, 64, [(3, 8, {}), (3, 8, dict(PDL=2)), (3, 16, {})]),
+    (8, 4096, 32, 8, 64, [(3, 8, {}), (3, 8, dict(PDL=1)), (3, 16, {})]),
 ]
 
 
 def sweep_section(results, bw, deadline):
-    """Forced (num_stages, num_splits) on a few shapes, to check the per-shape choice."""
+    """Forced (num_stages, num_splits) on a few shapes, on top of dec.CANDIDATE, to check its choice."""
+    base = dec.set_config(**dec.CANDIDATE)
+    try:
+        _sweep(results, bw, deadline)
+    finally:
+        dec.set_config(**base)
+
+
+def _sweep(results, bw, deadline):
     rows = []
     for (B, L, HQ, HKV, page, alts) in SWEEP:
         if time.time() - T0 > deadline:
@@ -244,12 +266,7 @@ def sweep_section(results, bw, deadline):
     results["sweep"] = rows
 
 
-# The previous default (commit 53e4393, measured in BENCHMARKS.md then): (stages, splits) for the
-# dense cache by (B, L), with the PDL merge always on; timed in the same run for comparison.
-PREV_DEFAULT = {(1, 1024): (3, 8), (1, 4096): (3, 32), (1, 16384): (2, 64)}
-PREV_DEFAULT.update({(8, L): (3, 6) for L in (1024, 4096, 16384)})
-PREV_DEFAULT.update({(32, L): (2, 2) for L in (1024, 4096, 16384)})
-PREV_DEFAULT.update({(128, 1024): (3, 1), (128, 4096): (3, 5), (128, 16384): (3, 5)})
+PREV_RULE = dict(num_stages=3, PROGRAMS_PER_SM=4)
 
 
 def with_config(cfg, fn):
@@ -278,10 +295,12 @@ def grid_section(results, bw, plx, budget_s):
                     "sdpa": lambda: F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=(HQ != HKV)),
                     "ours_dense": lambda: parallax_attn_with_kvcache(q, r, kc, vc, cache_seqlens=seq,
                                                                      backend="triton"),
-                    # The previous default (stages, splits, PDL always), timed in the same run.
-                    "ours_dense_prev": lambda: with_config(
-                        dict(num_stages=PREV_DEFAULT[B, L][0], PDL=2), lambda: parallax_attn_with_kvcache(
-                            q, r, kc, vc, cache_seqlens=seq, num_splits=PREV_DEFAULT[B, L][1], backend="triton")),
+                    # The first rule (3 stages, about 4 programs per SM), timed in the same run.
+                    "ours_dense_prev": lambda: with_config(PREV_RULE, lambda: parallax_attn_with_kvcache(
+                        q, r, kc, vc, cache_seqlens=seq, backend="triton")),
+                    # The candidate next default (dec.CANDIDATE: wave model 2, PDL by merge-grid size).
+                    "ours_dense_v2": lambda: with_config(dec.CANDIDATE, lambda: parallax_attn_with_kvcache(
+                        q, r, kc, vc, cache_seqlens=seq, backend="triton")),
                 }
                 paged = {}
                 for page in (64, 256):
@@ -289,6 +308,9 @@ def grid_section(results, bw, plx, budget_s):
                 for page, (kp, vp, bt) in paged.items():
                     cands[f"ours_paged{page}"] = (lambda kp=kp, vp=vp, bt=bt: parallax_attn_with_kvcache(
                         q, r, kp, vp, cache_seqlens=seq, block_table=bt, backend="triton"))
+                kp, vp, bt = paged[64]
+                cands["ours_paged64_v2"] = lambda: with_config(dec.CANDIDATE, lambda: parallax_attn_with_kvcache(
+                    q, r, kp, vp, cache_seqlens=seq, block_table=bt, backend="triton"))
                 # The default again, last: the spread between the two is the run-to-run noise.
                 cands["ours_dense_again"] = cands["ours_dense"]
                 if plx is not None and time.time() - T0 < budget_s:
@@ -296,6 +318,12 @@ def grid_section(results, bw, plx, budget_s):
                 row["cfg_dense"] = list(dec.launch_config(B, HKV, HQ // HKV, L, D, 2, False, q.device))
                 row["cfg_paged"] = list(dec.launch_config(B, HKV, HQ // HKV, L, D, 2, True, q.device))
                 row["splits"] = row["cfg_dense"][1]
+                old = dec.set_config(**dec.CANDIDATE)
+                try:
+                    row["cfg_dense_v2"] = list(dec.launch_config(B, HKV, HQ // HKV, L, D, 2, False, q.device))
+                    row["cfg_paged_v2"] = list(dec.launch_config(B, HKV, HQ // HKV, L, D, 2, True, q.device))
+                finally:
+                    dec.set_config(**old)
                 for name, fn in cands.items():
                     try:
                         fn()
@@ -310,7 +338,7 @@ def grid_section(results, bw, plx, budget_s):
                             row[name]["x_sdpa"] = row[name]["us"] / row["sdpa"]["us"]
                 rows.append(row)
                 log("grid", json.dumps(row))
-                del q, r, kc, vc, paged, cands, qh, kh, vh
+                del q, r, kc, vc, paged, cands, qh, kh, vh, kp, vp, bt
                 torch.cuda.empty_cache()
     results["grid"] = rows
 
@@ -385,7 +413,7 @@ def main():
 
 def print_grid(results):
     print("B L Hq/Hkv (stages,splits) dense/paged | roof us | SDPA us | ours dense us %roof xSDPA | paged64 | "
-          "paged256 | dense, previous default | dense again | CuTeDSL")
+          "paged256 | dense, previous rule | dense again | CuTeDSL | v2 (stages,splits): dense | paged64")
 
     def cell(v):
         if not isinstance(v, dict):
@@ -398,7 +426,9 @@ def print_grid(results):
         print(f"{row['B']} {row['L']} {row['HQ']}/{row['HKV']} {tuple(row['cfg_dense'])}/{tuple(row['cfg_paged'])} | "
               f"{row['roof_us']:.1f} | {cell(row.get('sdpa'))} | {cell(row.get('ours_dense'))} | "
               f"{cell(row.get('ours_paged64'))} | {cell(row.get('ours_paged256'))} | "
-              f"{cell(row.get('ours_dense_prev'))} | {cell(row.get('ours_dense_again'))} | {cell(row.get('cute'))}")
+              f"{cell(row.get('ours_dense_prev'))} | {cell(row.get('ours_dense_again'))} | {cell(row.get('cute'))} | "
+              f"v2 {tuple(row['cfg_dense_v2'])}/{tuple(row['cfg_paged_v2'])}: {cell(row.get('ours_dense_v2'))} | "
+              f"{cell(row.get('ours_paged64_v2'))}")
 
 
 if __name__ == "__main__":

@@ -355,20 +355,12 @@ def test_launch_config_from_static_shapes():
     """The per-shape choice on a 132-SM part: the paths the H200 table measured."""
     from parallax_attention.ops.triton import decode
     cpu = torch.device("cpu")
-    # B=1: one buffer, 64 splits of one tile each = 512 programs, one wave at about 4 per SM.
-    assert decode.launch_config(1, 8, 1, 4096, 128, 2, False, cpu) == (2, 64)
+    # B=1, long cache: one buffer and 5 programs per SM fit 64 splits in one wave.
     assert decode.launch_config(1, 8, 1, 16384, 128, 2, False, cpu) == (2, 64)
-    # A short cache: 1-tile splits (MIN_KEYS = BLOCK_N); 2 and 3 stages tie, ties keep 3.
-    assert decode.launch_config(1, 8, 4, 1024, 128, 2, False, cpu) == (3, 16)
-    # B=8: 2 stages, 8 splits = 512 programs, one wave at about 4 per SM.
-    assert decode.launch_config(8, 8, 4, 1024, 128, 2, False, cpu) == (2, 8)
-    assert decode.launch_config(8, 8, 4, 4096, 128, 2, False, cpu) == (2, 8)
-    # B=32: two buffers at 2 per SM keep HBM busy, so one split and no merge.
-    assert decode.launch_config(32, 8, 4, 4096, 128, 2, False, cpu) == (3, 1)
-    assert decode.launch_config(128, 8, 1, 16384, 128, 2, False, cpu) == (2, 5)
+    # B=8: 6 splits = 384 programs, one wave at 3 per SM with two buffers.
+    assert decode.launch_config(8, 8, 4, 4096, 128, 2, False, cpu) == (3, 6)
     # Paged keeps 3 stages (its K/V get one buffer anyway) and fills 4 per SM.
     assert decode.launch_config(8, 8, 4, 4096, 128, 2, True, cpu) == (3, 8)
-    assert decode.launch_config(32, 8, 1, 4096, 128, 2, True, cpu) == (3, 2)
     assert decode.launch_config(128, 8, 1, 4096, 128, 2, True, cpu) == (3, 1)
     # The split count never exceeds capacity / MIN_KEYS, and a short cache gets one split.
     assert decode.launch_config(1, 1, 1, 100, 128, 2, False, cpu)[1] == 1
@@ -380,36 +372,66 @@ def test_launch_config_from_static_shapes():
         decode.set_config(**old)
 
 
-def test_pdl_only_for_small_merge_grids():
-    """The PDL merge is chosen from static shapes: on for B=1 (8-32 merge programs), off for B=8."""
+def test_launch_config_candidate_model():
+    """Wave model 2 (decode.CANDIDATE, opt-in until measured): the sweep's fastest configurations."""
     from parallax_attention.ops.triton import decode
-    assert decode.use_pdl(1 * 32, 132) and decode.use_pdl(8, 132)
-    assert not decode.use_pdl(8 * 8, 132) and not decode.use_pdl(8 * 32, 132)
-    old = decode.set_config(PDL=0)
+    cpu = torch.device("cpu")
+    old = decode.set_config(**decode.CANDIDATE)
     try:
+        # B=1: one buffer, 64 splits of one tile each = 512 programs, one wave at about 4 per SM.
+        assert decode.launch_config(1, 8, 1, 4096, 128, 2, False, cpu) == (2, 64)
+        assert decode.launch_config(1, 8, 1, 16384, 128, 2, False, cpu) == (2, 64)
+        # A short cache: 1-tile splits (min keys = BLOCK_N); 2 and 3 stages tie, ties keep 3.
+        assert decode.launch_config(1, 8, 4, 1024, 128, 2, False, cpu) == (3, 16)
+        # B=8: 2 stages, 8 splits = 512 programs, one wave at about 4 per SM.
+        assert decode.launch_config(8, 8, 4, 1024, 128, 2, False, cpu) == (2, 8)
+        assert decode.launch_config(8, 8, 4, 4096, 128, 2, False, cpu) == (2, 8)
+        # B=32: two buffers at 2 per SM keep HBM busy, so one split and no merge.
+        assert decode.launch_config(32, 8, 4, 4096, 128, 2, False, cpu) == (3, 1)
+        assert decode.launch_config(128, 8, 1, 16384, 128, 2, False, cpu) == (2, 5)
+        # Paged: one buffer, about 4 per SM.
+        assert decode.launch_config(8, 8, 4, 4096, 128, 2, True, cpu) == (3, 8)
+        assert decode.launch_config(32, 8, 1, 4096, 128, 2, True, cpu) == (3, 2)
+        assert decode.launch_config(128, 8, 1, 4096, 128, 2, True, cpu) == (3, 1)
+        assert decode.launch_config(1, 1, 1, 100, 128, 2, False, cpu)[1] == 1
+    finally:
+        decode.set_config(**old)
+
+
+def test_pdl_by_merge_grid_size():
+    """PDL 1 (default) always, 0 never, 2 only for small merge grids: B=1 (8-32 programs) on, B=8 off."""
+    from parallax_attention.ops.triton import decode
+    assert decode.use_pdl(8 * 32, 132)
+    old = decode.set_config(PDL=2)
+    try:
+        assert decode.use_pdl(1 * 32, 132) and decode.use_pdl(8, 132)
+        assert not decode.use_pdl(8 * 8, 132) and not decode.use_pdl(8 * 32, 132)
+        decode.set_config(PDL=0)
         assert not decode.use_pdl(8, 132)
-        decode.set_config(PDL=2)
-        assert decode.use_pdl(8 * 32, 132)
     finally:
         decode.set_config(**old)
 
 
 @pytest.mark.parametrize("layout", ["dense", 16])
 def test_one_tile_splits_match_reference(layout):
-    """The default now allows splits of a single BLOCK_N tile (MIN_KEYS = BLOCK_N): the heuristic picks
-    capacity / BLOCK_N splits here, several of them empty for the shorter sequence."""
+    """The candidate model allows splits of a single BLOCK_N tile: its heuristic picks capacity / BLOCK_N
+    splits here, several of them empty for the shorter sequence."""
     from parallax_attention.ops.triton import decode
     b, lq, hq, hkv, d, cap = 2, 1, 4, 1, 32, 256
     q, r, k, v, g = inputs(b, lq, hq, hkv, d, cap, torch.float16, seed=41)
     lens = [cap, 70]
-    stages, splits = decode.launch_config(b, hkv, hq // hkv * lq, cap, d, 2, layout != "dense",
-                                          torch.device("cpu"))
-    assert splits == cap // decode._CONFIG["BLOCK_N"] == 4
     exp = expected(q, r, k, v, lens)
     poison(k, v, lens)
     kk, vv, bt = (k, v, None) if layout == "dense" else to_paged(k, v, layout, g)
-    out = parallax_attn_with_kvcache(q, r, kk, vv, cache_seqlens=torch.tensor(lens, dtype=torch.int32),
-                                     block_table=bt, backend="triton")
+    old = decode.set_config(**decode.CANDIDATE)
+    try:
+        stages, splits = decode.launch_config(b, hkv, hq // hkv * lq, cap, d, 2, layout != "dense",
+                                              torch.device("cpu"))
+        assert splits == cap // decode._CONFIG["BLOCK_N"] == 4
+        out = parallax_attn_with_kvcache(q, r, kk, vv, cache_seqlens=torch.tensor(lens, dtype=torch.int32),
+                                         block_table=bt, backend="triton")
+    finally:
+        decode.set_config(**old)
     assert rel(out, exp) < tol(torch.float16)
 
 

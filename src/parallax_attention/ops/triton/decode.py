@@ -56,8 +56,8 @@ def _decode_split_kernel(
         # Let the merge grid launch as soon as every split program has started; it waits for
         # this grid's completion (gdc_wait) before reading the partials, so this only hides
         # the merge's launch latency behind the last wave. Measured on the H200: 0.4-0.9 us
-        # saved at B=1 (8-32 merge programs), 2.4 us lost at B=8 L=1024 Hq/Hkv 32/8 (256), so
-        # decode_triton enables it only for small merge grids (use_pdl).
+        # saved at B=1 (8-32 merge programs), 2.4 us lost at B=8 L=1024 Hq/Hkv 32/8 (256);
+        # _CONFIG["PDL"] = 2 enables it only for small merge grids (use_pdl; not yet measured).
         gdc_launch_dependents()
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -272,23 +272,31 @@ def _cdiv(a: int, b: int) -> int:
 SMEM_PER_SM = 228 * 1024
 SMEM_RESERVED = 1024              # per program, by the driver
 REG_LIMIT = {False: 5, True: 4}   # programs per SM allowed by registers (dense, paged)
-# Programs per SM needed to keep HBM busy, by K/V buffers per program (Little's law: about 4
-# K/V tiles in flight per SM). One buffer: 4 (paged B=8 L=16384 with 2/3/4 per SM: 73/89/93% of
-# the roofline; paged B=32 L=4096 with 2/4: 72/93%; dense 2 stages B=8 L=16384 with 3/4:
-# 86/96%). Two buffers: 2 (dense 3 stages, B=32 L=4096 32/8, one split = 2 per SM: 99%).
-SATURATE = {1: 4, 2: 2}
-# Fixed cost of a program (prologue, pipeline fill, partial store), in K/V tiles, by buffers: a
-# two-buffer pipeline issues two tiles before the first one is used, which short splits do not
-# amortise (B=1 L=4096: 3 stages x 32 splits of 2 tiles 10.4 us, 2 stages x 64 splits of 1 tile
-# 8.4; B=8 L=1024 32/8: 3 stages x 4 splits 13.7 us, 2 stages x 8 splits 12.2). With these
-# values (and 1-tile splits allowed, MIN_KEYS = BLOCK_N) the model picks the fastest measured
-# configuration at 8 of the 9 shapes of the 2026-11-29 sweep (B=128 L=4096: (3, 1) 503 us against
-# (3, 5) 490).
-PROGRAM_OVERHEAD_TILES = {1: 0.5, 2: 1.5}
+# Programs per SM needed to keep HBM busy: with two K/V buffers 3 were enough in the first H200
+# run (98-99% of the roofline at B=32 L=16384, 3 per SM in 2 full waves); with one buffer 4
+# (paged at B=128: 100-102% with 4 per SM, 72-83% where a wave had 1-2 per SM).
+# MODEL 1 (the default, the one BENCHMARKS.md measured): SATURATE = {1: 4, 2: 3}, a fixed
+# program overhead of 1 tile, splits of at least MIN_KEYS (128) keys.
+#
+# MODEL 2 (opt-in, set_config(MODEL=2); chosen from the 2026-11-29 sweep, not yet measured as a
+# whole grid). Lowering the one-buffer value alone does not help: 2 stages x 8 splits at B=8 is
+# 4 programs per SM either way and ties with 3 stages x 6 splits (3 per SM, tiles of 3 + 1). What
+# the sweep shows instead: (a) programs per SM needed, by K/V buffers (Little's law: about 4
+# tiles in flight per SM): one buffer 4 (paged B=8 L=16384 with 2/3/4 per SM: 73/89/93% of the
+# roofline; paged B=32 L=4096 with 2/4: 72/93%; dense 2 stages B=8 L=16384 with 3/4: 86/96%), two
+# buffers 2 (dense 3 stages, B=32 L=4096 32/8, one split = 2 per SM: 99%); (b) a two-buffer
+# pipeline issues two tiles before it uses the first, which short splits do not amortise (B=1
+# L=4096: 3 stages x 32 splits of 2 tiles 10.4 us, 2 stages x 64 splits of 1 tile 8.4; B=8 L=1024
+# 32/8: 3 stages x 4 splits 13.7 us, 2 stages x 8 splits 12.2), so the overhead depends on the
+# depth; (c) 1-tile splits (min keys = BLOCK_N). With these the model picks the fastest measured
+# configuration at 8 of the 9 sweep shapes (B=128 L=4096: (3, 1), 503 us against (3, 5) 490).
+SATURATE_BY_MODEL = {1: {1: 4, 2: 3}, 2: {1: 4, 2: 2}}
+# Fixed cost of a program (prologue, pipeline fill, partial store), in K/V tiles, by buffers.
+PROGRAM_OVERHEAD_BY_MODEL = {1: {1: 1.0, 2: 1.0}, 2: {1: 0.5, 2: 1.5}}
 # Fixed cost of the merge launch, in K/V tiles.
 MERGE_LAUNCH_TILES = 2.0
-# The merge is launched programmatically dependent (PDL) only when its grid has at most this
-# fraction of an SM count of programs (see the split kernel's gdc_launch_dependents).
+# With PDL = 2 the merge is launched programmatically dependent only when its grid has at most
+# this fraction of an SM count of programs (see the split kernel's gdc_launch_dependents).
 PDL_MAX_MERGE_PER_SM = 0.25
 
 
@@ -304,17 +312,18 @@ def _model_time(base: int, keys: int, splits: int, occ: int, depth: int, rows: i
     """Estimated time, in units of one K/V tile streamed per SM, and the splits actually used.
 
     Programs run in waves of sms * occ; a wave costs (tiles + overhead) times the programs per
-    SM it holds, but never less than SATURATE programs' worth (fewer cannot keep HBM busy).
+    SM it holds, but never less than SATURATE_BY_MODEL programs' worth (fewer cannot keep HBM busy).
     Splits add the merge: a launch plus writing and reading the (m, d1, d2, O1, O2) partials.
     """
     chunk = _cdiv(_cdiv(keys, splits), block_n) * block_n
     used = _cdiv(keys, chunk)          # splits that get keys when the cache is full
     programs = base * used
-    per_program = chunk // block_n + PROGRAM_OVERHEAD_TILES[depth]
+    model = _CONFIG["MODEL"]
+    per_program = chunk // block_n + PROGRAM_OVERHEAD_BY_MODEL[model][depth]
     t, left = 0.0, programs
     while left > 0:
         wave = min(left, sms * occ)
-        t += per_program * max(_cdiv(wave, sms), SATURATE[depth])
+        t += per_program * max(_cdiv(wave, sms), SATURATE_BY_MODEL[model][depth])
         left -= wave
     if used > 1:
         tile = 2 * block_n * d * esize
@@ -335,7 +344,8 @@ def launch_config(batch: int, heads_kv: int, rows: int, keys: int, d: int, esize
     block_m = max(8 if _CONFIG["STACKED"] else 16, 1 << max(0, (rows - 1).bit_length()))
     block_d = max(16, 1 << max(0, (d - 1).bit_length()))
     base = batch * heads_kv
-    max_splits = int(min(MAX_SPLITS, max(1, keys // _CONFIG["MIN_KEYS"])))
+    min_keys = block_n if _CONFIG["MODEL"] == 2 else _CONFIG["MIN_KEYS"]
+    max_splits = int(min(MAX_SPLITS, max(1, keys // min_keys)))
     if _CONFIG["num_stages"]:
         stage_opts = [_CONFIG["num_stages"]]
     else:
@@ -358,12 +368,13 @@ def launch_config(batch: int, heads_kv: int, rows: int, keys: int, d: int, esize
 def use_pdl(merge_programs: int, sms: int) -> bool:
     """Whether to launch the merge programmatically dependent on the split grid (static shapes).
 
-    _CONFIG["PDL"]: 0 never, 2 always, 1 (default) only for a small merge grid: at B=1 PDL hid
-    0.4-0.9 us of launch latency (8-32 merge programs), at B=8 Hq=32 it cost 2.4 us (256).
+    _CONFIG["PDL"]: 0 never, 1 always (the default, measured), 2 only for a small merge grid: at
+    B=1 PDL hid 0.4-0.9 us of launch latency (8-32 merge programs), at B=8 Hq=32 it cost 2.4 us
+    (256 merge programs).
     """
     mode = _CONFIG["PDL"]
-    if mode != 1:
-        return mode == 2
+    if mode != 2:
+        return mode == 1
     return merge_programs <= PDL_MAX_MERGE_PER_SM * sms
 
 
@@ -376,10 +387,12 @@ def default_num_splits(batch: int, heads_kv: int, capacity: int, device: torch.d
 MAX_SPLITS = 128
 
 # Launch configuration; the benchmark overrides these through set_config. num_stages 0 and
-# PROGRAMS_PER_SM 0 mean "chosen per shape by launch_config"; PDL 0 never, 1 by shape (use_pdl),
-# 2 always.
-_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 0, "PROGRAMS_PER_SM": 0, "MIN_KEYS": 64, "STACKED": 1,
-           "PDL": 1}
+# PROGRAMS_PER_SM 0 mean "chosen per shape by launch_config"; MODEL 1 or 2 picks the wave-model
+# constants (above); PDL 0 never, 1 always, 2 by shape (use_pdl). Candidate next default, timed
+# by benchmarks/decode.py as "v2": CANDIDATE.
+_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 0, "PROGRAMS_PER_SM": 0, "MIN_KEYS": 128, "STACKED": 1,
+           "PDL": 1, "MODEL": 1}
+CANDIDATE = {"MODEL": 2, "PDL": 2}
 
 
 def set_config(**kw) -> dict:
