@@ -204,11 +204,11 @@ def bench_ms(fn, grad_to_none=None):
     return do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
 
 
-def run_bench(log, plx):
+def run_bench(log, plx, grid):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
     rows = []
-    for b, hq, hkv, L, d, window in BENCH_GRID:
+    for b, hq, hkv, L, d, window in grid:
         torch.manual_seed(0)
         dt = torch.bfloat16
         q = torch.randn(b, L, hq, d, device="cuda", dtype=dt, requires_grad=True)
@@ -331,6 +331,8 @@ def main():
     ap.add_argument("--dtypes", default="bf16,fp16", help="check dtypes, comma-separated (bf16, fp16)")
     ap.add_argument("--compile", action="store_true", help="also check torch.compile(fullgraph=True)")
     ap.add_argument("--sweep", action="store_true", help="time launch configurations first, keep the fastest")
+    ap.add_argument("--shapes", default=None, help="comma-separated indexes into BENCH_GRID (default: all)")
+    ap.add_argument("--no-plx", action="store_true", help="skip parallax-kernel (its first call compiles a while)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("train_kernels.py needs a CUDA GPU")
@@ -357,11 +359,13 @@ def main():
         if args.sweep:
             result["sweep"], result["chosen"] = run_sweep(log)
         plx = None
-        try:
-            import parallax as plx  # parallax-kernel, for comparison
-        except Exception:
-            traceback.print_exc()
-        result["bench"] = run_bench(log, plx)
+        if not args.no_plx:
+            try:
+                import parallax as plx  # parallax-kernel, for comparison
+            except Exception:
+                traceback.print_exc()
+        grid = BENCH_GRID if args.shapes is None else [BENCH_GRID[int(i)] for i in args.shapes.split(",")]
+        result["bench"] = run_bench(log, plx, grid)
         save()
         log(table(result["bench"]))
     if args.check:

@@ -47,6 +47,10 @@ def _compare(ours, ref, tol):
     for name, a, b in zip(names, ours, ref):
         assert a.shape == b.shape, name
         assert torch.isfinite(a).all(), name
+        if b.double().norm() < 1e-9 * b.numel() ** 0.5:
+            # analytically zero (e.g. dq, dr when each row sees exactly one key): absolute check
+            assert a.double().abs().max() < 50 * tol, name
+            continue
         err = _rel(a, b)
         assert err <= tol, f"{name}: norm-relative error {err:.2e} > {tol:.0e}"
 
@@ -131,8 +135,6 @@ def test_varlen_matches_reference(dtype, causal, window):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_rows_without_keys_give_zeros_and_zero_grads(dtype):
     # Lq > Lk under bottom-right causal: the first Lq - Lk queries see no key.
-    # A window (2, -1) with Lk > Lq non-causal leaves no row empty, so use a right bound that
-    # pushes the visible band past the last key for the last rows as well.
     gen = torch.Generator().manual_seed(3)
     q, r, k, v, do = _make(2, 40, 25, 2, 2, 32, dtype, gen=gen)
     out, dq, dr, dk, dv = _fwd_bwd(lambda *x: parallax_attn(*x, causal=True, backend="triton"), (q, r, k, v), do)
@@ -142,14 +144,14 @@ def test_rows_without_keys_give_zeros_and_zero_grads(dtype):
         assert torch.count_nonzero(t[:, 15:]) > 0
     assert torch.isfinite(dk).all() and torch.isfinite(dv).all()
 
-    # window entirely to the left of each row's diagonal shifted past the start: rows 0..4 see nothing
+    # keys past Lk must not leak: a causal problem cut to its first 25 keys leaves rows 0..4 empty and
+    # must give the trailing keys exactly zero gradient
     q, r, k, v, do = _make(1, 30, 30, 2, 2, 32, dtype, gen=gen)
     out, dq, dr, dk, dv = _fwd_bwd(
-        lambda *x: parallax_attn(*x, causal=False, window_size=(-1, -1), backend="triton")
-        if False else parallax_attn(x[0], x[1], x[2][:, :25], x[3][:, :25], causal=True, backend="triton"),
-        (q, r, k, v), do)
+        lambda q, r, k, v: parallax_attn(q, r, k[:, :25], v[:, :25], causal=True, backend="triton"), (q, r, k, v), do)
     assert torch.count_nonzero(out[:, :5]) == 0 and torch.count_nonzero(dq[:, :5]) == 0
     assert torch.count_nonzero(dk[:, 25:]) == 0 and torch.count_nonzero(dv[:, 25:]) == 0
+    assert torch.count_nonzero(dk[:, :25]) > 0
 
 
 def test_large_probe_and_scores_stay_accurate():

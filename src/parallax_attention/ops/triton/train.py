@@ -421,11 +421,11 @@ def _bwd_dkv_kernel(
 FIXED = {
     "fwd": {128: (128, 64, 8, 3), 256: (64, 32, 4, 2)},
     "dq": {128: (128, 32, 8, 3), 256: (64, 32, 4, 2)},
-    "dkv": {128: (32, 128, 8, 3), 256: (32, 64, 4, 2)},
+    "dkv": {128: (64, 128, 8, 2), 256: (32, 64, 4, 2)},
 }
 _FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
 _DQ_CONFIGS = [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)]
-_DKV_CONFIGS = [(32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3)]
+_DKV_CONFIGS = [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3)]
 _TUNE_KEY = ["tune_key", "BLOCK_D", "G", "VARLEN", "HAS_LEFT", "HAS_RIGHT"]
 
 # The interpreter runs one fixed, small configuration (tuning there would only cost time);
