@@ -211,3 +211,14 @@ def test_compile_fullgraph_forward_backward():
     compiled = _fwd_bwd(torch.compile(f, fullgraph=True, backend="aot_eager"), (q, r, k, v), do)
     for a, b in zip(compiled, eager):
         assert torch.equal(a, b)
+
+
+def test_broadcast_output_gradient():
+    # loss.sum() hands the backward an expanded (stride-0) gradient
+    gen = torch.Generator().manual_seed(14)
+    q, r, k, v, _ = _make(1, 33, 33, 2, 2, 32, torch.float32, gen=gen)
+    xs = [x.clone().requires_grad_() for x in (q, r, k, v)]
+    parallax_attn(*xs, causal=True, backend="triton").sum().backward()
+    ref = _fwd_bwd(lambda *x: parallax_attn_reference(*x, causal=True), [x.double() for x in (q, r, k, v)],
+                   torch.ones(q.shape, dtype=torch.float64))
+    _compare([ref[0].float()] + [x.grad for x in xs], ref, TOL[torch.float32])

@@ -182,7 +182,8 @@ def _fwd_kernel(
     pid_bh = tl.program_id(0)
     # heaviest row blocks (most keys under a causal mask) first
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = pid_bh // HQ
+    # 64-bit batch index: b * stride_b overflows int32 once a tensor passes 2^31 elements
+    b = (pid_bh // HQ).to(tl.int64)
     h = pid_bh % HQ
     hk = h // G
     qs, lq, ks, lk = _seq_bounds(CUQ, CUK, b, seqlen_q, seqlen_k, VARLEN)
@@ -273,7 +274,8 @@ def _bwd_dq_kernel(
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = pid_bh // HQ
+    # 64-bit batch index: b * stride_b overflows int32 once a tensor passes 2^31 elements
+    b = (pid_bh // HQ).to(tl.int64)
     h = pid_bh % HQ
     hk = h // G
     qs, lq, ks, lk = _seq_bounds(CUQ, CUK, b, seqlen_q, seqlen_k, VARLEN)
@@ -369,7 +371,7 @@ def _bwd_dkv_kernel(
 ):
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
-    b = pid_bh // HKV
+    b = (pid_bh // HKV).to(tl.int64)
     hk = pid_bh % HKV
     qs, lq, ks, lk = _seq_bounds(CUQ, CUK, b, seqlen_q, seqlen_k, VARLEN)
     n0 = pid_n * BLOCK_N
