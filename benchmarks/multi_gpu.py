@@ -88,30 +88,32 @@ def check_muon(device_type: str, seed: int = 0) -> dict:
     y = torch.randn(8 * world, 40, device=dev)
 
     ref = make()
-    sharded = make()
     before = [p.detach().clone() for p in ref.parameters()]
     mesh = init_device_mesh(device_type, (world,))
-    fully_shard(sharded[0], mesh=mesh)
-    fully_shard(sharded[2], mesh=mesh)
-    fully_shard(sharded, mesh=mesh)
-
     kw = dict(lr=0.02, weight_decay=0.1, adjust_lr="match_rms_adamw", ns_dtype=torch.float32)
     opt_ref = MuonAdamW([dict(kind="muon", params=list(ref.parameters()))], **kw)
-    opt_sh = MuonAdamW([dict(kind="muon", params=list(sharded.parameters()))], **kw)
     # Reference: the whole batch in one process.
     nn.functional.mse_loss(ref(x), y).backward()
     grads_ref = [p.grad.detach().clone() for p in ref.parameters()]
     opt_ref.step()
     # FSDP2: each rank its slice of the batch; gradients are averaged by reduce-scatter.
-    xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
-    nn.functional.mse_loss(sharded(xs), ys).backward()
-    opt_sh.step()
+    # Both ways of orthogonalising full matrices: one owner rank per matrix, or all ranks.
+    modes = {}
+    for mode in ("round_robin", "redundant"):
+        sharded = make()
+        fully_shard(sharded[0], mesh=mesh)
+        fully_shard(sharded[2], mesh=mesh)
+        fully_shard(sharded, mesh=mesh)
+        opt_sh = MuonAdamW([dict(kind="muon", params=list(sharded.parameters()))], distributed_ns=mode, **kw)
+        xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+        nn.functional.mse_loss(sharded(xs), ys).backward()
+        opt_sh.step()
+        modes[mode] = [p.full_tensor().detach() for p in sharded.parameters()]
 
     out = {"world_size": world, "params": []}
-    for i, (p_ref, p_sh, b, g) in enumerate(zip(ref.parameters(), sharded.parameters(), before, grads_ref)):
-        full = p_sh.full_tensor().detach()
-        d_ref, d_sh = p_ref.detach() - b, full - b
-        rel = float((d_sh - d_ref).norm() / d_ref.norm())
+    for i, (p_ref, b, g) in enumerate(zip(ref.parameters(), before, grads_ref)):
+        d_ref = p_ref.detach() - b
+        rel = {m: float(((full[i] - b) - d_ref).norm() / d_ref.norm()) for m, full in modes.items()}
         # What orthogonalising each rank's shard on its own would have produced.
         rows = g.shape[0]
         step = -(-rows // world)
@@ -119,7 +121,8 @@ def check_muon(device_type: str, seed: int = 0) -> dict:
                            for r in range(world) if r * step < rows])
         d_naive = -0.02 * 0.1 * b - 0.02 * 0.2 * max(g.shape) ** 0.5 * naive
         rel_naive = float((d_naive - d_ref).norm() / d_ref.norm())
-        out["params"].append({"shape": list(g.shape), "rel_err_fsdp": rel, "rel_err_shardwise": rel_naive})
+        out["params"].append({"shape": list(g.shape), "rel_err_fsdp": max(rel.values()),
+                              "rel_err_by_mode": rel, "rel_err_shardwise": rel_naive})
     out["max_rel_err_fsdp"] = max(p["rel_err_fsdp"] for p in out["params"])
     out["min_rel_err_shardwise"] = min(p["rel_err_shardwise"] for p in out["params"])
     dist.barrier()

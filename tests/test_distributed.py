@@ -82,5 +82,6 @@ def test_muon_under_fsdp2_orthogonalises_full_matrices():
     res = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("MUON_CHECK ")][-1].split(" ", 1)[1])
     assert res["world_size"] == 2
     assert res["max_rel_err_fsdp"] < 1e-4
+    assert all(set(p["rel_err_by_mode"]) == {"round_robin", "redundant"} for p in res["params"])
     # The check can tell the right update from orthogonalising each shard separately.
     assert res["min_rel_err_shardwise"] > 0.1

@@ -112,6 +112,40 @@ def _dtype_name(dtype) -> str | None:
     raise ValueError(f"ns_dtype must be a torch dtype, its name, or None; got {dtype!r}")
 
 
+def _orthogonalise_round_robin(updates: list[Tensor], steps, coefficients, eps, dtype) -> list[Tensor]:
+    """Full-matrix Newton-Schulz for FSDP2 shards, each matrix computed by one rank only.
+
+    Every rank gathers the full momentum updates (one all-gather per matrix), rank
+    ``i % world`` orthogonalises matrix i, the results are broadcast from their
+    owners, and each rank keeps its own shard. Same result as every rank doing
+    all matrices (:func:`_orthogonalise`), with 1/world of the Newton-Schulz work.
+    """
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = updates[0].device_mesh
+    if mesh.ndim != 1:  # HSDP / multi-dim meshes: the simple redundant path
+        return [_orthogonalise(u, steps, coefficients, eps, dtype) for u in updates]
+    pg = mesh.get_group()
+    world, me = dist.get_world_size(pg), dist.get_rank(pg)
+    fulls = [u.full_tensor() for u in updates]
+    for i, full in enumerate(fulls):
+        if i % world == me:
+            fulls[i] = zeropower_via_newtonschulz(full, steps, coefficients, eps, dtype).contiguous()
+    # NCCL overlaps the broadcasts on its stream; on gloo (CPU) they simply run in turn.
+    overlap = dist.get_backend(pg) == "nccl"
+    works = [dist.broadcast(full, src=dist.get_global_rank(pg, i % world), group=pg, async_op=overlap)
+             for i, full in enumerate(fulls)]
+    for w in works:
+        if w is not None:
+            w.wait()
+    out = []
+    for u, full in zip(updates, fulls):
+        rep = DTensor.from_local(full, mesh, [Replicate()], run_check=False)
+        out.append(rep.redistribute(mesh, u.placements))
+    return out
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """One optimizer: Muon on groups with ``kind="muon"``, AdamW on ``kind="adamw"``.
 
@@ -121,6 +155,10 @@ class MuonAdamW(torch.optim.Optimizer):
     betas, eps, weight_decay``. Weight decay is decoupled (``p *= 1 - lr*wd``)
     in both. Each group also remembers ``initial_lr`` and
     ``initial_weight_decay`` so a schedule can scale them.
+
+    Under FSDP2 a Muon group's ``distributed_ns`` picks how the full matrices
+    are orthogonalised: ``"round_robin"`` (default; each matrix on one rank,
+    then broadcast) or ``"redundant"`` (every rank does every matrix).
     """
 
     def __init__(
@@ -136,6 +174,7 @@ class MuonAdamW(torch.optim.Optimizer):
         ns_dtype: torch.dtype | str | None = torch.bfloat16,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
+        distributed_ns: str = "round_robin",
     ) -> None:
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -145,6 +184,8 @@ class MuonAdamW(torch.optim.Optimizer):
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if adjust_lr not in LR_ADJUSTMENTS:
             raise ValueError(f"adjust_lr must be one of {LR_ADJUSTMENTS}, got {adjust_lr!r}")
+        if distributed_ns not in ("round_robin", "redundant"):
+            raise ValueError(f"distributed_ns must be 'round_robin' or 'redundant', got {distributed_ns!r}")
         # Kept as a string in the param groups: distributed state-dict helpers
         # only accept tensors, numbers, strings and containers of them.
         ns_dtype = _dtype_name(ns_dtype)
@@ -152,6 +193,7 @@ class MuonAdamW(torch.optim.Optimizer):
             kind="adamw", lr=lr, weight_decay=weight_decay, momentum=momentum,
             nesterov=nesterov, ns_steps=ns_steps, ns_coefficients=tuple(ns_coefficients),
             adjust_lr=adjust_lr, ns_dtype=ns_dtype, betas=tuple(betas), eps=eps,
+            distributed_ns=distributed_ns,
         )
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -182,6 +224,9 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _muon_group(self, group) -> None:
         lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+        ns_dtype = getattr(torch, group["ns_dtype"]) if group["ns_dtype"] else None
+        ns = (group["ns_steps"], group["ns_coefficients"], 1e-7, ns_dtype)
+        params, updates = [], []
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -192,9 +237,13 @@ class MuonAdamW(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             # buf = mu*buf + (1-mu)*g; Nesterov looks one step ahead along it.
             buf.lerp_(g, 1 - mu)
-            update = g.lerp(buf, mu) if group["nesterov"] else buf
-            ns_dtype = getattr(torch, group["ns_dtype"]) if group["ns_dtype"] else None
-            update = _orthogonalise(update, group["ns_steps"], group["ns_coefficients"], 1e-7, ns_dtype)
+            params.append(p)
+            updates.append(g.lerp(buf, mu) if group["nesterov"] else buf)
+        if updates and _is_dtensor(updates[0]) and group.get("distributed_ns", "round_robin") == "round_robin":
+            updates = _orthogonalise_round_robin(updates, *ns)
+        else:
+            updates = [_orthogonalise(u, *ns) for u in updates]
+        for p, update in zip(params, updates):
             p.mul_(1 - lr * wd)
             p.add_(update, alpha=-adjusted_lr(lr, p.shape, group["adjust_lr"]))
 
