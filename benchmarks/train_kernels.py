@@ -204,7 +204,7 @@ def bench_ms(fn, grad_to_none=None):
     return do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
 
 
-def run_bench(log, plx, grid):
+def run_bench(log, plx, grid, atomic=False):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
     rows = []
@@ -235,6 +235,11 @@ def run_bench(log, plx, grid):
 
         time_pair("ours", lambda: parallax_attn(q, r, k, v, causal=True, window_size=window, backend="triton"),
                   [q, r, k, v], "ours")
+        if atomic:
+            os.environ["PARALLAX_TRAIN_BWD"] = "atomic"
+            time_pair("ours_atomic_bwd", lambda: parallax_attn(q, r, k, v, causal=True, window_size=window,
+                                                               backend="triton"), [q, r, k, v], "ours")
+            os.environ.pop("PARALLAX_TRAIN_BWD")
         if window == (-1, -1):
             gqa = hq != hkv
             for name, be in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
@@ -305,8 +310,9 @@ def table(rows):
             return "-"
         return f"{x[key]:.3f}"
     lines = ["| B,Hq/Hkv,L,D,window | ours fwd ms | ours fwd+bwd ms | ours TFLOP/s fwd / f+b | SDPA flash fwd / f+b ms "
-             "| SDPA cuDNN fwd / f+b ms | parallax-kernel fwd / f+b ms | f+b speed-up vs parallax-kernel | f+b / cuDNN |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| SDPA cuDNN fwd / f+b ms | parallax-kernel fwd / f+b ms | f+b speed-up vs parallax-kernel | f+b / cuDNN "
+             "| ours f+b, atomic bwd (opt-in) ms |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         o = row.get("ours", {})
         p = row.get("plx_kernel", {})
@@ -319,7 +325,7 @@ def table(rows):
                      f"{cell(row, 'ours', 'fwdbwd_ms')} | {tf} | {cell(row, 'sdpa_flash', 'fwd_ms')} / "
                      f"{cell(row, 'sdpa_flash', 'fwdbwd_ms')} | {cell(row, 'sdpa_cudnn', 'fwd_ms')} / "
                      f"{cell(row, 'sdpa_cudnn', 'fwdbwd_ms')} | {cell(row, 'plx_kernel', 'fwd_ms')} / "
-                     f"{cell(row, 'plx_kernel', 'fwdbwd_ms')} | {sp} | {rc} |")
+                     f"{cell(row, 'plx_kernel', 'fwdbwd_ms')} | {sp} | {rc} | {cell(row, 'ours_atomic_bwd', 'fwdbwd_ms')} |")
     return "\n".join(lines)
 
 
@@ -332,6 +338,8 @@ def main():
     ap.add_argument("--compile", action="store_true", help="also check torch.compile(fullgraph=True)")
     ap.add_argument("--sweep", action="store_true", help="time launch configurations first, keep the fastest")
     ap.add_argument("--shapes", default=None, help="comma-separated indexes into BENCH_GRID (default: all)")
+    ap.add_argument("--atomic", action="store_true",
+                    help="also time the opt-in fused backward (PARALLAX_TRAIN_BWD=atomic, non-deterministic)")
     ap.add_argument("--no-plx", action="store_true", help="skip parallax-kernel (its first call compiles a while)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -365,7 +373,7 @@ def main():
             except Exception:
                 traceback.print_exc()
         grid = BENCH_GRID if args.shapes is None else [BENCH_GRID[int(i)] for i in args.shapes.split(",")]
-        result["bench"] = run_bench(log, plx, grid)
+        result["bench"] = run_bench(log, plx, grid, args.atomic)
         save()
         log(table(result["bench"]))
     if args.check:

@@ -222,3 +222,24 @@ def test_broadcast_output_gradient():
     ref = _fwd_bwd(lambda *x: parallax_attn_reference(*x, causal=True), [x.double() for x in (q, r, k, v)],
                    torch.ones(q.shape, dtype=torch.float64))
     _compare([ref[0].float()] + [x.grad for x in xs], ref, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[6]], ids=["gqa", "mqa_lq_gt_lk", "window"])
+def test_opt_in_atomic_backward(case, monkeypatch):
+    # PARALLAX_TRAIN_BWD=atomic: one fused backward kernel, dq/dr accumulated with atomics
+    monkeypatch.setenv("PARALLAX_TRAIN_BWD", "atomic")
+    b, lq, lk, hq, hkv, d, causal, window = case
+    gen = torch.Generator().manual_seed(21)
+    q, r, k, v, do = _make(b, lq, lk, hq, hkv, d, torch.float32, gen=gen)
+    ours = _fwd_bwd(lambda *x: parallax_attn(*x, causal=causal, window_size=window, backend="triton"),
+                    (q, r, k, v), do)
+    ref = _fwd_bwd(lambda *x: parallax_attn_reference(*x, causal=causal, window_size=window),
+                   [x.double() for x in (q, r, k, v)], do.double())
+    _compare(ours, ref, TOL[torch.float32])
+
+
+def test_backward_mode_is_validated(monkeypatch):
+    monkeypatch.setenv("PARALLAX_TRAIN_BWD", "fast")
+    q, r, k, v, do = _make(1, 20, 20, 2, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match="PARALLAX_TRAIN_BWD"):
+        _fwd_bwd(lambda *x: parallax_attn(*x, causal=True, backend="triton"), (q, r, k, v), do)

@@ -28,6 +28,11 @@ Two kernels, no atomics (deterministic) and no Lq x Lk tensor:
     heads of its GQA group and their visible query blocks, so dK/dV are reduced to
     the kv heads in registers and repeated K/V never exist.
 
+Opt-in (PARALLAX_TRAIN_BWD=atomic): a small kernel computes delta and beta, then one fused
+kernel per key block also forms dq/dr from the same tiles and adds them into fp32 buffers
+with atomics: 8 matmuls per tile instead of the two-kernel path's 11, but the summation order,
+and so the last bits of dq/dr, vary between runs.
+
 Masks: each row block's key range is split into a leading boundary part, a fully
 visible interior and a trailing boundary part; only boundary tiles build a mask
 (window and causal bounds are exact at every row, whatever the tile alignment).
@@ -324,10 +329,10 @@ def _bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------
 
 @triton.jit
-def _dkv_tiles(dk, dv, k, v, Q, R, DO, LSE, TB, DELTA, BETA, offs_n, offs_d, dmask, stride_ql,
+def _dkv_tiles(dk, dv, k, v, Q, R, DO, LSE, TB, DELTA, BETA, DQA, DRA, offs_n, offs_d, dmask, stride_ql,
                lo, hi, shift, lq, lk, left, right, scale, scale_log2,
                MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-               BLOCK_M: tl.constexpr, PREC: tl.constexpr):
+               BLOCK_M: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr):
     # Tiles are held transposed (keys x queries) so that P^T and dS^T feed the MMAs
     # for dv and dk without a register transpose.
     for m0 in range(lo, hi, BLOCK_M):
@@ -355,12 +360,19 @@ def _dkv_tiles(dk, dv, k, v, Q, R, DO, LSE, TB, DELTA, BETA, offs_n, offs_d, dma
         ds1 = (pt * (at - delta[None, :]) + pa * tc) * scale
         dk = tl.dot(ds1.to(q.dtype), q, dk, input_precision=PREC)
         dk = tl.dot((-pa).to(r.dtype), r, dk, input_precision=PREC)
+        if FUSED:
+            # opt-in: dq/dr from the same tiles, summed over key blocks with fp32 atomics
+            # (3 fewer matmuls per tile than the two-kernel path; the sum order varies run to run)
+            dq_t = tl.dot(tl.trans(ds1).to(k.dtype), k, input_precision=PREC)
+            dr_t = tl.dot(tl.trans(-pa).to(k.dtype), k, input_precision=PREC)
+            tl.atomic_add(DQA + q_off, dq_t, mask=io_mask, sem="relaxed")
+            tl.atomic_add(DRA + q_off, dr_t, mask=io_mask, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _bwd_dkv_kernel(
-    Q, R, K, V, DO, LSE, TB, DELTA, BETA, DK, DV, CUQ, CUK,
+    Q, R, K, V, DO, LSE, TB, DELTA, BETA, DK, DV, DQA, DRA, CUQ, CUK,
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_kl, stride_kh,
     stride_sb, stride_sh,
@@ -368,6 +380,7 @@ def _bwd_dkv_kernel(
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PREC: tl.constexpr,
+    FUSED: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -396,16 +409,39 @@ def _bwd_dkv_kernel(
         Rp = R + q_base
         DOp = DO + q_base
         dk, dv = _dkv_tiles(dk, dv, k, v, Qp, Rp, DOp, LSE + s_base, TB + s_base, DELTA + s_base,
-                            BETA + s_base, offs_n, offs_d, dmask, stride_ql, start, a, shift, lq, lk,
-                            left, right, scale, scale_log2, True, HAS_LEFT, HAS_RIGHT, BLOCK_M, PREC)
+                            BETA + s_base, DQA + q_base, DRA + q_base, offs_n, offs_d, dmask, stride_ql, start, a, shift,
+                            lq, lk, left, right, scale, scale_log2, True, HAS_LEFT, HAS_RIGHT, BLOCK_M, PREC, FUSED)
         dk, dv = _dkv_tiles(dk, dv, k, v, Qp, Rp, DOp, LSE + s_base, TB + s_base, DELTA + s_base,
-                            BETA + s_base, offs_n, offs_d, dmask, stride_ql, a, c, shift, lq, lk,
-                            left, right, scale, scale_log2, False, HAS_LEFT, HAS_RIGHT, BLOCK_M, PREC)
+                            BETA + s_base, DQA + q_base, DRA + q_base, offs_n, offs_d, dmask, stride_ql, a, c, shift,
+                            lq, lk, left, right, scale, scale_log2, False, HAS_LEFT, HAS_RIGHT, BLOCK_M, PREC, FUSED)
         dk, dv = _dkv_tiles(dk, dv, k, v, Qp, Rp, DOp, LSE + s_base, TB + s_base, DELTA + s_base,
-                            BETA + s_base, offs_n, offs_d, dmask, stride_ql, c, end, shift, lq, lk,
-                            left, right, scale, scale_log2, True, HAS_LEFT, HAS_RIGHT, BLOCK_M, PREC)
+                            BETA + s_base, DQA + q_base, DRA + q_base, offs_n, offs_d, dmask, stride_ql, c, end, shift,
+                            lq, lk, left, right, scale, scale_log2, True, HAS_LEFT, HAS_RIGHT, BLOCK_M, PREC, FUSED)
     tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_pre_kernel(O, VB, DO, DELTA, BETA, CUQ,
+                    stride_qb, stride_ql, stride_qh, stride_sb, stride_sh, seqlen_q,
+                    HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    VARLEN: tl.constexpr):
+    """delta = dO.o and beta = dO.vbar per row (the fused backward needs them before its loop)."""
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // HQ).to(tl.int64)
+    h = pid_bh % HQ
+    qs, lq, _, _ = _seq_bounds(CUQ, CUQ, b, seqlen_q, seqlen_q, VARLEN)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_mask = offs_m < lq
+    io_mask = row_mask[:, None] & (offs_d < D)[None, :]
+    off = b * stride_qb + (qs + offs_m[:, None]) * stride_ql + h * stride_qh + offs_d[None, :]
+    do = tl.load(DO + off, mask=io_mask, other=0.0).to(tl.float32)
+    o = tl.load(O + off, mask=io_mask, other=0.0).to(tl.float32)
+    vb = tl.load(VB + off, mask=io_mask, other=0.0).to(tl.float32)
+    s_off = b * stride_sb + h * stride_sh + qs + offs_m
+    tl.store(DELTA + s_off, tl.sum(do * o, 1), mask=row_mask)
+    tl.store(BETA + s_off, tl.sum(do * vb, 1), mask=row_mask)
 
 
 # ----------------------------------------------------------------------------------------
@@ -534,12 +570,48 @@ def bwd(dout, q, r, k, v, out, vbar, lse, tbar, cu_q, cu_k, max_q: int, max_k: i
                 HAS_LEFT=has_left, HAS_RIGHT=has_right, PREC=_prec(q.dtype))
     args = (q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg, cu_k_arg, *sq, *sk, *ss,
             max_q, max_k, scale, scale * LOG2E, left, right, key)
+    if bwd_mode() == "atomic":
+        return _bwd_atomic(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
+                           batch, hq, hkv, sq, sk, ss, max_q, max_k, scale, left, right, key, meta)
     _launch(_dq_tuned, _bwd_dq_kernel, "dq",
             lambda m: (batch * hq, triton.cdiv(max_q, m["BLOCK_M"])), args, dict(HQ=hq, **meta))
     if k.numel() == 0:
         return dq, dr, dk, dv
-    args = (q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg, *sq, *sk, *ss,
+    args = (q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, q, q, cu_q_arg, cu_k_arg, *sq, *sk, *ss,
             max_q, max_k, scale, scale * LOG2E, left, right, key)
     _launch(_dkv_tuned, _bwd_dkv_kernel, "dkv",
             lambda m: (batch * hkv, triton.cdiv(max_k, m["BLOCK_N"])), args, dict(HKV=hkv, **meta))
     return dq, dr, dk, dv
+
+
+def bwd_mode() -> str:
+    """"deterministic" (default: two kernels, no atomics) or "atomic" (opt-in through
+    PARALLAX_TRAIN_BWD=atomic: one fused kernel, dq/dr summed with fp32 atomics)."""
+    mode = os.environ.get("PARALLAX_TRAIN_BWD", "deterministic")
+    if mode not in ("deterministic", "atomic"):
+        raise ValueError(f"PARALLAX_TRAIN_BWD: expected 'deterministic' or 'atomic', got {mode!r}")
+    return mode
+
+
+def _bwd_atomic(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
+                batch, hq, hkv, sq, sk, ss, max_q, max_k, scale, left, right, key, meta):
+    pre_m = 64
+    _bwd_pre_kernel[(batch * hq, triton.cdiv(max_q, pre_m))](
+        out, vbar, dout, delta, beta, cu_q_arg, *sq, *ss, max_q, HQ=hq, D=meta["D"], BLOCK_D=meta["BLOCK_D"],
+        BLOCK_M=pre_m, VARLEN=meta["VARLEN"])
+    dqa = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    dra = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    if k.numel() > 0:
+        args = (q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, dqa, dra, cu_q_arg, cu_k_arg, *sq, *sk, *ss,
+                max_q, max_k, scale, scale * LOG2E, left, right, key)
+        # never autotuned: timing runs would add into the accumulators
+        interp = _INTERPRET or os.environ.get("TRITON_INTERPRET") == "1"
+        if interp:
+            bm, bn = INTERPRET_BLOCKS["dkv"]
+            launch = {}
+        else:
+            bm, bn, w, st = FIXED["dkv"][128 if meta["BLOCK_D"] <= 128 else 256]
+            launch = dict(num_warps=w, num_stages=st)
+        _bwd_dkv_kernel[(batch * hkv, triton.cdiv(max_k, bn))](
+            *args, HKV=hkv, BLOCK_M=bm, BLOCK_N=bn, FUSED=True, **meta, **launch)
+    return dqa.to(q.dtype), dra.to(r.dtype), dk, dv
