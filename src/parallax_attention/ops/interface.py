@@ -19,7 +19,8 @@ from ._validation import check_backend, check_cu_seqlens, check_dense, check_max
 BACKENDS = ("auto", "reference", "torch", "triton")
 
 
-def _triton_usable(q: torch.Tensor) -> bool:
+def triton_usable(q: torch.Tensor) -> bool:
+    """Triton kernels can run for q: CUDA with triton installed, or the CPU interpreter."""
     if q.is_cuda:
         try:
             import triton  # noqa: F401
@@ -32,8 +33,8 @@ def _triton_usable(q: torch.Tensor) -> bool:
 def _resolve_backend(backend: str, q: torch.Tensor) -> str:
     check_backend(backend, BACKENDS)
     if backend == "auto":
-        return "triton" if (q.is_cuda and _triton_usable(q)) else "torch"
-    if backend == "triton" and not _triton_usable(q):
+        return "triton" if (q.is_cuda and triton_usable(q)) else "torch"
+    if backend == "triton" and not triton_usable(q):
         raise ValueError(
             f"backend: 'triton' needs CUDA tensors and the triton package (or TRITON_INTERPRET=1 on CPU); "
             f"got tensors on {q.device}"

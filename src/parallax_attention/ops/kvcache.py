@@ -7,28 +7,18 @@ Forward only: this is the op for generation and serving; train with
 
 from __future__ import annotations
 
-import os
 
 import torch
 
 from ._validation import check_backend, check_qrkv_heads, check_same_dtype_device, check_tensor, \
     compute_dtype, normalize_window, resolve_softmax_scale
+from .interface import triton_usable as _triton_usable
 from .masking import effective_bounds
 
 KVCACHE_BACKENDS = ("auto", "torch", "triton")
 
 # Key positions per step of the torch backend's stream over the cache.
 TORCH_CHUNK = 1024
-
-
-def _triton_usable(q: torch.Tensor) -> bool:
-    if q.is_cuda:
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return False
-        return True
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _is_capturing(device: torch.device) -> bool:
