@@ -107,8 +107,12 @@ def normalize_window(window_size) -> tuple[int, int]:
 
 
 def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.device,
-                     batch: int | None = None) -> torch.Tensor:
-    """Validate cumulative sequence lengths; returns them as a CPU int64 tensor for host-side use."""
+                     batch: int | None = None, check_values: bool = True) -> torch.Tensor | None:
+    """Validate cumulative sequence lengths; returns them as a CPU int64 tensor for host-side use.
+
+    With check_values=False (inside CUDA-graph capture, where reading device memory on the host is
+    not allowed) only dtype, shape and device are checked and None is returned.
+    """
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name}: expected an int32 torch.Tensor of length batch+1, got {type(cu).__name__}")
     if cu.dtype != torch.int32:
@@ -123,6 +127,8 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.devi
         )
     if cu.device != device:
         raise ValueError(f"{name}: expected device {device} (the device of q), got {cu.device}")
+    if not check_values:
+        return None
     host = cu.detach().to("cpu", torch.int64)
     if host[0].item() != 0:
         raise ValueError(f"{name}: expected the first value to be 0, got {host[0].item()}")

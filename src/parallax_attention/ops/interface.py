@@ -89,12 +89,18 @@ def parallax_attn_varlen(q, r, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
         (total_q, heads_q, head_dim) in q's dtype.
     """
     scale, window = check_packed(q, r, k, v, softmax_scale, window_size)
-    cu_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
-    cu_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, batch=cu_q.numel() - 1)
-    check_max_seqlen("max_seqlen_q", max_seqlen_q, cu_q[1:] - cu_q[:-1])
-    check_max_seqlen("max_seqlen_k", max_seqlen_k, cu_k[1:] - cu_k[:-1])
+    # Inside CUDA-graph capture the lengths cannot be read on the host: check their form only.
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    cu_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, check_values=not capturing)
+    cu_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device,
+                            batch=cu_seqlens_q.numel() - 1, check_values=not capturing)
+    if not capturing:
+        check_max_seqlen("max_seqlen_q", max_seqlen_q, cu_q[1:] - cu_q[:-1])
+        check_max_seqlen("max_seqlen_k", max_seqlen_k, cu_k[1:] - cu_k[:-1])
     causal = bool(causal)
     name = _resolve_backend(backend, q)
+    if capturing and name != "triton":
+        raise ValueError(f"backend: only 'triton' can be captured in a CUDA graph for varlen inputs, got {name!r}")
     if name == "triton":
         from .triton import parallax_attn_varlen_triton
         return parallax_attn_varlen_triton(q, r, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
