@@ -340,3 +340,14 @@ def test_empty_inputs():
     assert out.shape == q.shape and (out == 0).all()
     out.sum().backward()
     assert (q.grad == 0).all()
+
+
+def test_cu_seqlens_form_checks_without_reading_values():
+    """The CUDA-graph-capture path: dtype/shape/device are still checked, values are not read."""
+    from parallax_attention.ops._validation import check_cu_seqlens
+    bad_values = torch.tensor([0, 5, 2], dtype=torch.int32)
+    assert check_cu_seqlens("cu_seqlens_q", bad_values, 4, bad_values.device, check_values=False) is None
+    with pytest.raises(ValueError, match="non-decreasing"):
+        check_cu_seqlens("cu_seqlens_q", bad_values, 2, bad_values.device)
+    with pytest.raises(TypeError, match="cu_seqlens_q: expected dtype torch.int32"):
+        check_cu_seqlens("cu_seqlens_q", bad_values.long(), 4, bad_values.device, check_values=False)
