@@ -56,6 +56,16 @@ def _tile_mask(q0, q1, k0, k1, shift, causal, window, device):
                         shift, causal, window)
 
 
+def _tile_scores(qr, kt, gn, g, q0, q1, k0, k1, needs_mask, shift, causal, window):
+    """[s; t] = [scale q; r] K^T for one tile, with invisible scores set to -inf (t is left as is)."""
+    st = qr @ kt.transpose(-1, -2)
+    s, t = st[:, :, :gn], st[:, :, gn:]
+    if needs_mask:
+        mask = _tile_mask(q0, q1, k0, k1, shift, causal, window, qr.device)
+        s.view(*s.shape[:2], g, q1 - q0, k1 - k0).masked_fill_(~mask, float("-inf"))
+    return st, s, t
+
+
 class _ParallaxAttnTorch(torch.autograd.Function):
 
     @staticmethod
@@ -86,11 +96,7 @@ class _ParallaxAttnTorch(torch.autograd.Function):
             o12 = torch.zeros(b, hkv, 2 * gn, d, dtype=dt, device=q.device)   # [O1; O2]
             for k0, k1, needs_mask in cols:
                 kt, vt = kh[:, :, k0:k1], vh[:, :, k0:k1]
-                st = qr @ kt.transpose(-1, -2)
-                s, t = st[:, :, :gn], st[:, :, gn:]
-                if needs_mask:
-                    mask = _tile_mask(q0, q1, k0, k1, shift, causal, window, q.device)
-                    s.view(b, hkv, g, n, k1 - k0).masked_fill_(~mask, neg_inf)
+                st, s, t = _tile_scores(qr, kt, gn, g, q0, q1, k0, k1, needs_mask, shift, causal, window)
                 tile_max, arg = s.max(dim=-1, keepdim=True)
                 m_new = torch.maximum(m, tile_max)
                 # A row that has seen no visible key yet keeps m = -inf; use 0 so exp gives 0, not NaN.
@@ -161,11 +167,7 @@ class _ParallaxAttnTorch(torch.autograd.Function):
             dqr = torch.zeros_like(qr)                                     # [dq / scale; dr]
             for k0, k1, needs_mask in cols:
                 kt, vt = kh[:, :, k0:k1], vh[:, :, k0:k1]
-                st = qr @ kt.transpose(-1, -2)
-                s, t = st[:, :, :gn], st[:, :, gn:]
-                if needs_mask:
-                    mask = _tile_mask(q0, q1, k0, k1, shift, causal, window, q.device)
-                    s.view(b, hkv, g, n, k1 - k0).masked_fill_(~mask, float("-inf"))
+                st, s, t = _tile_scores(qr, kt, gn, g, q0, q1, k0, k1, needs_mask, shift, causal, window)
                 p = s.sub_(lse_b).exp_()                                   # lse = +inf on empty rows -> p = 0
                 tc = t.neg_().add_(tb)                                     # tbar_i - t_ij
                 a = dob @ vt.transpose(-1, -2)                             # dO_i . v_j
