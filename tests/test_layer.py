@@ -165,11 +165,13 @@ def test_kv_cache_steps_equal_full_forward(attention):
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("window", [(-1, -1), (2, -1), (2, 1)])
 @pytest.mark.parametrize("attention", ["parallax", "softmax"])
-def test_left_padding_mask(attention):
-    # A left-padded row gives the same outputs on its real tokens as the row alone.
+def test_left_padding_mask(attention, window):
+    # A left-padded row gives the same outputs on its real tokens as the row alone; the padded
+    # path's mask is the op's (causal clamps a right window to 0).
     torch.manual_seed(0)
-    layer = _randomize(ParallaxAttention(32, 4, 2, 8, attention=attention))
+    layer = _randomize(ParallaxAttention(32, 4, 2, 8, attention=attention, window_size=window))
     x = torch.randn(1, 7, 32)
     pad = torch.randn(1, 3, 32) * 5
     xp = torch.cat([pad, x], dim=1)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops._validation import normalize_window
+from ..ops.masking import visible_mask as _op_visible_mask
 from .norm import RMSNorm
 from .rotary import RotaryEmbedding, apply_rotary
 
@@ -33,26 +35,10 @@ def _check_choice(name, value, choices):
         raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
 
 
-def _check_window(window_size) -> tuple[int, int]:
-    if window_size is None:
-        return (-1, -1)
-    try:
-        left, right = (int(w) for w in window_size)
-    except (TypeError, ValueError):
-        raise ValueError(f"window_size: expected a pair (left, right) of ints, -1 = unbounded, got {window_size!r}")
-    if left < -1 or right < -1:
-        raise ValueError(f"window_size: expected values >= -1, got {window_size!r}")
-    return left, right
-
-
 def visible_mask(lq: int, lk: int, window: tuple[int, int], device, key_mask=None) -> torch.Tensor:
-    """Boolean (batch or 1, 1, lq, lk) mask: bottom-right causal, window, and padded keys removed."""
-    i = torch.arange(lq, device=device)[:, None] + (lk - lq)
-    j = torch.arange(lk, device=device)[None, :]
-    vis = j <= i + (window[1] if window[1] >= 0 else 0)
-    if window[0] >= 0:
-        vis = vis & (j >= i - window[0])
-    vis = vis[None, None]
+    """Boolean (batch or 1, 1, lq, lk) mask: the op's bottom-right causal window, minus padded keys."""
+    vis = _op_visible_mask(torch.arange(lq, device=device), torch.arange(lk, device=device), lk - lq,
+                           True, window)[None, None]
     if key_mask is not None:
         vis = vis & key_mask.bool()[:, None, None, :]
     return vis
@@ -128,7 +114,7 @@ class ParallaxAttention(nn.Module):
         self.attention = attention
         self.probe_rope = probe_rope
         self.probe_init = probe_init
-        self.window_size = _check_window(window_size)
+        self.window_size = normalize_window(window_size)
         self.layer_idx = layer_idx
         self.backend = backend
         self.scale = 1.0 / math.sqrt(head_dim)
