@@ -103,9 +103,9 @@ def rel(a, b):
 
 
 def check_section(results):
-    """bf16 kernel vs float64 on the valid keys, with the default config and with dec.CANDIDATE."""
+    """bf16 kernel vs float64 on the valid keys, with the default config and with dec.WAVE_MODEL_1."""
     rows = []
-    for cfg in ({}, dec.CANDIDATE):
+    for cfg in ({}, dec.WAVE_MODEL_1, dict(PAGE_SCALAR=0)):
         old = dec.set_config(**cfg)
         try:
             rows += [dict(r, config=cfg) for r in _check(cfg)]
@@ -211,8 +211,8 @@ def reps_for(roof_us):
 
 SWEEP = [
     # (B, L, Hq, Hkv, page or None, [(num_stages, num_splits, other config), ...]): alternatives to the
-    # choice of the candidate config dec.CANDIDATE, on top of which the sweep runs (printed "chosen"
-    # when it is the candidate's choice): PDL always (1) or off (0), BLOCK_N 32.
+    # default config's choice (printed "chosen" when it is that choice): PDL always (1) or off (0),
+    # BLOCK_N 32.
     (8, 1024, 32, 8, None, [(2, 8, {}), (2, 8, dict(PDL=1)), (3, 1, {}), (2, 16, {})]),
     (1, 4096, 8, 8, None, [(2, 64, {}), (2, 64, dict(PDL=0)), (2, 32, {}), (3, 64, {})]),
     (128, 4096, 8, 8, None, [(3, 1, {}), (3, 5, {}), (4, 1, dict(BLOCK_N=32))]),
@@ -225,12 +225,8 @@ SWEEP = [
 
 
 def sweep_section(results, bw, deadline):
-    """Forced (num_stages, num_splits) on a few shapes, on top of dec.CANDIDATE, to check its choice."""
-    base = dec.set_config(**dec.CANDIDATE)
-    try:
-        _sweep(results, bw, deadline)
-    finally:
-        dec.set_config(**base)
+    """Forced (num_stages, num_splits) on a few shapes, to check the default config's choice."""
+    _sweep(results, bw, deadline)
 
 
 def _sweep(results, bw, deadline):
@@ -266,9 +262,6 @@ def _sweep(results, bw, deadline):
     results["sweep"] = rows
 
 
-PREV_RULE = dict(num_stages=3, PROGRAMS_PER_SM=4)
-
-
 def with_config(cfg, fn):
     old = dec.set_config(**cfg)
     try:
@@ -295,11 +288,8 @@ def grid_section(results, bw, plx, budget_s):
                     "sdpa": lambda: F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=(HQ != HKV)),
                     "ours_dense": lambda: parallax_attn_with_kvcache(q, r, kc, vc, cache_seqlens=seq,
                                                                      backend="triton"),
-                    # The first rule (3 stages, about 4 programs per SM), timed in the same run.
-                    "ours_dense_prev": lambda: with_config(PREV_RULE, lambda: parallax_attn_with_kvcache(
-                        q, r, kc, vc, cache_seqlens=seq, backend="triton")),
-                    # The candidate next default (dec.CANDIDATE: wave model 2, PDL by merge-grid size).
-                    "ours_dense_v2": lambda: with_config(dec.CANDIDATE, lambda: parallax_attn_with_kvcache(
+                    # The earlier default rule (dec.WAVE_MODEL_1), timed in the same run.
+                    "ours_dense_m1": lambda: with_config(dec.WAVE_MODEL_1, lambda: parallax_attn_with_kvcache(
                         q, r, kc, vc, cache_seqlens=seq, backend="triton")),
                 }
                 paged = {}
@@ -309,8 +299,11 @@ def grid_section(results, bw, plx, budget_s):
                     cands[f"ours_paged{page}"] = (lambda kp=kp, vp=vp, bt=bt: parallax_attn_with_kvcache(
                         q, r, kp, vp, cache_seqlens=seq, block_table=bt, backend="triton"))
                 kp, vp, bt = paged[64]
-                cands["ours_paged64_v2"] = lambda: with_config(dec.CANDIDATE, lambda: parallax_attn_with_kvcache(
+                cands["ours_paged64_m1"] = lambda: with_config(dec.WAVE_MODEL_1, lambda: parallax_attn_with_kvcache(
                     q, r, kp, vp, cache_seqlens=seq, block_table=bt, backend="triton"))
+                # The first paged kernel: one block-table entry per key.
+                cands["ours_paged64_gather"] = lambda: with_config(dict(PAGE_SCALAR=0), lambda: (
+                    parallax_attn_with_kvcache(q, r, kp, vp, cache_seqlens=seq, block_table=bt, backend="triton")))
                 # The default again, last: the spread between the two is the run-to-run noise.
                 cands["ours_dense_again"] = cands["ours_dense"]
                 if plx is not None and time.time() - T0 < budget_s:
@@ -318,10 +311,10 @@ def grid_section(results, bw, plx, budget_s):
                 row["cfg_dense"] = list(dec.launch_config(B, HKV, HQ // HKV, L, D, 2, False, q.device))
                 row["cfg_paged"] = list(dec.launch_config(B, HKV, HQ // HKV, L, D, 2, True, q.device))
                 row["splits"] = row["cfg_dense"][1]
-                old = dec.set_config(**dec.CANDIDATE)
+                old = dec.set_config(**dec.WAVE_MODEL_1)
                 try:
-                    row["cfg_dense_v2"] = list(dec.launch_config(B, HKV, HQ // HKV, L, D, 2, False, q.device))
-                    row["cfg_paged_v2"] = list(dec.launch_config(B, HKV, HQ // HKV, L, D, 2, True, q.device))
+                    row["cfg_dense_m1"] = list(dec.launch_config(B, HKV, HQ // HKV, L, D, 2, False, q.device))
+                    row["cfg_paged_m1"] = list(dec.launch_config(B, HKV, HQ // HKV, L, D, 2, True, q.device))
                 finally:
                     dec.set_config(**old)
                 for name, fn in cands.items():
@@ -413,7 +406,8 @@ def main():
 
 def print_grid(results):
     print("B L Hq/Hkv (stages,splits) dense/paged | roof us | SDPA us | ours dense us %roof xSDPA | paged64 | "
-          "paged256 | dense, previous rule | dense again | CuTeDSL | v2 (stages,splits): dense | paged64")
+          "paged256 | paged64, per-key page reads | dense again | CuTeDSL | wave model 1 (stages,splits): dense | "
+          "paged64")
 
     def cell(v):
         if not isinstance(v, dict):
@@ -426,9 +420,9 @@ def print_grid(results):
         print(f"{row['B']} {row['L']} {row['HQ']}/{row['HKV']} {tuple(row['cfg_dense'])}/{tuple(row['cfg_paged'])} | "
               f"{row['roof_us']:.1f} | {cell(row.get('sdpa'))} | {cell(row.get('ours_dense'))} | "
               f"{cell(row.get('ours_paged64'))} | {cell(row.get('ours_paged256'))} | "
-              f"{cell(row.get('ours_dense_prev'))} | {cell(row.get('ours_dense_again'))} | {cell(row.get('cute'))} | "
-              f"v2 {tuple(row['cfg_dense_v2'])}/{tuple(row['cfg_paged_v2'])}: {cell(row.get('ours_dense_v2'))} | "
-              f"{cell(row.get('ours_paged64_v2'))}")
+              f"{cell(row.get('ours_paged64_gather'))} | {cell(row.get('ours_dense_again'))} | {cell(row.get('cute'))} | "
+              f"m1 {tuple(row['cfg_dense_m1'])}/{tuple(row['cfg_paged_m1'])}: {cell(row.get('ours_dense_m1'))} | "
+              f"{cell(row.get('ours_paged64_m1'))}")
 
 
 if __name__ == "__main__":

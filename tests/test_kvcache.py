@@ -352,58 +352,53 @@ def test_head_dim_not_power_of_two(backend):
 
 
 def test_launch_config_from_static_shapes():
-    """The per-shape choice on a 132-SM part: the paths the H200 table measured."""
+    """The default rule (wave model 2) on a 132-SM part: the configurations the H200 sweep found fastest."""
     from parallax_attention.ops.triton import decode
     cpu = torch.device("cpu")
-    # B=1, long cache: one buffer and 5 programs per SM fit 64 splits in one wave.
+    # B=1: one buffer, 64 splits of one tile each = 512 programs, one wave at about 4 per SM.
+    assert decode.launch_config(1, 8, 1, 4096, 128, 2, False, cpu) == (2, 64)
     assert decode.launch_config(1, 8, 1, 16384, 128, 2, False, cpu) == (2, 64)
-    # B=8: 6 splits = 384 programs, one wave at 3 per SM with two buffers.
-    assert decode.launch_config(8, 8, 4, 4096, 128, 2, False, cpu) == (3, 6)
-    # Paged keeps 3 stages (its K/V get one buffer anyway) and fills 4 per SM.
+    # A short cache whose 1-tile splits would fit one wave at one program per SM: 2-tile splits.
+    assert decode.launch_config(1, 8, 4, 1024, 128, 2, False, cpu) == (3, 8)
+    assert decode.launch_config(1, 8, 1, 1024, 128, 2, True, cpu) == (3, 8)
+    # B=8: 2 stages, 8 splits = 512 programs, one wave at about 4 per SM.
+    assert decode.launch_config(8, 8, 4, 1024, 128, 2, False, cpu) == (2, 8)
+    assert decode.launch_config(8, 8, 4, 4096, 128, 2, False, cpu) == (2, 8)
+    # B=32: two buffers at 2 per SM keep HBM busy, so one split and no merge.
+    assert decode.launch_config(32, 8, 4, 4096, 128, 2, False, cpu) == (3, 1)
+    assert decode.launch_config(128, 8, 1, 16384, 128, 2, False, cpu) == (2, 5)
+    # Paged: one buffer, about 4 per SM.
     assert decode.launch_config(8, 8, 4, 4096, 128, 2, True, cpu) == (3, 8)
+    assert decode.launch_config(32, 8, 1, 4096, 128, 2, True, cpu) == (3, 2)
     assert decode.launch_config(128, 8, 1, 4096, 128, 2, True, cpu) == (3, 1)
-    # The split count never exceeds capacity / MIN_KEYS, and a short cache gets one split.
+    # A short cache gets one split.
     assert decode.launch_config(1, 1, 1, 100, 128, 2, False, cpu)[1] == 1
-    # The old fixed rule stays reachable for comparison.
-    old = decode.set_config(PROGRAMS_PER_SM=4)
+
+
+def test_launch_config_earlier_rules():
+    """The earlier rules stay reachable for the benchmark's comparison columns."""
+    from parallax_attention.ops.triton import decode
+    cpu = torch.device("cpu")
+    old = decode.set_config(**decode.WAVE_MODEL_1)
     try:
+        # Wave model 1: two buffers need 3 programs per SM, splits of at least MIN_KEYS keys.
+        assert decode.launch_config(8, 8, 4, 4096, 128, 2, False, cpu) == (3, 6)
+        assert decode.launch_config(8, 8, 4, 4096, 128, 2, True, cpu) == (3, 8)
+        assert decode.launch_config(1, 1, 1, 100, 128, 2, False, cpu)[1] == 1
+        # The first, fixed rule: about 4 programs per SM.
+        decode.set_config(PROGRAMS_PER_SM=4)
         assert decode.launch_config(1, 8, 1, 16384, 128, 2, False, cpu) == (3, 66)
     finally:
         decode.set_config(**old)
 
 
-def test_launch_config_candidate_model():
-    """Wave model 2 (decode.CANDIDATE, opt-in until measured): the sweep's fastest configurations."""
-    from parallax_attention.ops.triton import decode
-    cpu = torch.device("cpu")
-    old = decode.set_config(**decode.CANDIDATE)
-    try:
-        # B=1: one buffer, 64 splits of one tile each = 512 programs, one wave at about 4 per SM.
-        assert decode.launch_config(1, 8, 1, 4096, 128, 2, False, cpu) == (2, 64)
-        assert decode.launch_config(1, 8, 1, 16384, 128, 2, False, cpu) == (2, 64)
-        # A short cache: 1-tile splits (min keys = BLOCK_N); 2 and 3 stages tie, ties keep 3.
-        assert decode.launch_config(1, 8, 4, 1024, 128, 2, False, cpu) == (3, 16)
-        # B=8: 2 stages, 8 splits = 512 programs, one wave at about 4 per SM.
-        assert decode.launch_config(8, 8, 4, 1024, 128, 2, False, cpu) == (2, 8)
-        assert decode.launch_config(8, 8, 4, 4096, 128, 2, False, cpu) == (2, 8)
-        # B=32: two buffers at 2 per SM keep HBM busy, so one split and no merge.
-        assert decode.launch_config(32, 8, 4, 4096, 128, 2, False, cpu) == (3, 1)
-        assert decode.launch_config(128, 8, 1, 16384, 128, 2, False, cpu) == (2, 5)
-        # Paged: one buffer, about 4 per SM.
-        assert decode.launch_config(8, 8, 4, 4096, 128, 2, True, cpu) == (3, 8)
-        assert decode.launch_config(32, 8, 1, 4096, 128, 2, True, cpu) == (3, 2)
-        assert decode.launch_config(128, 8, 1, 4096, 128, 2, True, cpu) == (3, 1)
-        assert decode.launch_config(1, 1, 1, 100, 128, 2, False, cpu)[1] == 1
-    finally:
-        decode.set_config(**old)
-
-
 def test_pdl_by_merge_grid_size():
-    """PDL 1 (default) always, 0 never, 2 only for small merge grids: B=1 (8-32 programs) on, B=8 off."""
+    """PDL 1 always, 0 never, 2 (default) only for small merge grids: B=1 (8-32 programs) on, B=8 off."""
     from parallax_attention.ops.triton import decode
-    assert decode.use_pdl(8 * 32, 132)
-    old = decode.set_config(PDL=2)
+    old = decode.set_config(PDL=1)
     try:
+        assert decode.use_pdl(8 * 32, 132)
+        decode.set_config(PDL=2)
         assert decode.use_pdl(1 * 32, 132) and decode.use_pdl(8, 132)
         assert not decode.use_pdl(8 * 8, 132) and not decode.use_pdl(8 * 32, 132)
         decode.set_config(PDL=0)
@@ -412,10 +407,10 @@ def test_pdl_by_merge_grid_size():
         decode.set_config(**old)
 
 
-@pytest.mark.parametrize("layout", ["dense", 16])
+@pytest.mark.parametrize("layout", ["dense", 16, 64, 128])
 def test_one_tile_splits_match_reference(layout):
-    """The candidate model allows splits of a single BLOCK_N tile: its heuristic picks capacity / BLOCK_N
-    splits here, several of them empty for the shorter sequence."""
+    """Splits of a single BLOCK_N tile (the default rule's choice for long caches), several of them
+    empty for the shorter sequence."""
     from parallax_attention.ops.triton import decode
     b, lq, hq, hkv, d, cap = 2, 1, 4, 1, 32, 256
     q, r, k, v, g = inputs(b, lq, hq, hkv, d, cap, torch.float16, seed=41)
@@ -423,16 +418,42 @@ def test_one_tile_splits_match_reference(layout):
     exp = expected(q, r, k, v, lens)
     poison(k, v, lens)
     kk, vv, bt = (k, v, None) if layout == "dense" else to_paged(k, v, layout, g)
-    old = decode.set_config(**decode.CANDIDATE)
-    try:
-        stages, splits = decode.launch_config(b, hkv, hq // hkv * lq, cap, d, 2, layout != "dense",
-                                              torch.device("cpu"))
-        assert splits == cap // decode._CONFIG["BLOCK_N"] == 4
-        out = parallax_attn_with_kvcache(q, r, kk, vv, cache_seqlens=torch.tensor(lens, dtype=torch.int32),
-                                         block_table=bt, backend="triton")
-    finally:
-        decode.set_config(**old)
+    splits = cap // decode._CONFIG["BLOCK_N"]
+    assert splits == 4
+    out = parallax_attn_with_kvcache(q, r, kk, vv, cache_seqlens=torch.tensor(lens, dtype=torch.int32),
+                                     block_table=bt, num_splits=splits, backend="triton")
     assert rel(out, exp) < tol(torch.float16)
+
+
+@pytest.mark.parametrize("page", [64, 128])
+@pytest.mark.parametrize("lq", [1, 4])
+def test_page_per_tile_reads_match_per_key_reads(page, lq):
+    """Pages that hold whole K/V tiles are read with one block-table entry per tile (PAGE_SCALAR);
+    the result equals the per-key path and the reference, with an append and split boundaries
+    inside pages."""
+    from parallax_attention.ops.triton import decode
+    b, hq, hkv, d, cap = 3, 4, 2, 32, 320
+    q, r, k, v, g = inputs(b, lq, hq, hkv, d, cap, torch.float16, seed=57)
+    lens = [cap - lq, 100, 1]
+    full = [n + lq for n in lens]
+    exp = expected(q, r, k, v, full)
+    knew = torch.stack([k[i, n:n + lq] for i, n in enumerate(lens)])
+    vnew = torch.stack([v[i, n:n + lq] for i, n in enumerate(lens)])
+    poison(k, v, lens)
+    outs = []
+    for scalar in (1, 0):
+        kp, vp, bt = to_paged(k, v, page, torch.Generator().manual_seed(5))
+        old = decode.set_config(PAGE_SCALAR=scalar)
+        try:
+            for ns in (0, 3):
+                outs.append(parallax_attn_with_kvcache(
+                    q, r, kp.clone(), vp.clone(), knew, vnew, cache_seqlens=torch.tensor(lens, dtype=torch.int32),
+                    block_table=bt, num_splits=ns, backend="triton"))
+        finally:
+            decode.set_config(**old)
+    for out in outs:
+        assert rel(out, exp) < tol(torch.float16)
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
 
 
 @pytest.mark.parametrize("layout", ["dense", 16])
@@ -447,7 +468,7 @@ def test_auto_splits_match_reference(layout, window):
     exp = expected(q, r, k, v, lens, window=window)
     poison(k, v, lens)
     kk, vv, bt = (k, v, None) if layout == "dense" else to_paged(k, v, layout, g)
-    old = decode.set_config(MIN_KEYS=16, BLOCK_N=16)
+    old = decode.set_config(MIN_KEYS=16, BLOCK_N=16, MODEL=1)
     try:
         keys = cap if window[0] < 0 else lq + window[0]
         stages, splits = decode.launch_config(b, hkv, hq // hkv * lq, keys, d, 2, layout != "dense",

@@ -50,14 +50,14 @@ def _decode_split_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
     PAGED: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     ROW_MASK: tl.constexpr, SINGLE: tl.constexpr, PREC: tl.constexpr, STACKED: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, PAGE_SCALAR: tl.constexpr = False,
 ):
     if PDL:
         # Let the merge grid launch as soon as every split program has started; it waits for
         # this grid's completion (gdc_wait) before reading the partials, so this only hides
         # the merge's launch latency behind the last wave. Measured on the H200: 0.4-0.9 us
         # saved at B=1 (8-32 merge programs), 2.4 us lost at B=8 L=1024 Hq/Hkv 32/8 (256);
-        # _CONFIG["PDL"] = 2 enables it only for small merge grids (use_pdl; not yet measured).
+        # so _CONFIG["PDL"] = 2 (the default) enables it only for small merge grids (use_pdl).
         gdc_launch_dependents()
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -133,7 +133,15 @@ def _decode_split_kernel(
     for start in range(s_lo, s_hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         kmask = offs_n < s_hi
-        if PAGED:
+        if PAGED and PAGE_SCALAR:
+            # The tile lies inside one page (tiles start at multiples of BLOCK_N, which divides
+            # PAGE): one block-table entry instead of one per key, and contiguous rows as in the
+            # dense cache.
+            page = tl.load(BT + b.to(tl.int64) * stride_btb + start // PAGE).to(tl.int64)
+            in_page = start % PAGE + tl.arange(0, BLOCK_N)
+            k_row = page * stride_kb + in_page * stride_kt
+            v_row = page * stride_vb + in_page * stride_vt
+        elif PAGED:
             page = tl.load(BT + b.to(tl.int64) * stride_btb + offs_n // PAGE, mask=kmask, other=0)
             k_row = page.to(tl.int64) * stride_kb + (offs_n % PAGE) * stride_kt
             v_row = page.to(tl.int64) * stride_vb + (offs_n % PAGE) * stride_vt
@@ -275,11 +283,11 @@ REG_LIMIT = {False: 5, True: 4}   # programs per SM allowed by registers (dense,
 # Programs per SM needed to keep HBM busy: with two K/V buffers 3 were enough in the first H200
 # run (98-99% of the roofline at B=32 L=16384, 3 per SM in 2 full waves); with one buffer 4
 # (paged at B=128: 100-102% with 4 per SM, 72-83% where a wave had 1-2 per SM).
-# MODEL 1 (the default, the one BENCHMARKS.md measured): SATURATE = {1: 4, 2: 3}, a fixed
+# MODEL 1 (the first default, WAVE_MODEL_1): SATURATE = {1: 4, 2: 3}, a fixed
 # program overhead of 1 tile, splits of at least MIN_KEYS (128) keys.
 #
-# MODEL 2 (opt-in, set_config(MODEL=2); chosen from the 2026-11-29 sweep, not yet measured as a
-# whole grid). Lowering the one-buffer value alone does not help: 2 stages x 8 splits at B=8 is
+# MODEL 2 (the default; chosen from the 2026-11-29 sweep, then measured on the whole grid).
+# Lowering the one-buffer value alone does not help: 2 stages x 8 splits at B=8 is
 # 4 programs per SM either way and ties with 3 stages x 6 splits (3 per SM, tiles of 3 + 1). What
 # the sweep shows instead: (a) programs per SM needed, by K/V buffers (Little's law: about 4
 # tiles in flight per SM): one buffer 4 (paged B=8 L=16384 with 2/3/4 per SM: 73/89/93% of the
@@ -344,7 +352,14 @@ def launch_config(batch: int, heads_kv: int, rows: int, keys: int, d: int, esize
     block_m = max(8 if _CONFIG["STACKED"] else 16, 1 << max(0, (rows - 1).bit_length()))
     block_d = max(16, 1 << max(0, (d - 1).bit_length()))
     base = batch * heads_kv
-    min_keys = block_n if _CONFIG["MODEL"] == 2 else _CONFIG["MIN_KEYS"]
+    if _CONFIG["MODEL"] == 2:
+        # 1-tile splits pay only when they give an SM more than one program. When even 1-tile splits
+        # of every (sequence, kv head) fit one wave at one program per SM, each program's fixed cost
+        # dominates and half as many 2-tile splits win (H200, B=1 L=1024 Hq/Hkv 32/8: 8 splits
+        # 6.5 us, 16 splits 7.5 us).
+        min_keys = block_n if base * _cdiv(keys, block_n) > sms else 2 * block_n
+    else:
+        min_keys = _CONFIG["MIN_KEYS"]
     max_splits = int(min(MAX_SPLITS, max(1, keys // min_keys)))
     if _CONFIG["num_stages"]:
         stage_opts = [_CONFIG["num_stages"]]
@@ -368,7 +383,7 @@ def launch_config(batch: int, heads_kv: int, rows: int, keys: int, d: int, esize
 def use_pdl(merge_programs: int, sms: int) -> bool:
     """Whether to launch the merge programmatically dependent on the split grid (static shapes).
 
-    _CONFIG["PDL"]: 0 never, 1 always (the default, measured), 2 only for a small merge grid: at
+    _CONFIG["PDL"]: 0 never, 1 always, 2 (the default) only for a small merge grid: at
     B=1 PDL hid 0.4-0.9 us of launch latency (8-32 merge programs), at B=8 Hq=32 it cost 2.4 us
     (256 merge programs).
     """
@@ -388,11 +403,13 @@ MAX_SPLITS = 128
 
 # Launch configuration; the benchmark overrides these through set_config. num_stages 0 and
 # PROGRAMS_PER_SM 0 mean "chosen per shape by launch_config"; MODEL 1 or 2 picks the wave-model
-# constants (above); PDL 0 never, 1 always, 2 by shape (use_pdl). Candidate next default, timed
-# by benchmarks/decode.py as "v2": CANDIDATE.
+# constants (above); PDL 0 never, 1 always, 2 by shape (use_pdl). The default is wave model 2 with
+# PDL by merge-grid size; benchmarks/decode.py also times the earlier rule, WAVE_MODEL_1.
+# PAGE_SCALAR 1 reads one block-table entry per K/V tile where the tile cannot cross a page, 0 one
+# entry per key (the first paged kernel).
 _CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 0, "PROGRAMS_PER_SM": 0, "MIN_KEYS": 128, "STACKED": 1,
-           "PDL": 1, "MODEL": 1}
-CANDIDATE = {"MODEL": 2, "PDL": 2}
+           "PDL": 2, "MODEL": 2, "PAGE_SCALAR": 1}
+WAVE_MODEL_1 = {"MODEL": 1, "PDL": 1}
 
 
 def set_config(**kw) -> dict:
@@ -455,6 +472,8 @@ def decode_triton(q, r, k_cache, v_cache, block_table, seqlens, seq_const: int, 
            and use_pdl(bsz * lq * hq, _sm_count(q.device.index if q.device.index is not None
                                                  else torch.cuda.current_device())))
     launch_kw = dict(launch_pdl=True) if pdl else {}
+    # Without a left window every split starts at a multiple of BLOCK_N (chunks are whole tiles).
+    page_scalar = bool(_CONFIG["PAGE_SCALAR"]) and paged and page % block_n == 0 and not has_left
     grid = (bsz * hkv, num_splits)
     _decode_split_kernel[grid](
         q, r, k_cache, v_cache, bt, seq_arg, out, pstat, po,
@@ -468,7 +487,7 @@ def decode_triton(q, r, k_cache, v_cache, block_table, seqlens, seq_const: int, 
         out.stride(0), out.stride(1), out.stride(2),
         HKV=hkv, G=g, D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page,
         PAGED=paged, HAS_SEQ=seqlens is not None, HAS_LEFT=has_left, HAS_RIGHT=has_right,
-        ROW_MASK=row_mask, SINGLE=single, PREC=prec, STACKED=stacked, PDL=pdl,
+        ROW_MASK=row_mask, SINGLE=single, PREC=prec, STACKED=stacked, PDL=pdl, PAGE_SCALAR=page_scalar,
         num_warps=_CONFIG["num_warps"], num_stages=stages,
     )
     if not single:
