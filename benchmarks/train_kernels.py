@@ -265,21 +265,28 @@ def run_bench(log, plx, grid, atomic=False):
     return rows
 
 
-SWEEP = {"fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
-         "dq": [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
-         "dkv": [(32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3)]}
+SWEEP = {"fwd": [(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+         "dq": [(128, 32, 8, 3), (128, 64, 8, 2), (128, 32, 8, 4), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2)],
+         "dkv": [(64, 128, 8, 2), (32, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 3), (16, 128, 8, 3),
+                 (64, 64, 4, 2), (32, 64, 4, 3), (64, 64, 8, 2), (128, 128, 8, 1)]}
+
+
+def _qrkvdo(b, hq, hkv, L, d):
+    dt = torch.bfloat16
+    q = torch.randn(b, L, hq, d, device="cuda", dtype=dt, requires_grad=True)
+    r = (torch.randn(b, L, hq, d, device="cuda", dtype=dt) * 0.1).requires_grad_()
+    k = torch.randn(b, L, hkv, d, device="cuda", dtype=dt, requires_grad=True)
+    v = torch.randn(b, L, hkv, d, device="cuda", dtype=dt, requires_grad=True)
+    do = torch.randn(b, L, hq, d, device="cuda", dtype=dt)
+    return q, r, k, v, do
 
 
 def run_sweep(log, b=4, h=16, L=4096, d=128):
-    """Time each launch configuration on one shape and keep the fastest per kernel."""
+    """Time each launch configuration on one shape and keep the fastest per kernel; registers and
+    spills of each compiled configuration are logged too."""
     from parallax_attention.ops.triton import train as tr
     torch.manual_seed(0)
-    dt = torch.bfloat16
-    q = torch.randn(b, L, h, d, device="cuda", dtype=dt, requires_grad=True)
-    r = (torch.randn(b, L, h, d, device="cuda", dtype=dt) * 0.1).requires_grad_()
-    k = torch.randn(b, L, h, d, device="cuda", dtype=dt, requires_grad=True)
-    v = torch.randn(b, L, h, d, device="cuda", dtype=dt, requires_grad=True)
-    do = torch.randn(b, L, h, d, device="cuda", dtype=dt)
+    q, r, k, v, do = _qrkvdo(b, h, h, L, d)
     f = lambda: parallax_attn(q, r, k, v, causal=True, backend="triton")  # noqa: E731
 
     def fb():
@@ -294,13 +301,77 @@ def run_sweep(log, b=4, h=16, L=4096, d=128):
             except Exception as e:
                 log(f"sweep {name} {cfg}: {e!r:.200}")
                 continue
-            out[f"{name} {cfg}"] = t
-            log(f"sweep {name} {cfg}: {t:.3f} ms")
+            ck = tr.LAST_COMPILED.get(name)
+            regs = (getattr(ck, "n_regs", None), getattr(ck, "n_spills", None))
+            out[f"{name} {cfg}"] = dict(ms=t, regs=regs[0], spills=regs[1])
+            log(f"sweep {name} {cfg}: {t:.3f} ms  regs {regs[0]} spills {regs[1]}")
             if best is None or t < best[0]:
                 best = (t, cfg)
         tr.FIXED[name][128] = best[1]
     log("sweep chose " + json.dumps({n: tr.FIXED[n][128] for n in ("fwd", "dq", "dkv")}))
     return out, {n: tr.FIXED[n][128] for n in ("fwd", "dq", "dkv")}
+
+
+def run_split(log, shapes=((1, 16, 8, 4096, 128), (4, 32, 8, 4096, 128), (2, 16, 8, 8192, 128))):
+    """GQA dK/dV: one program per kv head (reduced in the kernel) vs per query head (+ group sum)."""
+    from parallax_attention.ops.triton import train as tr
+    out = []
+    for b, hq, hkv, L, d in shapes:
+        torch.manual_seed(0)
+        q, r, k, v, do = _qrkvdo(b, hq, hkv, L, d)
+        row = dict(B=b, Hq=hq, Hkv=hkv, L=L, D=d)
+        for split in (False, True):
+            tr.SPLIT_GROUPS = split
+            try:
+                row[f"split={split}"] = bench_ms(lambda: parallax_attn(q, r, k, v, causal=True, backend="triton")
+                                                 .backward(do), grad_to_none=[q, r, k, v])
+            finally:
+                tr.SPLIT_GROUPS = None
+        row["auto"] = tr._split_groups(b * hkv * triton_cdiv(L, tr.FIXED["dkv"][128][1]), q.device)
+        out.append(row)
+        log("split " + json.dumps(row))
+        del q, r, k, v, do
+        torch.cuda.empty_cache()
+    return out
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def run_overhead(log, shapes=((4, 16, 16, 1024, 128), (4, 16, 16, 4096, 128))):
+    """Host time per call against device time: a short shape is host-bound when the first is larger."""
+    out = []
+    for b, hq, hkv, L, d in shapes:
+        torch.manual_seed(0)
+        q, r, k, v, do = _qrkvdo(b, hq, hkv, L, d)
+        row = dict(B=b, Hq=hq, L=L, D=d)
+
+        def fb():
+            for x in (q, r, k, v):
+                x.grad = None
+            parallax_attn(q, r, k, v, causal=True, backend="triton").backward(do)
+
+        def fwd_nograd():
+            with torch.no_grad():
+                parallax_attn(q, r, k, v, causal=True, backend="triton")
+        for name, fn in (("fwd_nograd", fwd_nograd), ("fwdbwd", fb)):
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            n = 30
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            host = (time.perf_counter() - t0) / n
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t0) / n
+            row[name] = dict(host_us=host * 1e6, wall_us=wall * 1e6, gpu_us=bench_ms(fn) * 1e3)
+        out.append(row)
+        log("overhead " + json.dumps(row))
+        del q, r, k, v, do
+        torch.cuda.empty_cache()
+    return out
 
 
 def table(rows):
@@ -341,10 +412,12 @@ def main():
     ap.add_argument("--atomic", action="store_true",
                     help="also time the opt-in fused backward (PARALLAX_TRAIN_BWD=atomic, non-deterministic)")
     ap.add_argument("--no-plx", action="store_true", help="skip parallax-kernel (its first call compiles a while)")
+    ap.add_argument("--split", action="store_true", help="time GQA dK/dV per kv head vs per query head")
+    ap.add_argument("--overhead", action="store_true", help="host vs device time per call")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("train_kernels.py needs a CUDA GPU")
-    if not (args.check or args.bench):
+    if not (args.check or args.bench or args.split or args.overhead):
         args.check = args.bench = True
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "train_kernels.log"), "a")
@@ -363,9 +436,16 @@ def main():
     def save():
         with open(os.path.join(args.out, "train_kernels.json"), "w") as f:
             json.dump(result, f, indent=1)
+    if args.overhead:
+        result["overhead"] = run_overhead(log)
+        save()
+    if args.sweep:
+        result["sweep"], result["chosen"] = run_sweep(log)
+        save()
+    if args.split:
+        result["split"] = run_split(log)
+        save()
     if args.bench:
-        if args.sweep:
-            result["sweep"], result["chosen"] = run_sweep(log)
         plx = None
         if not args.no_plx:
             try:
