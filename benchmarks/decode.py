@@ -210,17 +210,16 @@ def reps_for(roof_us):
 
 
 SWEEP = [
-    # (B, L, Hq, Hkv, page or None, [(num_stages, num_splits, other config), ...]): alternatives to the
-    # default config's choice (printed "chosen" when it is that choice): PDL always (1) or off (0),
-    # BLOCK_N 32.
-    (8, 1024, 32, 8, None, [(2, 8, {}), (2, 8, dict(PDL=1)), (3, 1, {}), (2, 16, {})]),
-    (1, 4096, 8, 8, None, [(2, 64, {}), (2, 64, dict(PDL=0)), (2, 32, {}), (3, 64, {})]),
-    (128, 4096, 8, 8, None, [(3, 1, {}), (3, 5, {}), (4, 1, dict(BLOCK_N=32))]),
-    (128, 4096, 32, 8, None, [(3, 1, {}), (3, 5, {}), (4, 1, dict(BLOCK_N=32))]),
-    (128, 16384, 8, 8, None, [(2, 5, {}), (3, 5, {}), (3, 1, {})]),
-    (32, 1024, 32, 8, None, [(3, 1, {}), (2, 2, {}), (2, 2, dict(PDL=1))]),
-    (1, 4096, 32, 8, 64, [(3, 64, {}), (3, 64, dict(PDL=0)), (3, 32, {})]),
-    (8, 4096, 32, 8, 64, [(3, 8, {}), (3, 8, dict(PDL=1)), (3, 16, {})]),
+    # paged 64 where it trails dense: one block-table entry per tile (default) or per key (PAGE_SCALAR 0)
+    (1, 1024, 32, 8, 64, [(3, 8, {}), (3, 8, dict(PAGE_SCALAR=0))]),
+    (1, 4096, 32, 8, 64, [(3, 64, {}), (2, 64, {}), (3, 64, dict(PAGE_SCALAR=0)), (2, 64, dict(PAGE_SCALAR=0)),
+                          (3, 32, {})]),
+    (8, 1024, 32, 8, 64, [(3, 8, {}), (2, 8, {}), (3, 8, dict(PAGE_SCALAR=0)), (2, 8, dict(PAGE_SCALAR=0)),
+                          (3, 4, {})]),
+    (32, 1024, 32, 8, 64, [(3, 2, {}), (3, 1, {}), (2, 2, {}), (3, 2, dict(PAGE_SCALAR=0)),
+                           (3, 1, dict(PAGE_SCALAR=0))]),
+    (8, 16384, 8, 8, 64, [(3, 8, {}), (2, 8, {}), (3, 8, dict(PAGE_SCALAR=0)), (2, 8, dict(PAGE_SCALAR=0))]),
+    (8, 4096, 32, 8, 256, [(3, 8, {}), (3, 8, dict(PAGE_SCALAR=0)), (2, 8, {})]),
 ]
 
 
@@ -340,6 +339,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-cute", action="store_true")
+    ap.add_argument("--no-grid", action="store_true", help="skip the timing grid (with --sweep)")
     ap.add_argument("--cute-budget", type=float, default=200.0, help="stop timing CuTeDSL after this many seconds")
     ap.add_argument("--sweep-deadline", type=float, default=1e9, help="stop the sweep after this many seconds")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -380,10 +380,12 @@ def main():
             results["cute_error"] = repr(e)[:400]
         log("cute:", plx is not None, results.get("cute_error", ""))
     results["config"] = dict(dec._CONFIG)
-    grid_section(results, bw, plx, args.cute_budget)
-    with open(os.path.join(args.out, "decode.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    print_grid(results)
+    results["grid"] = []
+    if not args.no_grid:
+        grid_section(results, bw, plx, args.cute_budget)
+        with open(os.path.join(args.out, "decode.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        print_grid(results)
     if args.sweep:
         sweep_section(results, bw, args.sweep_deadline)
         with open(os.path.join(args.out, "decode.json"), "w") as f:

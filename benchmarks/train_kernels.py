@@ -265,10 +265,9 @@ def run_bench(log, plx, grid, atomic=False):
     return rows
 
 
-SWEEP = {"fwd": [(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
-         "dq": [(128, 32, 8, 3), (128, 64, 8, 2), (128, 32, 8, 4), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2)],
-         "dkv": [(64, 128, 8, 2), (32, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 3), (16, 128, 8, 3),
-                 (64, 64, 4, 2), (32, 64, 4, 3), (64, 64, 8, 2), (128, 128, 8, 1)]}
+SWEEP = {"fwd": [(128, 64, 8, 3), (128, 64, 16, 3), (128, 128, 16, 2), (128, 64, 16, 2)],
+         "dq": [(128, 32, 8, 3), (128, 64, 16, 2), (128, 32, 16, 3), (128, 64, 16, 3)],
+         "dkv": [(64, 128, 8, 3), (64, 128, 16, 3), (128, 128, 16, 2), (64, 128, 16, 2), (32, 128, 16, 3)]}
 
 
 def _qrkvdo(b, hq, hkv, L, d):
@@ -312,34 +311,7 @@ def run_sweep(log, b=4, h=16, L=4096, d=128):
     return out, {n: tr.FIXED[n][128] for n in ("fwd", "dq", "dkv")}
 
 
-def run_split(log, shapes=((1, 16, 8, 4096, 128), (4, 32, 8, 4096, 128), (2, 16, 8, 8192, 128))):
-    """GQA dK/dV: one program per kv head (reduced in the kernel) vs per query head (+ group sum)."""
-    from parallax_attention.ops.triton import train as tr
-    out = []
-    for b, hq, hkv, L, d in shapes:
-        torch.manual_seed(0)
-        q, r, k, v, do = _qrkvdo(b, hq, hkv, L, d)
-        row = dict(B=b, Hq=hq, Hkv=hkv, L=L, D=d)
-        for split in (False, True):
-            tr.SPLIT_GROUPS = split
-            try:
-                row[f"split={split}"] = bench_ms(lambda: parallax_attn(q, r, k, v, causal=True, backend="triton")
-                                                 .backward(do), grad_to_none=[q, r, k, v])
-            finally:
-                tr.SPLIT_GROUPS = None
-        row["auto"] = tr._split_groups(b * hkv * triton_cdiv(L, tr.FIXED["dkv"][128][1]), q.device)
-        out.append(row)
-        log("split " + json.dumps(row))
-        del q, r, k, v, do
-        torch.cuda.empty_cache()
-    return out
-
-
-def triton_cdiv(a, b):
-    return -(-a // b)
-
-
-def run_overhead(log, shapes=((4, 16, 16, 1024, 128), (4, 16, 16, 4096, 128))):
+def run_overhead(log, shapes=((4, 16, 16, 1024, 128), (4, 16, 16, 4096, 128)), profile_host=True):
     """Host time per call against device time: a short shape is host-bound when the first is larger."""
     out = []
     for b, hq, hkv, L, d in shapes:
@@ -367,6 +339,19 @@ def run_overhead(log, shapes=((4, 16, 16, 1024, 128), (4, 16, 16, 4096, 128))):
             torch.cuda.synchronize()
             wall = (time.perf_counter() - t0) / n
             row[name] = dict(host_us=host * 1e6, wall_us=wall * 1e6, gpu_us=bench_ms(fn) * 1e3)
+        if profile_host and L <= 1024:
+            import cProfile
+            import io
+            import pstats
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(30):
+                fb()
+            prof.disable()
+            torch.cuda.synchronize()
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+            log(buf.getvalue())
         out.append(row)
         log("overhead " + json.dumps(row))
         del q, r, k, v, do
@@ -412,12 +397,11 @@ def main():
     ap.add_argument("--atomic", action="store_true",
                     help="also time the opt-in fused backward (PARALLAX_TRAIN_BWD=atomic, non-deterministic)")
     ap.add_argument("--no-plx", action="store_true", help="skip parallax-kernel (its first call compiles a while)")
-    ap.add_argument("--split", action="store_true", help="time GQA dK/dV per kv head vs per query head")
     ap.add_argument("--overhead", action="store_true", help="host vs device time per call")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("train_kernels.py needs a CUDA GPU")
-    if not (args.check or args.bench or args.split or args.overhead):
+    if not (args.check or args.bench or args.overhead):
         args.check = args.bench = True
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "train_kernels.log"), "a")
@@ -441,9 +425,6 @@ def main():
         save()
     if args.sweep:
         result["sweep"], result["chosen"] = run_sweep(log)
-        save()
-    if args.split:
-        result["split"] = run_split(log)
         save()
     if args.bench:
         plx = None

@@ -376,32 +376,16 @@ def _bwd_dkv_kernel(
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_kl, stride_kh,
     stride_sb, stride_sh,
-    stride_wb, stride_wl, stride_wh,
     seqlen_q, seqlen_k, scale, scale_log2, left, right, tune_key,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PREC: tl.constexpr,
-    FUSED: tl.constexpr = False, SPLIT_G: tl.constexpr = False,
+    FUSED: tl.constexpr = False,
 ):
-    """dK/dV of one key block. By default a program walks the G query heads of its kv head and
-    stores the reduced dK/dV (strides w*: the k layout). With SPLIT_G one program per query head
-    stores its own contribution into an fp32 (keys, Hq, D) workspace, which the caller sums over
-    each group in a fixed order: G times more programs when Hkv x key blocks alone would leave SMs
-    idle, still deterministic."""
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
-    if SPLIT_G:
-        b = (pid_bh // (HKV * G)).to(tl.int64)
-        h_out = pid_bh % (HKV * G)
-        hk = h_out // G
-        g_lo = h_out % G
-        g_hi = g_lo + 1
-    else:
-        b = (pid_bh // HKV).to(tl.int64)
-        hk = pid_bh % HKV
-        h_out = hk
-        g_lo = 0
-        g_hi = G
+    b = (pid_bh // HKV).to(tl.int64)
+    hk = pid_bh % HKV
     qs, lq, ks, lk = _seq_bounds(CUQ, CUK, b, seqlen_q, seqlen_k, VARLEN)
     n0 = pid_n * BLOCK_N
     if n0 >= lk:
@@ -417,7 +401,7 @@ def _bwd_dkv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     start, a, c, end = _query_ranges(n0, lq, lk, shift, left, right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    for g in range(g_lo, g_hi):
+    for g in range(G):
         h = hk * G + g
         q_base = b * stride_qb + qs * stride_ql + h * stride_qh
         s_base = b * stride_sb + h * stride_sh + qs
@@ -433,9 +417,8 @@ def _bwd_dkv_kernel(
         dk, dv = _dkv_tiles(dk, dv, k, v, Qp, Rp, DOp, LSE + s_base, TB + s_base, DELTA + s_base,
                             BETA + s_base, DQA + q_base, DRA + q_base, offs_n, offs_d, dmask, stride_ql, c, end, shift,
                             lq, lk, left, right, scale, scale_log2, True, HAS_LEFT, HAS_RIGHT, BLOCK_M, PREC, FUSED)
-    w_off = b * stride_wb + (ks + offs_n[:, None]) * stride_wl + h_out * stride_wh + offs_d[None, :]
-    tl.store(DK + w_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + w_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -476,11 +459,11 @@ def _bwd_pre_kernel(O, VB, DO, DELTA, BETA, CUQ,
 FIXED = {
     "fwd": {128: (128, 64, 8, 3), 256: (64, 32, 4, 2)},
     "dq": {128: (128, 32, 8, 3), 256: (64, 32, 4, 2)},
-    "dkv": {128: (64, 128, 8, 2), 256: (32, 64, 4, 2)},
+    "dkv": {128: (64, 128, 8, 3), 256: (32, 64, 4, 2)},
 }
 _FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
 _DQ_CONFIGS = [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)]
-_DKV_CONFIGS = [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3)]
+_DKV_CONFIGS = [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3)]
 _TUNE_KEY = ["tune_key", "BLOCK_D", "G", "VARLEN", "HAS_LEFT", "HAS_RIGHT"]
 
 # The interpreter runs one fixed, small configuration (tuning there would only cost time);
@@ -494,19 +477,12 @@ def _configs(table):
 
 _fwd_tuned = triton.autotune(_configs(_FWD_CONFIGS), key=_TUNE_KEY)(_fwd_kernel)
 _dq_tuned = triton.autotune(_configs(_DQ_CONFIGS), key=_TUNE_KEY)(_bwd_dq_kernel)
-_dkv_tuned = triton.autotune(_configs(_DKV_CONFIGS), key=_TUNE_KEY + ["SPLIT_G"])(_bwd_dkv_kernel)
+_dkv_tuned = triton.autotune(_configs(_DKV_CONFIGS), key=_TUNE_KEY)(_bwd_dkv_kernel)
 
 
 # The compiled kernel of each kernel's last fixed-configuration launch (registers, spills: the
 # benchmark's sweep reports them).
 LAST_COMPILED = {}
-
-
-def _blocks(name, meta):
-    """(BLOCK_M, BLOCK_N) the launch will use (the grid depends on them)."""
-    if _INTERPRET or os.environ.get("TRITON_INTERPRET") == "1":
-        return INTERPRET_BLOCKS[name]
-    return FIXED[name][128 if meta["BLOCK_D"] <= 128 else 256][:2]
 
 
 def _launch(tuned, raw, name, grid_of, args, meta):
@@ -606,43 +582,11 @@ def bwd(dout, q, r, k, v, out, vbar, lse, tbar, cu_q, cu_k, max_q: int, max_k: i
             lambda m: (batch * hq, triton.cdiv(max_q, m["BLOCK_M"])), args, dict(HQ=hq, **meta))
     if k.numel() == 0:
         return dq, dr, dk, dv
-    g = hq // hkv
-    split = g > 1 and _split_groups(batch * hkv * triton.cdiv(max_k, _blocks("dkv", meta)[1]), q.device)
-    if split:
-        # per query head, fp32: (.., keys, Hq, D) in k's layout with Hq heads
-        dkw = torch.empty((*k.shape[:-2], hq, d), device=k.device, dtype=torch.float32)
-        dvw = torch.empty_like(dkw)
-        sw = (0, dkw.stride(0), dkw.stride(1)) if varlen else (dkw.stride(0), dkw.stride(1), dkw.stride(2))
-        outs = (dkw, dvw)
-    else:
-        sw = sk
-        outs = (dk, dv)
-    args = (q, r, k, v, dout, lse, tbar, delta, beta, *outs, q, q, cu_q_arg, cu_k_arg, *sq, *sk, *ss, *sw,
+    args = (q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, q, q, cu_q_arg, cu_k_arg, *sq, *sk, *ss,
             max_q, max_k, scale, scale * LOG2E, left, right, key)
     _launch(_dkv_tuned, _bwd_dkv_kernel, "dkv",
-            lambda m: ((batch * hq if split else batch * hkv), triton.cdiv(max_k, m["BLOCK_N"])), args,
-            dict(HKV=hkv, SPLIT_G=split, **meta))
-    if split:
-        # a fixed-order sum over each group's query heads: deterministic
-        dk.copy_(dkw.unflatten(-2, (hkv, g)).sum(-2))
-        dv.copy_(dvw.unflatten(-2, (hkv, g)).sum(-2))
+            lambda m: (batch * hkv, triton.cdiv(max_k, m["BLOCK_N"])), args, dict(HKV=hkv, **meta))
     return dq, dr, dk, dv
-
-
-# When Hq > Hkv, the dK/dV kernel runs one program per query head (and the group sum afterwards)
-# if one program per kv head would give fewer than this many programs per SM. None: by this rule;
-# True / False: always / never (the benchmark's comparison).
-SPLIT_GROUPS_BELOW_PER_SM = 4
-SPLIT_GROUPS = None
-
-
-def _split_groups(programs: int, device) -> bool:
-    if SPLIT_GROUPS is not None:
-        return bool(SPLIT_GROUPS)
-    if device.type != "cuda":
-        return programs < SPLIT_GROUPS_BELOW_PER_SM * 132
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return programs < SPLIT_GROUPS_BELOW_PER_SM * sms
 
 
 def bwd_mode() -> str:
@@ -663,7 +607,7 @@ def _bwd_atomic(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dk, dv, cu_
     dqa = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     dra = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     if k.numel() > 0:
-        args = (q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, dqa, dra, cu_q_arg, cu_k_arg, *sq, *sk, *ss, *sk,
+        args = (q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, dqa, dra, cu_q_arg, cu_k_arg, *sq, *sk, *ss,
                 max_q, max_k, scale, scale * LOG2E, left, right, key)
         # never autotuned: timing runs would add into the accumulators
         interp = _INTERPRET or os.environ.get("TRITON_INTERPRET") == "1"
