@@ -392,6 +392,20 @@ def test_launch_config_earlier_rules():
         decode.set_config(**old)
 
 
+def test_page_scalar_by_grid_size():
+    """PAGE_SCALAR 2 (default): one block-table entry per tile only when the grid fits one wave."""
+    from parallax_attention.ops.triton import decode
+    assert decode.use_page_scalar(64, 132) and decode.use_page_scalar(132, 132)
+    assert not decode.use_page_scalar(512, 132)
+    old = decode.set_config(PAGE_SCALAR=1)
+    try:
+        assert decode.use_page_scalar(512, 132)
+        decode.set_config(PAGE_SCALAR=0)
+        assert not decode.use_page_scalar(8, 132)
+    finally:
+        decode.set_config(**old)
+
+
 def test_pdl_by_merge_grid_size():
     """PDL 1 always, 0 never, 2 (default) only for small merge grids: B=1 (8-32 programs) on, B=8 off."""
     from parallax_attention.ops.triton import decode
@@ -441,7 +455,7 @@ def test_page_per_tile_reads_match_per_key_reads(page, lq):
     vnew = torch.stack([v[i, n:n + lq] for i, n in enumerate(lens)])
     poison(k, v, lens)
     outs = []
-    for scalar in (1, 0):
+    for scalar in (1, 0):   # forced on / off (the default decides by grid size)
         kp, vp, bt = to_paged(k, v, page, torch.Generator().manual_seed(5))
         old = decode.set_config(PAGE_SCALAR=scalar)
         try:
@@ -453,6 +467,7 @@ def test_page_per_tile_reads_match_per_key_reads(page, lq):
             decode.set_config(**old)
     for out in outs:
         assert rel(out, exp) < tol(torch.float16)
+    # same keys in the same order: only the addressing differs
     assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
 
 
