@@ -68,6 +68,17 @@ def bench_train(model, batch, seqlen, steps, device):
     return statistics.median(times)
 
 
+def sdpa_backends(names):
+    """A context that restricts torch SDPA to the named backends (None: PyTorch's own choice)."""
+    import contextlib
+    if not names:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    table = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    return sdpa_kernel([table[n] for n in names])
+
+
 @torch.no_grad()
 def bench_generate(model, batch, prompt_len, new_tokens, device, reps):
     """Median seconds of generate() of new_tokens greedy tokens after a prompt_len prompt."""
@@ -99,6 +110,10 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=None, help="generated tokens (default 256)")
     ap.add_argument("--gen-reps", type=int, default=1)
     ap.add_argument("--backend", default="auto", help="op backend for attention='parallax'")
+    ap.add_argument("--sdpa-also", default="flash,efficient",
+                    help="also time softmax generation with SDPA limited to these backends (comma-separated; "
+                         "'' to skip): PyTorch's default picks cuDNN for decode, whose per-length plans cost "
+                         "host time at every step")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
 
@@ -150,6 +165,7 @@ def main():
     rows.append(("train fwd+bwd", f"B={args.train_batch} L={seqlen}", res["softmax"][0], res["parallax"][0],
                  "; ".join(n for _, n in res.values() if n)))
 
+    also = [x for x in args.sdpa_also.split(",") if x] if device.type == "cuda" else []
     for b in gen_batches:
         res = {}
         for attention in ("softmax", "parallax"):
@@ -158,6 +174,12 @@ def main():
             log(f"generate B={b} {attention}: {sec:.2f} s, {b * new / sec:,.0f} new tok/s {note}")
         rows.append(("generate", f"B={b} prompt={prompt} new={new}", res["softmax"][0], res["parallax"][0],
                      "; ".join(n for _, n in res.values() if n)))
+        if also:
+            with sdpa_backends(also):
+                sec, note = run("softmax", lambda m: bench_generate(m, b, prompt, new, device, args.gen_reps))
+            log(f"generate B={b} softmax (SDPA {'/'.join(also)}): {sec:.2f} s, {b * new / sec:,.0f} new tok/s")
+            rows.append(("generate, softmax SDPA " + "/".join(also), f"B={b} prompt={prompt} new={new}",
+                         b * new / sec, res["parallax"][0], note))
 
     for sec_name, shape, soft, plx, note in rows:
         results["rows"].append(dict(section=sec_name, shape=shape, softmax_tok_s=soft, parallax_tok_s=plx,

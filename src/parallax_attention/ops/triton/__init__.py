@@ -6,6 +6,10 @@ implementations and a registered autograd formula, so ``torch.compile(fullgraph=
 traces through them and a forward+backward step can be captured in a CUDA graph
 (the launch path reads no device values on the host; autotuning happens on the
 first call for a shape, which must therefore run before capture).
+
+Eager calls skip the custom-op dispatch and reach the same kernels through a plain
+autograd.Function: on the H200 host each custom-op call cost about 0.4 ms of Python,
+which made a forward+backward at B=4 H=16 L=1024 host-bound (1.3 ms host, 0.35 ms GPU).
 """
 
 from __future__ import annotations
@@ -74,6 +78,29 @@ def _backward(ctx, dout, _dvbar, _dlse, _dtbar):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _ParallaxTriton(torch.autograd.Function):
+    """The eager path: the custom ops' kernels and saved tensors, without their dispatch."""
+
+    @staticmethod
+    def forward(ctx, q, r, k, v, cu_q, cu_k, max_q, max_k, causal, scale, left, right):
+        out, vbar, lse, tbar = _train.fwd(q, r, k, v, cu_q, cu_k, max_q, max_k, causal, scale, left, right)
+        ctx.save_for_backward(q, r, k, v, out, vbar, lse, tbar, cu_q, cu_k)
+        ctx.conf = (max_q, max_k, causal, scale, left, right)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, r, k, v, out, vbar, lse, tbar, cu_q, cu_k = ctx.saved_tensors
+        dq, dr, dk, dv = _train.bwd(dout.contiguous(), q, r, k, v, out, vbar, lse, tbar, cu_q, cu_k, *ctx.conf)
+        return dq, dr, dk, dv, None, None, None, None, None, None, None, None
+
+
+def _attend(q, r, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float, left: int, right: int):
+    if torch.compiler.is_compiling():
+        return _fwd_op(q, r, k, v, cu_q, cu_k, max_q, max_k, causal, scale, left, right)[0]
+    return _ParallaxTriton.apply(q, r, k, v, cu_q, cu_k, max_q, max_k, causal, scale, left, right)
+
+
 def _torch_fallback_dense(q, r, k, v, causal, scale, window):
     from ..torch_backend import parallax_attn_torch
     return parallax_attn_torch(q, r, k, v, causal, scale, window)
@@ -85,9 +112,8 @@ def parallax_attn_triton(q, r, k, v, causal: bool, scale: float, window: tuple[i
     if q.dtype == torch.float64:
         return _torch_fallback_dense(q, r, k, v, causal, scale, window)
     q, r, k, v = (x.contiguous() for x in (q, r, k, v))
-    out = _fwd_op(q, r, k, v, None, None, q.shape[1], k.shape[1], bool(causal), float(scale),
-                  int(window[0]), int(window[1]))[0]
-    return out
+    return _attend(q, r, k, v, None, None, q.shape[1], k.shape[1], bool(causal), float(scale),
+                   int(window[0]), int(window[1]))
 
 
 def parallax_attn_varlen_triton(q, r, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
@@ -98,5 +124,5 @@ def parallax_attn_varlen_triton(q, r, k, v, cu_seqlens_q, cu_seqlens_k, max_seql
         return parallax_attn_varlen(q, r, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                     causal=causal, softmax_scale=scale, window_size=window, backend="torch")
     q, r, k, v = (x.contiguous() for x in (q, r, k, v))
-    return _fwd_op(q, r, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), int(max_seqlen_q),
-                   int(max_seqlen_k), bool(causal), float(scale), int(window[0]), int(window[1]))[0]
+    return _attend(q, r, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), int(max_seqlen_q),
+                   int(max_seqlen_k), bool(causal), float(scale), int(window[0]), int(window[1]))
