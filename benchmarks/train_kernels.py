@@ -265,9 +265,9 @@ def run_bench(log, plx, grid, atomic=False):
     return rows
 
 
-SWEEP = {"fwd": [(128, 64, 8, 3), (128, 64, 16, 3), (128, 128, 16, 2), (128, 64, 16, 2)],
-         "dq": [(128, 32, 8, 3), (128, 64, 16, 2), (128, 32, 16, 3), (128, 64, 16, 3)],
-         "dkv": [(64, 128, 8, 3), (64, 128, 16, 3), (128, 128, 16, 2), (64, 128, 16, 2), (32, 128, 16, 3)]}
+SWEEP = {"fwd": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)],
+         "dq": [(128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 4)],
+         "dkv": [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]}
 
 
 def _qrkvdo(b, hq, hkv, L, d):
@@ -398,6 +398,7 @@ def main():
                     help="also time the opt-in fused backward (PARALLAX_TRAIN_BWD=atomic, non-deterministic)")
     ap.add_argument("--no-plx", action="store_true", help="skip parallax-kernel (its first call compiles a while)")
     ap.add_argument("--overhead", action="store_true", help="host vs device time per call")
+    ap.add_argument("--no-tma", action="store_true", help="pointer loads only (no tensor descriptors)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("train_kernels.py needs a CUDA GPU")
@@ -412,8 +413,12 @@ def main():
         logf.flush()
 
     import triton
+
+    from parallax_attention.ops.triton import train as tr
+    if args.no_tma:
+        tr.USE_TMA = False
     env = dict(torch=torch.__version__, triton=triton.__version__, gpu=torch.cuda.get_device_name(),
-               autotune=os.environ.get("PARALLAX_TRAIN_AUTOTUNE", "0"))
+               autotune=os.environ.get("PARALLAX_TRAIN_AUTOTUNE", "0"), tma=tr.USE_TMA is not False)
     log(json.dumps(env))
     result = {"env": env}
 

@@ -174,6 +174,35 @@ def test_zero_probe_is_softmax_attention():
     assert _rel(out, sdpa) < 1e-5
 
 
+@pytest.mark.parametrize("case", [CASES[3], CASES[5], CASES[6], CASES[9], CASES[10]],
+                         ids=["mqa_lq_gt_lk", "window_unaligned", "two_sided", "d96", "d24"])
+def test_tma_and_pointer_loads_agree(case, monkeypatch):
+    # Dense 2-byte inputs stream their tiles through tensor descriptors (zero-filled past the end);
+    # the pointer path (varlen, fp32, unaligned strides) must give the same bits.
+    b, lq, lk, hq, hkv, d, causal, window = case
+    gen = torch.Generator().manual_seed(44)
+    q, r, k, v, do = _make(b, lq, lk, hq, hkv, d, torch.float16, gen=gen)
+    assert train_mod._use_tma(dict(VARLEN=False), [q, r, k, v])
+    f = lambda *x: parallax_attn(*x, causal=causal, window_size=window, backend="triton")  # noqa: E731
+    with_tma = _fwd_bwd(f, (q, r, k, v), do)
+    monkeypatch.setattr(train_mod, "USE_TMA", False)
+    with_pointers = _fwd_bwd(f, (q, r, k, v), do)
+    for a, b_ in zip(with_tma, with_pointers):
+        assert torch.equal(a, b_)
+    ref = _fwd_bwd(lambda *x: parallax_attn_reference(*x, causal=causal, window_size=window),
+                   [x.double() for x in (q, r, k, v)], do.double())
+    _compare(with_tma, ref, TOL[torch.float16])
+
+
+def test_tma_needs_aligned_strides():
+    x = torch.zeros(1, 8, 2, 24, dtype=torch.float16)
+    assert train_mod._use_tma(dict(VARLEN=False), [x])
+    assert not train_mod._use_tma(dict(VARLEN=True), [x])
+    assert not train_mod._use_tma(dict(VARLEN=False), [x.float()])
+    # a head dim of 20 halves: rows 40 bytes apart, not a multiple of 16
+    assert not train_mod._use_tma(dict(VARLEN=False), [torch.zeros(1, 8, 2, 20, dtype=torch.float16)])
+
+
 def test_backward_is_deterministic():
     gen = torch.Generator().manual_seed(6)
     q, r, k, v, do = _make(1, 45, 45, 4, 1, 32, torch.float32, gen=gen)

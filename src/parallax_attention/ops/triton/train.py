@@ -140,20 +140,35 @@ def _query_ranges(n0, lq, lk, shift, left, right, BLOCK_M: tl.constexpr, BLOCK_N
     return start, a, c, hi
 
 
+@triton.jit
+def _rows(P, DESC, b, h, row0, offs, offs_d, dmask, stride_l, limit,
+          BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+    """(BLOCK, BLOCK_D) tile of rows [row0, row0 + BLOCK) of head h; rows >= limit and columns >= D read 0.
+
+    TMA: a (B, L, H, D) tensor descriptor (dense layout only, where limit is the tensor's L and the
+    copy engine zero-fills out-of-bounds rows and columns); else masked pointer loads from P, the
+    head's first row.
+    """
+    if TMA:
+        return tl.reshape(DESC.load([b, row0, h, 0]), (BLOCK, BLOCK_D))
+    else:
+        mask = (offs < limit)[:, None] & dmask[None, :]
+        return tl.load(P + offs[:, None] * stride_l + offs_d[None, :], mask=mask, other=0.0)
+
+
 # ----------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------
 
 @triton.jit
-def _fwd_tiles(acc1, acc2, d1, d2, m_i, q, r, K, V, offs_m, offs_d, dmask, stride_kl, stride_vl,
+def _fwd_tiles(acc1, acc2, d1, d2, m_i, q, r, K, V, KD, VD, b32, hk, offs_m, offs_d, dmask, stride_kl,
                lo, hi, shift, lk, left, right, scale_log2,
                MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-               BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n < lk)[:, None] & dmask[None, :]
-        k = tl.load(K + offs_n[:, None] * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + offs_n[:, None] * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _rows(K, KD, b32, hk, n0, offs_n, offs_d, dmask, stride_kl, lk, BLOCK_N, BLOCK_D, TMA)
+        v = _rows(V, VD, b32, hk, n0, offs_n, offs_d, dmask, stride_kl, lk, BLOCK_N, BLOCK_D, TMA)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
         t = tl.dot(r, tl.trans(k), input_precision=PREC)
         if MASK:
@@ -175,7 +190,7 @@ def _fwd_tiles(acc1, acc2, d1, d2, m_i, q, r, K, V, offs_m, offs_d, dmask, strid
 
 @triton.jit
 def _fwd_kernel(
-    Q, R, K, V, O, VB, LSE, TB, CUQ, CUK,
+    Q, R, K, V, O, VB, LSE, TB, CUQ, CUK, KD, VD,
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_kl, stride_kh,
     stride_sb, stride_sh,
@@ -183,12 +198,14 @@ def _fwd_kernel(
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PREC: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     # heaviest row blocks (most keys under a causal mask) first
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    b32 = pid_bh // HQ
     # 64-bit batch index: b * stride_b overflows int32 once a tensor passes 2^31 elements
-    b = (pid_bh // HQ).to(tl.int64)
+    b = b32.to(tl.int64)
     h = pid_bh % HQ
     hk = h // G
     qs, lq, ks, lk = _seq_bounds(CUQ, CUK, b, seqlen_q, seqlen_k, VARLEN)
@@ -215,15 +232,15 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
     start, a, c, end = _key_ranges(m0, lq, lk, shift, left, right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    acc1, acc2, d1, d2, m_i = _fwd_tiles(acc1, acc2, d1, d2, m_i, q, r, Kp, Vp, offs_m, offs_d, dmask,
-                                         stride_kl, stride_kl, start, a, shift, lk, left, right,
-                                         scale_log2, True, HAS_LEFT, HAS_RIGHT, BLOCK_N, PREC)
-    acc1, acc2, d1, d2, m_i = _fwd_tiles(acc1, acc2, d1, d2, m_i, q, r, Kp, Vp, offs_m, offs_d, dmask,
-                                         stride_kl, stride_kl, a, c, shift, lk, left, right,
-                                         scale_log2, False, HAS_LEFT, HAS_RIGHT, BLOCK_N, PREC)
-    acc1, acc2, d1, d2, m_i = _fwd_tiles(acc1, acc2, d1, d2, m_i, q, r, Kp, Vp, offs_m, offs_d, dmask,
-                                         stride_kl, stride_kl, c, end, shift, lk, left, right,
-                                         scale_log2, True, HAS_LEFT, HAS_RIGHT, BLOCK_N, PREC)
+    acc1, acc2, d1, d2, m_i = _fwd_tiles(acc1, acc2, d1, d2, m_i, q, r, Kp, Vp, KD, VD, b32, hk, offs_m, offs_d,
+                                         dmask, stride_kl, start, a, shift, lk, left, right,
+                                         scale_log2, True, HAS_LEFT, HAS_RIGHT, BLOCK_N, BLOCK_D, PREC, TMA)
+    acc1, acc2, d1, d2, m_i = _fwd_tiles(acc1, acc2, d1, d2, m_i, q, r, Kp, Vp, KD, VD, b32, hk, offs_m, offs_d,
+                                         dmask, stride_kl, a, c, shift, lk, left, right,
+                                         scale_log2, False, HAS_LEFT, HAS_RIGHT, BLOCK_N, BLOCK_D, PREC, TMA)
+    acc1, acc2, d1, d2, m_i = _fwd_tiles(acc1, acc2, d1, d2, m_i, q, r, Kp, Vp, KD, VD, b32, hk, offs_m, offs_d,
+                                         dmask, stride_kl, c, end, shift, lk, left, right,
+                                         scale_log2, True, HAS_LEFT, HAS_RIGHT, BLOCK_N, BLOCK_D, PREC, TMA)
 
     has = d1 > 0.0
     inv = tl.where(has, 1.0 / tl.where(has, d1, 1.0), 0.0)
@@ -243,15 +260,14 @@ def _fwd_kernel(
 # ----------------------------------------------------------------------------------------
 
 @triton.jit
-def _dq_tiles(dq, dr, q, r, do, lse2, tb, delta, beta, K, V, offs_m, offs_d, dmask, stride_kl,
+def _dq_tiles(dq, dr, q, r, do, lse2, tb, delta, beta, K, V, KD, VD, b32, hk, offs_m, offs_d, dmask, stride_kl,
               lo, hi, shift, lk, left, right, scale_log2,
               MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-              BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n < lk)[:, None] & dmask[None, :]
-        k = tl.load(K + offs_n[:, None] * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + offs_n[:, None] * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _rows(K, KD, b32, hk, n0, offs_n, offs_d, dmask, stride_kl, lk, BLOCK_N, BLOCK_D, TMA)
+        v = _rows(V, VD, b32, hk, n0, offs_n, offs_d, dmask, stride_kl, lk, BLOCK_N, BLOCK_D, TMA)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
         t = tl.dot(r, tl.trans(k), input_precision=PREC)
         if MASK:
@@ -268,7 +284,7 @@ def _dq_tiles(dq, dr, q, r, do, lse2, tb, delta, beta, K, V, offs_m, offs_d, dma
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, R, K, V, O, VB, DO, LSE, TB, DELTA, BETA, DQ, DR, CUQ, CUK,
+    Q, R, K, V, O, VB, DO, LSE, TB, DELTA, BETA, DQ, DR, CUQ, CUK, KD, VD,
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_kl, stride_kh,
     stride_sb, stride_sh,
@@ -276,11 +292,13 @@ def _bwd_dq_kernel(
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PREC: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    b32 = pid_bh // HQ
     # 64-bit batch index: b * stride_b overflows int32 once a tensor passes 2^31 elements
-    b = (pid_bh // HQ).to(tl.int64)
+    b = b32.to(tl.int64)
     h = pid_bh % HQ
     hk = h // G
     qs, lq, ks, lk = _seq_bounds(CUQ, CUK, b, seqlen_q, seqlen_k, VARLEN)
@@ -313,12 +331,15 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dr = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     start, a, c, end = _key_ranges(m0, lq, lk, shift, left, right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    dq, dr = _dq_tiles(dq, dr, q, r, do, lse2, tb, delta, beta, Kp, Vp, offs_m, offs_d, dmask, stride_kl,
-                       start, a, shift, lk, left, right, scale_log2, True, HAS_LEFT, HAS_RIGHT, BLOCK_N, PREC)
-    dq, dr = _dq_tiles(dq, dr, q, r, do, lse2, tb, delta, beta, Kp, Vp, offs_m, offs_d, dmask, stride_kl,
-                       a, c, shift, lk, left, right, scale_log2, False, HAS_LEFT, HAS_RIGHT, BLOCK_N, PREC)
-    dq, dr = _dq_tiles(dq, dr, q, r, do, lse2, tb, delta, beta, Kp, Vp, offs_m, offs_d, dmask, stride_kl,
-                       c, end, shift, lk, left, right, scale_log2, True, HAS_LEFT, HAS_RIGHT, BLOCK_N, PREC)
+    dq, dr = _dq_tiles(dq, dr, q, r, do, lse2, tb, delta, beta, Kp, Vp, KD, VD, b32, hk, offs_m, offs_d, dmask,
+                       stride_kl, start, a, shift, lk, left, right, scale_log2, True, HAS_LEFT, HAS_RIGHT, BLOCK_N,
+                       BLOCK_D, PREC, TMA)
+    dq, dr = _dq_tiles(dq, dr, q, r, do, lse2, tb, delta, beta, Kp, Vp, KD, VD, b32, hk, offs_m, offs_d, dmask,
+                       stride_kl, a, c, shift, lk, left, right, scale_log2, False, HAS_LEFT, HAS_RIGHT, BLOCK_N,
+                       BLOCK_D, PREC, TMA)
+    dq, dr = _dq_tiles(dq, dr, q, r, do, lse2, tb, delta, beta, Kp, Vp, KD, VD, b32, hk, offs_m, offs_d, dmask,
+                       stride_kl, c, end, shift, lk, left, right, scale_log2, True, HAS_LEFT, HAS_RIGHT, BLOCK_N,
+                       BLOCK_D, PREC, TMA)
     tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=io_mask)
     # dS2 = -p (a - beta), so dr = -(pa K)
     tl.store(DR + q_off, (-dr).to(DR.dtype.element_ty), mask=io_mask)
@@ -329,10 +350,11 @@ def _bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------
 
 @triton.jit
-def _dkv_tiles(dk, dv, k, v, Q, R, DO, LSE, TB, DELTA, BETA, DQA, DRA, offs_n, offs_d, dmask, stride_ql,
-               lo, hi, shift, lq, lk, left, right, scale, scale_log2,
+def _dkv_tiles(dk, dv, k, v, Q, R, DO, QD, RD, DOD, b32, h, LSE, TB, DELTA, BETA, DQA, DRA, offs_n, offs_d, dmask,
+               stride_ql, lo, hi, shift, lq, lk, left, right, scale, scale_log2,
                MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-               BLOCK_M: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr,
+               TMA: tl.constexpr):
     # Tiles are held transposed (keys x queries) so that P^T and dS^T feed the MMAs
     # for dv and dk without a register transpose.
     for m0 in range(lo, hi, BLOCK_M):
@@ -340,9 +362,9 @@ def _dkv_tiles(dk, dv, k, v, Q, R, DO, LSE, TB, DELTA, BETA, DQA, DRA, offs_n, o
         row_mask = offs_m < lq
         io_mask = row_mask[:, None] & dmask[None, :]
         q_off = offs_m[:, None] * stride_ql + offs_d[None, :]
-        q = tl.load(Q + q_off, mask=io_mask, other=0.0)
-        r = tl.load(R + q_off, mask=io_mask, other=0.0)
-        do = tl.load(DO + q_off, mask=io_mask, other=0.0)
+        q = _rows(Q, QD, b32, h, m0, offs_m, offs_d, dmask, stride_ql, lq, BLOCK_M, BLOCK_D, TMA)
+        r = _rows(R, RD, b32, h, m0, offs_m, offs_d, dmask, stride_ql, lq, BLOCK_M, BLOCK_D, TMA)
+        do = _rows(DO, DOD, b32, h, m0, offs_m, offs_d, dmask, stride_ql, lq, BLOCK_M, BLOCK_D, TMA)
         lse2 = tl.load(LSE + offs_m, mask=row_mask, other=float("inf"))
         tb = tl.load(TB + offs_m, mask=row_mask, other=0.0)
         delta = tl.load(DELTA + offs_m, mask=row_mask, other=0.0)
@@ -372,7 +394,7 @@ def _dkv_tiles(dk, dv, k, v, Q, R, DO, LSE, TB, DELTA, BETA, DQA, DRA, offs_n, o
 
 @triton.jit
 def _bwd_dkv_kernel(
-    Q, R, K, V, DO, LSE, TB, DELTA, BETA, DK, DV, DQA, DRA, CUQ, CUK,
+    Q, R, K, V, DO, LSE, TB, DELTA, BETA, DK, DV, DQA, DRA, CUQ, CUK, QD, RD, DOD,
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_kl, stride_kh,
     stride_sb, stride_sh,
@@ -380,11 +402,12 @@ def _bwd_dkv_kernel(
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PREC: tl.constexpr,
-    FUSED: tl.constexpr = False,
+    FUSED: tl.constexpr = False, TMA: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
-    b = (pid_bh // HKV).to(tl.int64)
+    b32 = pid_bh // HKV
+    b = b32.to(tl.int64)
     hk = pid_bh % HKV
     qs, lq, ks, lk = _seq_bounds(CUQ, CUK, b, seqlen_q, seqlen_k, VARLEN)
     n0 = pid_n * BLOCK_N
@@ -408,15 +431,18 @@ def _bwd_dkv_kernel(
         Qp = Q + q_base
         Rp = R + q_base
         DOp = DO + q_base
-        dk, dv = _dkv_tiles(dk, dv, k, v, Qp, Rp, DOp, LSE + s_base, TB + s_base, DELTA + s_base,
-                            BETA + s_base, DQA + q_base, DRA + q_base, offs_n, offs_d, dmask, stride_ql, start, a, shift,
-                            lq, lk, left, right, scale, scale_log2, True, HAS_LEFT, HAS_RIGHT, BLOCK_M, PREC, FUSED)
-        dk, dv = _dkv_tiles(dk, dv, k, v, Qp, Rp, DOp, LSE + s_base, TB + s_base, DELTA + s_base,
-                            BETA + s_base, DQA + q_base, DRA + q_base, offs_n, offs_d, dmask, stride_ql, a, c, shift,
-                            lq, lk, left, right, scale, scale_log2, False, HAS_LEFT, HAS_RIGHT, BLOCK_M, PREC, FUSED)
-        dk, dv = _dkv_tiles(dk, dv, k, v, Qp, Rp, DOp, LSE + s_base, TB + s_base, DELTA + s_base,
-                            BETA + s_base, DQA + q_base, DRA + q_base, offs_n, offs_d, dmask, stride_ql, c, end, shift,
-                            lq, lk, left, right, scale, scale_log2, True, HAS_LEFT, HAS_RIGHT, BLOCK_M, PREC, FUSED)
+        dk, dv = _dkv_tiles(dk, dv, k, v, Qp, Rp, DOp, QD, RD, DOD, b32, h, LSE + s_base, TB + s_base,
+                            DELTA + s_base, BETA + s_base, DQA + q_base, DRA + q_base, offs_n, offs_d, dmask,
+                            stride_ql, start, a, shift, lq, lk, left, right, scale, scale_log2, True, HAS_LEFT,
+                            HAS_RIGHT, BLOCK_M, BLOCK_D, PREC, FUSED, TMA)
+        dk, dv = _dkv_tiles(dk, dv, k, v, Qp, Rp, DOp, QD, RD, DOD, b32, h, LSE + s_base, TB + s_base,
+                            DELTA + s_base, BETA + s_base, DQA + q_base, DRA + q_base, offs_n, offs_d, dmask,
+                            stride_ql, a, c, shift, lq, lk, left, right, scale, scale_log2, False, HAS_LEFT,
+                            HAS_RIGHT, BLOCK_M, BLOCK_D, PREC, FUSED, TMA)
+        dk, dv = _dkv_tiles(dk, dv, k, v, Qp, Rp, DOp, QD, RD, DOD, b32, h, LSE + s_base, TB + s_base,
+                            DELTA + s_base, BETA + s_base, DQA + q_base, DRA + q_base, offs_n, offs_d, dmask,
+                            stride_ql, c, end, shift, lq, lk, left, right, scale, scale_log2, True, HAS_LEFT,
+                            HAS_RIGHT, BLOCK_M, BLOCK_D, PREC, FUSED, TMA)
     tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -485,16 +511,49 @@ _dkv_tuned = triton.autotune(_configs(_DKV_CONFIGS), key=_TUNE_KEY)(_bwd_dkv_ker
 LAST_COMPILED = {}
 
 
-def _launch(tuned, raw, name, grid_of, args, meta):
+# Tiles streamed in a kernel's inner loop are read with TMA (tensor descriptors) where possible:
+# no per-element address registers, and the copy engine zero-fills rows past the end. None: where
+# usable (dense layout, 2-byte dtype, 16-byte aligned strides; Hopper or newer, or the interpreter);
+# False: never (pointer loads everywhere, as varlen inputs always use).
+USE_TMA = None
+
+
+def _use_tma(meta, tensors) -> bool:
+    if USE_TMA is False or meta["VARLEN"] or not tensors:
+        return False
+    for t in tensors:
+        esize = t.element_size()
+        if esize != 2 or t.dim() != 4 or t.stride(-1) != 1 or t.data_ptr() % 16 or \
+                any(st * esize % 16 for st in t.stride()[:-1]):
+            return False
+    t = tensors[0]
     if _INTERPRET or os.environ.get("TRITON_INTERPRET") == "1":
-        bm, bn = INTERPRET_BLOCKS[name]
-        raw[grid_of({"BLOCK_M": bm, "BLOCK_N": bn})](*args, BLOCK_M=bm, BLOCK_N=bn, **meta)
+        return True
+    return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
+def _launch(tuned, raw, name, grid_of, head, tail, meta, tiles=()):
+    """Launch with the fixed (or autotuned) configuration. The kernel's arguments are head, one
+    argument per entry of tiles, then tail; tiles are (tensor, "M" or "N"): a (B, L, H, D) tensor
+    whose rows the kernel streams in BLOCK_M or BLOCK_N tiles, passed as a tensor descriptor when
+    TMA is used and as the tensor (unused) otherwise."""
+    tensors = [t for t, _ in tiles]
+    if _INTERPRET or os.environ.get("TRITON_INTERPRET") == "1":
+        (bm, bn), launch = INTERPRET_BLOCKS[name], {}
     elif os.environ.get("PARALLAX_TRAIN_AUTOTUNE") == "1":
-        tuned[grid_of](*args, **meta)
+        # descriptors are built for one tile shape, so tuned launches use pointer loads
+        tuned[grid_of](*head, *tensors, *tail, TMA=False, **meta)
+        return
     else:
         bm, bn, w, st = FIXED[name][128 if meta["BLOCK_D"] <= 128 else 256]
-        LAST_COMPILED[name] = raw[grid_of({"BLOCK_M": bm, "BLOCK_N": bn})](
-            *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, **meta)
+        launch = dict(num_warps=w, num_stages=st)
+    tma = _use_tma(meta, tensors)
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        tensors = [TensorDescriptor(t, list(t.shape), list(t.stride()),
+                                    [1, bm if which == "M" else bn, 1, meta["BLOCK_D"]]) for t, which in tiles]
+    LAST_COMPILED[name] = raw[grid_of({"BLOCK_M": bm, "BLOCK_N": bn})](
+        *head, *tensors, *tail, BLOCK_M=bm, BLOCK_N=bn, TMA=tma, **launch, **meta)
 
 
 def _mask_args(causal: bool, left: int, right: int):
@@ -547,12 +606,12 @@ def fwd(q, r, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: flo
     has_left, left, has_right, right = _mask_args(causal, left, right)
     cu_q_arg = cu_q if varlen else q
     cu_k_arg = cu_k if varlen else q
-    args = (q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg, *sq, *sk, *ss, max_q, max_k,
-            scale * LOG2E, left, right, _tune_key(max_q, max_k))
+    head = (q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg)
+    tail = (*sq, *sk, *ss, max_q, max_k, scale * LOG2E, left, right, _tune_key(max_q, max_k))
     meta = dict(HQ=hq, G=hq // hkv, D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), VARLEN=varlen,
                 HAS_LEFT=has_left, HAS_RIGHT=has_right, PREC=_prec(q.dtype))
     _launch(_fwd_tuned, _fwd_kernel, "fwd",
-            lambda m: (batch * hq, triton.cdiv(max_q, m["BLOCK_M"])), args, meta)
+            lambda m: (batch * hq, triton.cdiv(max_q, m["BLOCK_M"])), head, tail, meta, ((k, "N"), (v, "N")))
     return out, vbar, lse, tbar
 
 
@@ -573,19 +632,18 @@ def bwd(dout, q, r, k, v, out, vbar, lse, tbar, cu_q, cu_k, max_q: int, max_k: i
     key = _tune_key(max_q, max_k)
     meta = dict(G=hq // hkv, D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), VARLEN=varlen,
                 HAS_LEFT=has_left, HAS_RIGHT=has_right, PREC=_prec(q.dtype))
-    args = (q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg, cu_k_arg, *sq, *sk, *ss,
-            max_q, max_k, scale, scale * LOG2E, left, right, key)
+    tail = (*sq, *sk, *ss, max_q, max_k, scale, scale * LOG2E, left, right, key)
     if bwd_mode() == "atomic":
         return _bwd_atomic(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
                            batch, hq, hkv, sq, sk, ss, max_q, max_k, scale, left, right, key, meta)
-    _launch(_dq_tuned, _bwd_dq_kernel, "dq",
-            lambda m: (batch * hq, triton.cdiv(max_q, m["BLOCK_M"])), args, dict(HQ=hq, **meta))
+    head = (q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg, cu_k_arg)
+    _launch(_dq_tuned, _bwd_dq_kernel, "dq", lambda m: (batch * hq, triton.cdiv(max_q, m["BLOCK_M"])),
+            head, tail, dict(HQ=hq, **meta), ((k, "N"), (v, "N")))
     if k.numel() == 0:
         return dq, dr, dk, dv
-    args = (q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, q, q, cu_q_arg, cu_k_arg, *sq, *sk, *ss,
-            max_q, max_k, scale, scale * LOG2E, left, right, key)
-    _launch(_dkv_tuned, _bwd_dkv_kernel, "dkv",
-            lambda m: (batch * hkv, triton.cdiv(max_k, m["BLOCK_N"])), args, dict(HKV=hkv, **meta))
+    head = (q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, q, q, cu_q_arg, cu_k_arg)
+    _launch(_dkv_tuned, _bwd_dkv_kernel, "dkv", lambda m: (batch * hkv, triton.cdiv(max_k, m["BLOCK_N"])),
+            head, tail, dict(HKV=hkv, **meta), ((q, "M"), (r, "M"), (dout, "M")))
     return dq, dr, dk, dv
 
 
@@ -607,8 +665,8 @@ def _bwd_atomic(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dk, dv, cu_
     dqa = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     dra = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     if k.numel() > 0:
-        args = (q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, dqa, dra, cu_q_arg, cu_k_arg, *sq, *sk, *ss,
-                max_q, max_k, scale, scale * LOG2E, left, right, key)
+        args = (q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, dqa, dra, cu_q_arg, cu_k_arg, q, r, dout,
+                *sq, *sk, *ss, max_q, max_k, scale, scale * LOG2E, left, right, key)
         # never autotuned: timing runs would add into the accumulators
         interp = _INTERPRET or os.environ.get("TRITON_INTERPRET") == "1"
         if interp:
