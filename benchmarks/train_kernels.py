@@ -311,6 +311,23 @@ def run_sweep(log, b=4, h=16, L=4096, d=128):
     return out, {n: tr.FIXED[n][128] for n in ("fwd", "dq", "dkv")}
 
 
+def run_tma_ab(log, b=4, h=16, L=4096, d=128, rounds=3):
+    """Forward and forward+backward with the forward's K/V through TMA or pointer loads, interleaved
+    in one process (clock drift between runs is larger than the difference)."""
+    from parallax_attention.ops.triton import train as tr
+    torch.manual_seed(0)
+    q, r, k, v, do = _qrkvdo(b, h, h, L, d)
+    f = lambda: parallax_attn(q, r, k, v, causal=True, backend="triton")  # noqa: E731
+    out = {"tma": [], "pointers": []}
+    for _ in range(rounds):
+        for name, mode in (("tma", None), ("pointers", False)):
+            tr.USE_TMA = mode
+            out[name].append((bench_ms(f), bench_ms(lambda: f().backward(do), grad_to_none=[q, r, k, v])))
+    tr.USE_TMA = None
+    log("tma_ab " + json.dumps(out))
+    return out
+
+
 def run_overhead(log, shapes=((4, 16, 16, 1024, 128), (4, 16, 16, 4096, 128)), profile_host=True):
     """Host time per call against device time: a short shape is host-bound when the first is larger."""
     out = []
@@ -399,10 +416,11 @@ def main():
     ap.add_argument("--no-plx", action="store_true", help="skip parallax-kernel (its first call compiles a while)")
     ap.add_argument("--overhead", action="store_true", help="host vs device time per call")
     ap.add_argument("--no-tma", action="store_true", help="pointer loads only (no tensor descriptors)")
+    ap.add_argument("--tma-ab", action="store_true", help="forward K/V through TMA vs pointer loads, interleaved")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("train_kernels.py needs a CUDA GPU")
-    if not (args.check or args.bench or args.overhead):
+    if not (args.check or args.bench or args.overhead or args.tma_ab):
         args.check = args.bench = True
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "train_kernels.log"), "a")
@@ -425,6 +443,9 @@ def main():
     def save():
         with open(os.path.join(args.out, "train_kernels.json"), "w") as f:
             json.dump(result, f, indent=1)
+    if args.tma_ab:
+        result["tma_ab"] = run_tma_ab(log)
+        save()
     if args.overhead:
         result["overhead"] = run_overhead(log)
         save()

@@ -183,6 +183,7 @@ def test_tma_and_pointer_loads_agree(case, monkeypatch):
     gen = torch.Generator().manual_seed(44)
     q, r, k, v, do = _make(b, lq, lk, hq, hkv, d, torch.float16, gen=gen)
     assert train_mod._use_tma(dict(VARLEN=False), [q, r, k, v])
+    monkeypatch.setattr(train_mod, "TMA_KERNELS", frozenset({"fwd", "dq", "dkv"}))
     f = lambda *x: parallax_attn(*x, causal=causal, window_size=window, backend="triton")  # noqa: E731
     with_tma = _fwd_bwd(f, (q, r, k, v), do)
     monkeypatch.setattr(train_mod, "USE_TMA", False)
