@@ -35,6 +35,39 @@ def _check_choice(name, value, choices):
         raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
 
 
+def _fusable(x: torch.Tensor, norm, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether norm + RoPE can run as one Triton kernel: CUDA inference on contiguous tensors of one dtype."""
+    if not x.is_cuda or x.shape[-1] % 2 or not x.is_contiguous():
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or (norm is not None and norm.weight.requires_grad)):
+        return False
+    if norm is not None and norm.weight.dtype != x.dtype:
+        return False
+    if cos.dim() != 3 or cos.dtype != x.dtype or sin.dtype != x.dtype or not (cos.is_contiguous() and
+                                                                                sin.is_contiguous()):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def norm_rope(x: torch.Tensor, norm, cos: torch.Tensor, sin: torch.Tensor, rope: bool = True) -> torch.Tensor:
+    """Per-head RMSNorm (a module, or None) then RoPE (when rope) of x (batch, seqlen, heads, head_dim).
+
+    CUDA inference runs both in one Triton kernel (a decode step is bound by kernel launches);
+    training and other devices run the modules.
+    """
+    if (norm is not None or rope) and _fusable(x, norm, cos, sin):
+        from ..ops.triton.norm_rope import norm_rope_triton
+        return norm_rope_triton(x, norm.weight if norm is not None else None, norm.eps if norm is not None else 0.0,
+                                cos if rope else None, sin if rope else None)
+    if norm is not None:
+        x = norm(x)
+    return apply_rotary(x, cos, sin) if rope else x
+
+
 def visible_mask(lq: int, lk: int, window: tuple[int, int], device, key_mask=None) -> torch.Tensor:
     """Boolean (batch or 1, 1, lq, lk) mask: the op's bottom-right causal window, minus padded keys."""
     vis = _op_visible_mask(torch.arange(lq, device=device), torch.arange(lk, device=device), lk - lq,
@@ -146,11 +179,7 @@ class ParallaxAttention(nn.Module):
 
     def probe(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The probe r (batch, seqlen, heads, head_dim) for input x; used by diagnostics too."""
-        r = self._heads(self.r_proj(x), self.num_heads)
-        if self.r_norm is not None:
-            r = self.r_norm(r)
-        if self.probe_rope:
-            r = apply_rotary(r, cos, sin)
+        r = norm_rope(self._heads(self.r_proj(x), self.num_heads), self.r_norm, cos, sin, self.probe_rope)
         if self.r_gate is not None:
             r = r * torch.sigmoid(self.r_gate(x)).unsqueeze(-1)
         return r
@@ -177,12 +206,9 @@ class ParallaxAttention(nn.Module):
             position_embeddings = self.rotary(position_ids, x.dtype)
         cos, sin = position_embeddings
 
-        q = self._heads(self.q_proj(x), self.num_heads)
-        k = self._heads(self.k_proj(x), self.num_kv_heads)
+        q = norm_rope(self._heads(self.q_proj(x), self.num_heads), self.q_norm, cos, sin)
+        k = norm_rope(self._heads(self.k_proj(x), self.num_kv_heads), self.k_norm, cos, sin)
         v = self._heads(self.v_proj(x), self.num_kv_heads)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         r = self.probe(x, cos, sin) if self.attention == "parallax" else None
 
         past = 0

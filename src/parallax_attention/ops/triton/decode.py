@@ -348,6 +348,15 @@ def launch_config(batch: int, heads_kv: int, rows: int, keys: int, d: int, esize
     """
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 132
+    # Decisions are made per whole K/V tile, so a cache that grows by one token per step (transformers'
+    # DynamicCache) reuses one decision for BLOCK_N steps.
+    keys = _cdiv(keys, _CONFIG["BLOCK_N"]) * _CONFIG["BLOCK_N"]
+    return _choose(batch, heads_kv, rows, keys, d, esize, paged, sms, tuple(sorted(_CONFIG.items())))
+
+
+@functools.lru_cache(maxsize=4096)
+def _choose(batch: int, heads_kv: int, rows: int, keys: int, d: int, esize: int, paged: bool, sms: int,
+            config: tuple) -> tuple[int, int]:
     block_n = _CONFIG["BLOCK_N"]
     block_m = max(8 if _CONFIG["STACKED"] else 16, 1 << max(0, (rows - 1).bit_length()))
     block_d = max(16, 1 << max(0, (d - 1).bit_length()))
