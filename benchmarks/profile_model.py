@@ -83,11 +83,24 @@ def profile_generate(args, dev) -> None:
             torch.cuda.synchronize()
         events = prof.key_averages()
         gpu = sum(e.self_device_time_total for e in events if e.device_time_total > 0)
+        import cProfile
+        import io
+        import pstats
+        cprof = cProfile.Profile()
+        cprof.enable()
+        model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **kw)
+        cprof.disable()
+        torch.cuda.synchronize()
+        buf = io.StringIO()
+        pstats.Stats(cprof, stream=buf).sort_stats("tottime").print_stats(args.top)
+        host_top = buf.getvalue()
         print(f"\n== generate {attention}: B={args.gen_batch}, {wall * 1e3:.2f} ms per new token (unprofiled), "
               f"device time {gpu / 1e3 / args.new_tokens:.2f} ms per new token")
         for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:args.top]:
             print(f"{e.self_cpu_time_total / 1e3 / args.new_tokens:8.3f} ms/token host  {e.count:6d}x  "
                   f"{e.self_device_time_total / 1e3 / args.new_tokens:8.3f} ms/token device  {e.key[:80]}")
+        print(f"-- Python functions by own host time, {args.new_tokens} new tokens (cProfile):")
+        print(host_top)
         del model
         torch.cuda.empty_cache()
 

@@ -320,7 +320,7 @@ def run_tma_ab(log, b=4, h=16, L=4096, d=128, rounds=3):
     f = lambda: parallax_attn(q, r, k, v, causal=True, backend="triton")  # noqa: E731
     out = {"tma": [], "pointers": []}
     for _ in range(rounds):
-        for name, mode in (("tma", None), ("pointers", False)):
+        for name, mode in (("tma", True), ("pointers", False)):
             tr.USE_TMA = mode
             out[name].append((bench_ms(f), bench_ms(lambda: f().backward(do), grad_to_none=[q, r, k, v])))
     tr.USE_TMA = None

@@ -514,16 +514,21 @@ LAST_COMPILED = {}
 # Tiles streamed in a kernel's inner loop can be read with TMA (tensor descriptors): no per-element
 # address registers, and the copy engine zero-fills rows past the end. USE_TMA None: where usable
 # (dense layout, 2-byte dtype, 16-byte aligned strides; Hopper or newer, or the interpreter) for the
-# kernels in TMA_KERNELS; False: never (pointer loads everywhere, as varlen inputs always use).
+# kernels in TMA_KERNELS and sequences of TMA_MIN_KEYS keys or more; True: also shorter ones;
+# False: never (pointer loads everywhere, as varlen inputs always use).
 # Measured on the H200 (B=4 H=16 L=4096 D=128 bf16): the backward kernels spilled more registers
 # with descriptors (dq/dr 0 -> 12, dk/dv 30 -> 68) and forward+backward slowed from 4.55 to 4.76 ms,
 # and building five descriptors per call made L=1024 host-bound (0.55 -> 0.92 ms); so by default
-# only the forward streams K/V through TMA.
+# only the forward streams K/V through TMA (interleaved A/B, median of 3: forward 1.114 against
+# 1.143 ms, forward+backward 4.58 against 4.62 ms), and only for sequences of at least
+# TMA_MIN_KEYS keys on a GPU: building the two descriptors costs about 0.15 ms of host time per
+# call, which short sequences cannot hide.
 USE_TMA = None
 TMA_KERNELS = frozenset({"fwd"})
+TMA_MIN_KEYS = 2048
 
 
-def _use_tma(meta, tensors) -> bool:
+def _use_tma(meta, tensors, keys: int | None = None) -> bool:
     if USE_TMA is False or meta["VARLEN"] or not tensors:
         return False
     for t in tensors:
@@ -534,10 +539,12 @@ def _use_tma(meta, tensors) -> bool:
     t = tensors[0]
     if _INTERPRET or os.environ.get("TRITON_INTERPRET") == "1":
         return True
+    if keys is not None and keys < TMA_MIN_KEYS and USE_TMA is None:
+        return False
     return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
 
 
-def _launch(tuned, raw, name, grid_of, head, tail, meta, tiles=()):
+def _launch(tuned, raw, name, grid_of, head, tail, meta, tiles=(), keys=None):
     """Launch with the fixed (or autotuned) configuration. The kernel's arguments are head, one
     argument per entry of tiles, then tail; tiles are (tensor, "M" or "N"): a (B, L, H, D) tensor
     whose rows the kernel streams in BLOCK_M or BLOCK_N tiles, passed as a tensor descriptor when
@@ -552,7 +559,7 @@ def _launch(tuned, raw, name, grid_of, head, tail, meta, tiles=()):
     else:
         bm, bn, w, st = FIXED[name][128 if meta["BLOCK_D"] <= 128 else 256]
         launch = dict(num_warps=w, num_stages=st)
-    tma = name in TMA_KERNELS and _use_tma(meta, tensors)
+    tma = name in TMA_KERNELS and _use_tma(meta, tensors, keys)
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
         tensors = [TensorDescriptor(t, list(t.shape), list(t.stride()),
@@ -616,7 +623,8 @@ def fwd(q, r, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: flo
     meta = dict(HQ=hq, G=hq // hkv, D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), VARLEN=varlen,
                 HAS_LEFT=has_left, HAS_RIGHT=has_right, PREC=_prec(q.dtype))
     _launch(_fwd_tuned, _fwd_kernel, "fwd",
-            lambda m: (batch * hq, triton.cdiv(max_q, m["BLOCK_M"])), head, tail, meta, ((k, "N"), (v, "N")))
+            lambda m: (batch * hq, triton.cdiv(max_q, m["BLOCK_M"])), head, tail, meta, ((k, "N"), (v, "N")),
+            keys=max_k)
     return out, vbar, lse, tbar
 
 
