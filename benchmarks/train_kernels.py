@@ -204,18 +204,24 @@ def bench_ms(fn, grad_to_none=None):
     return do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
 
 
+def _qrkvdo(b, hq, hkv, L, d):
+    """Random bf16 inputs (B, L, H, D) for one shape, with r = 0.1 randn and an output gradient."""
+    dt = torch.bfloat16
+    q = torch.randn(b, L, hq, d, device="cuda", dtype=dt, requires_grad=True)
+    r = (torch.randn(b, L, hq, d, device="cuda", dtype=dt) * 0.1).requires_grad_()
+    k = torch.randn(b, L, hkv, d, device="cuda", dtype=dt, requires_grad=True)
+    v = torch.randn(b, L, hkv, d, device="cuda", dtype=dt, requires_grad=True)
+    do = torch.randn(b, L, hq, d, device="cuda", dtype=dt)
+    return q, r, k, v, do
+
+
 def run_bench(log, plx, grid, atomic=False):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
     rows = []
     for b, hq, hkv, L, d, window in grid:
         torch.manual_seed(0)
-        dt = torch.bfloat16
-        q = torch.randn(b, L, hq, d, device="cuda", dtype=dt, requires_grad=True)
-        r = (torch.randn(b, L, hq, d, device="cuda", dtype=dt) * 0.1).requires_grad_()
-        k = torch.randn(b, L, hkv, d, device="cuda", dtype=dt, requires_grad=True)
-        v = torch.randn(b, L, hkv, d, device="cuda", dtype=dt, requires_grad=True)
-        do = torch.randn(b, L, hq, d, device="cuda", dtype=dt)
+        q, r, k, v, do = _qrkvdo(b, hq, hkv, L, d)
         # heads-first copies for SDPA and parallax-kernel
         qh, rh, kh, vh, doh = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, r, k, v, do))
         pairs = visible_pairs(L, L, True, window) * b * hq
@@ -268,16 +274,6 @@ def run_bench(log, plx, grid, atomic=False):
 SWEEP = {"fwd": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)],
          "dq": [(128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 4)],
          "dkv": [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]}
-
-
-def _qrkvdo(b, hq, hkv, L, d):
-    dt = torch.bfloat16
-    q = torch.randn(b, L, hq, d, device="cuda", dtype=dt, requires_grad=True)
-    r = (torch.randn(b, L, hq, d, device="cuda", dtype=dt) * 0.1).requires_grad_()
-    k = torch.randn(b, L, hkv, d, device="cuda", dtype=dt, requires_grad=True)
-    v = torch.randn(b, L, hkv, d, device="cuda", dtype=dt, requires_grad=True)
-    do = torch.randn(b, L, hq, d, device="cuda", dtype=dt)
-    return q, r, k, v, do
 
 
 def run_sweep(log, b=4, h=16, L=4096, d=128):
