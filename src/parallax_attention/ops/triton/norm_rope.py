@@ -6,9 +6,10 @@ copy, a sum), for q, k and the probe r alike. A decode step is bound by those la
 host, so one kernel per tensor matters there. Rows are (token, head) pairs of a contiguous
 (B, L, H, D) tensor; each program normalises BLOCK_R rows and rotates their two halves.
 
-Rounding: the norm rounds to the input dtype before the weight and after it, as the eager
-module does; the rotation is computed in fp32 and rounded once (the eager path rounds each
-product and the sum), so results can differ from eager by one unit in the last place.
+Rounding follows the eager modules: the norm rounds to the input dtype before the weight and
+after it, the rotation rounds each product and the sum. With 2-byte inputs RoPE alone matches
+eager bit for bit; the norm's mean of squares is summed in another order than torch's, which
+can move a result by one unit in the last place.
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ def _norm_rope_kernel(X, W, COS, SIN, Y, n_rows, seqlen, heads, stride_cb, strid
         c2 = tl.load(COS + c_off + HALF, mask=mask, other=0.0).to(tl.float32)
         s1 = tl.load(SIN + c_off, mask=mask, other=0.0).to(tl.float32)
         s2 = tl.load(SIN + c_off + HALF, mask=mask, other=0.0).to(tl.float32)
-        y1 = x1 * c1 - x2 * s1
-        y2 = x2 * c2 + x1 * s2
+        # Each product rounded to the input dtype before the sum, as the eager x*cos + rotate_half(x)*sin
+        # does (for 2-byte inputs the fp32 products are exact, so this matches eager bit for bit).
+        y1 = (x1 * c1).to(dtype).to(tl.float32) - (x2 * s1).to(dtype).to(tl.float32)
+        y2 = (x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)
     else:
         y1 = x1
         y2 = x2
