@@ -491,14 +491,13 @@ def decode_triton(q, r, k_cache, v_cache, block_table, seqlens, seq_const: int, 
     bt = block_table if paged else q
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     # Programmatic dependent launch of the merge (Hopper and newer; not in the interpreter).
+    sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
+        if q.is_cuda else 132
     pdl = (not single and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
-           and use_pdl(bsz * lq * hq, _sm_count(q.device.index if q.device.index is not None
-                                                 else torch.cuda.current_device())))
+           and use_pdl(bsz * lq * hq, sms))
     launch_kw = dict(launch_pdl=True) if pdl else {}
     # Without a left window every split starts at a multiple of BLOCK_N (chunks are whole tiles).
-    page_scalar = paged and page % block_n == 0 and not has_left and use_page_scalar(
-        bsz * hkv * num_splits, _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
-        if q.is_cuda else 132)
+    page_scalar = paged and page % block_n == 0 and not has_left and use_page_scalar(bsz * hkv * num_splits, sms)
     grid = (bsz * hkv, num_splits)
     _decode_split_kernel[grid](
         q, r, k_cache, v_cache, bt, seq_arg, out, pstat, po,
