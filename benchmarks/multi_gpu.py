@@ -125,8 +125,6 @@ def check_muon(device_type: str, seed: int = 0) -> dict:
                               "rel_err_by_mode": rel, "rel_err_shardwise": rel_naive})
     out["max_rel_err_fsdp"] = max(p["rel_err_fsdp"] for p in out["params"])
     out["min_rel_err_shardwise"] = min(p["rel_err_shardwise"] for p in out["params"])
-    dist.barrier()
-    dist.destroy_process_group()
     return out
 
 
@@ -162,7 +160,14 @@ def main() -> int:
         res = check_muon(dev)
         if int(os.environ.get("RANK", "0")) == 0:
             print("MUON_CHECK " + json.dumps(res), flush=True)
-        return 0
+        import torch.distributed as dist
+        dist.barrier()
+        # Every rank is done; leave without the process-group teardown, where gloo's threads now and
+        # then abort a CPU run at exit ("terminate called without an active exception", exit -6)
+        # after the result is out.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
     import torch
 
