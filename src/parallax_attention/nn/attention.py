@@ -36,8 +36,9 @@ def _check_choice(name, value, choices):
 
 
 def _fusable(x: torch.Tensor, norm, cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    """Whether norm + RoPE can run as one Triton kernel: CUDA inference on contiguous tensors of one dtype."""
-    if not x.is_cuda or x.shape[-1] % 2 or not x.is_contiguous():
+    """Whether norm + RoPE can run as one Triton kernel: eager CUDA inference on contiguous tensors of one
+    dtype (under torch.compile the modules are traced and fused by the compiler instead)."""
+    if not x.is_cuda or x.shape[-1] % 2 or not x.is_contiguous() or torch.compiler.is_compiling():
         return False
     if torch.is_grad_enabled() and (x.requires_grad or (norm is not None and norm.weight.requires_grad)):
         return False
