@@ -56,3 +56,29 @@ def test_matches_modules(dtype, shape, cos_batch, parts):
     # one unit in the last place from the norm's summation order, at most
     assert (out.double() - ref.double()).abs().max().item() <= 4 * _ulp(dtype) * scale
     assert (out.double() - exact).abs().max().item() <= 4 * _ulp(dtype) * scale
+
+
+@pytest.mark.parametrize("qk_norm,probe_norm,probe_rope", [(True, True, True), (False, True, False), (True, False, True)])
+def test_layer_uses_the_kernel_like_the_modules(qk_norm, probe_norm, probe_rope, monkeypatch):
+    # The layer's wiring of the fused path (weights, eps, positions, probe options): forced on
+    # (it runs only for CUDA inference otherwise) against the modules, in fp32.
+    import parallax_attention.nn.attention as attn_mod
+    from parallax_attention.nn import ParallaxAttention
+
+    torch.manual_seed(0)
+    layer = ParallaxAttention(64, 4, 2, 16, qk_norm=qk_norm, probe_norm=probe_norm, probe_rope=probe_rope,
+                              backend="torch").eval()
+    with torch.no_grad():
+        for norm in (layer.q_norm, layer.k_norm, layer.r_norm):
+            if norm is not None:
+                norm.weight.normal_(1.0, 0.3)
+    x = torch.randn(2, 7, 64)
+    pos = torch.arange(3, 10)[None]
+    with torch.no_grad():
+        ref = layer(x, position_ids=pos)
+        calls = []
+        real = attn_mod._fusable
+        monkeypatch.setattr(attn_mod, "_fusable", lambda *a: calls.append(1) or real(*a) or True)
+        out = layer(x, position_ids=pos)
+    assert len(calls) == 3  # q, k and the probe
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
