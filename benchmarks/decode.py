@@ -103,7 +103,7 @@ def rel(a, b):
 
 
 def check_section(results):
-    """bf16 kernel vs float64 on the valid keys, with the default config and with dec.WAVE_MODEL_1."""
+    """bf16 kernel vs float64 on the valid keys: default config, dec.WAVE_MODEL_1, per-key table reads."""
     rows = []
     for cfg in ({}, dec.WAVE_MODEL_1, dict(PAGE_SCALAR=0)):
         old = dec.set_config(**cfg)
@@ -210,7 +210,8 @@ def reps_for(roof_us):
 
 
 SWEEP = [
-    # paged 64 where it trails dense: one block-table entry per tile (default) or per key (PAGE_SCALAR 0)
+    # paged where it trails dense: block-table reads by the default rule, per key (PAGE_SCALAR 0), or
+    # forced other (stages, splits); "chosen" marks the default's (stages, splits)
     (1, 1024, 32, 8, 64, [(3, 8, {}), (3, 8, dict(PAGE_SCALAR=0))]),
     (1, 4096, 32, 8, 64, [(3, 64, {}), (2, 64, {}), (3, 64, dict(PAGE_SCALAR=0)), (2, 64, dict(PAGE_SCALAR=0)),
                           (3, 32, {})]),

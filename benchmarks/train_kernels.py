@@ -3,6 +3,8 @@
     python benchmarks/train_kernels.py --check            # bf16/fp16 vs float64 reference on a grid
     python benchmarks/train_kernels.py --bench            # timing table vs SDPA (flash, cuDNN) and parallax-kernel
     python benchmarks/train_kernels.py --check --bench --out DIR
+    python benchmarks/train_kernels.py --sweep            # launch configurations (with registers, spills)
+    python benchmarks/train_kernels.py --overhead --tma-ab  # host vs GPU time; TMA vs pointer loads
 
 FLOP counts (P = number of visible (query, key) pairs per head, exact for causal
 and windows; one matmul over the pairs costs 2 * D * P per head):
@@ -324,7 +326,8 @@ def run_tma_ab(log, b=4, h=16, L=4096, d=128, rounds=3):
 
 
 def run_overhead(log, shapes=((4, 16, 16, 1024, 128), (4, 16, 16, 4096, 128)), profile_host=True):
-    """Host time per call against device time: a short shape is host-bound when the first is larger."""
+    """Host time per call against device time (a shape is host-bound when its host time is the larger);
+    for short shapes also a cProfile of the Python launch path."""
     out = []
     for b, hq, hkv, L, d in shapes:
         torch.manual_seed(0)
@@ -415,7 +418,7 @@ def main():
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("train_kernels.py needs a CUDA GPU")
-    if not (args.check or args.bench or args.overhead or args.tma_ab):
+    if not (args.check or args.bench or args.overhead or args.tma_ab or args.sweep):
         args.check = args.bench = True
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "train_kernels.log"), "a")

@@ -39,7 +39,8 @@ visible interior and a trailing boundary part; only boundary tiles build a mask
 
 Layouts: dense (B, L, H, D) or packed varlen (total, H, D) with cu_seqlens; both
 read through the same kernels (a dense batch is a sequence at b * stride_b).
-Head dims that are not powers of two are padded to the next one with masked loads.
+Head dims that are not powers of two are padded to the next one with masked loads. On Hopper the
+forward streams dense 2-byte K/V through TMA tensor descriptors (USE_TMA, below).
 """
 
 from __future__ import annotations
