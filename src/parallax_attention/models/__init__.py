@@ -12,7 +12,7 @@ _EXPORTS = {
     "MODEL_TYPE": "configuration", "PRESETS": "configuration", "ParallaxConfig": "configuration",
     "ParallaxDecoderLayer": "modeling", "ParallaxForCausalLM": "modeling", "ParallaxModel": "modeling",
     "ParallaxPreTrainedModel": "modeling", "convert_checkpoint": "convert", "ConversionError": "convert",
-    "register": "registration",
+    "register": "registration", "StaticGenerator": "generation",
 }
 
 __all__ = sorted(_EXPORTS)

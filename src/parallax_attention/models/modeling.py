@@ -15,7 +15,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from ..nn import ParallaxAttention, RMSNorm, RotaryEmbedding, SwiGLU
+from ..nn import ParallaxAttention, RMSNorm, RotaryEmbedding, StaticKVCache, SwiGLU
 from .configuration import ParallaxConfig
 
 # transformers renamed the cache argument and output field from `past_key_values` to `cache`;
@@ -96,13 +96,20 @@ class ParallaxModel(ParallaxPreTrainedModel):
             cache = DynamicCache()
         if not use_cache:
             cache = None
-        past = cache.get_seq_length() if cache is not None else 0
+        static = isinstance(cache, StaticKVCache)
         if attention_mask is not None and attention_mask.dim() == 2 and bool(attention_mask.all()):
             # No padding: one host check here instead of one per layer, and the layers take their
             # fast unmasked paths.
             attention_mask = None
+        if static:
+            cache.check_step(x.shape[0], x.shape[1])
         if position_ids is None:
-            position_ids = torch.arange(past, past + x.shape[1], device=x.device)[None]
+            if static:
+                # Positions from the device-side lengths: a captured decode step replays at any position.
+                position_ids = cache.seqlens[:, None].to(torch.int64) + torch.arange(x.shape[1], device=x.device)
+            else:
+                past = cache.get_seq_length() if cache is not None else 0
+                position_ids = torch.arange(past, past + x.shape[1], device=x.device)[None]
         cos, sin = self.rotary_emb(position_ids, x.dtype)
 
         for layer in self.layers:
@@ -110,6 +117,8 @@ class ParallaxModel(ParallaxPreTrainedModel):
                 x = checkpoint(layer, x, cos, sin, attention_mask, None, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, attention_mask, cache)
+        if static:
+            cache.advance(x.shape[1])
         x = self.norm(x)
         return BaseModelOutputWithPast(last_hidden_state=x, **{_CACHE_FIELD: cache})
 

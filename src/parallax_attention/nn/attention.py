@@ -18,6 +18,7 @@ from torch import nn
 
 from ..ops._validation import normalize_window
 from ..ops.masking import visible_mask as _op_visible_mask
+from .kv_cache import StaticKVCache
 from .norm import RMSNorm
 from .rotary import RotaryEmbedding, apply_rotary
 
@@ -194,7 +195,8 @@ class ParallaxAttention(nn.Module):
             position_embeddings: (cos, sin) from a shared RotaryEmbedding; computed here from
                 position_ids (default: positions after the cached tokens) when None.
             attention_mask: optional (batch, cached + seqlen) keep-mask of keys (1 keep, 0 padding).
-            cache: optional transformers Cache (e.g. DynamicCache); k and v are appended in place.
+            cache: optional transformers Cache (e.g. DynamicCache) or StaticKVCache; k and v are
+                appended in place (after a StaticKVCache step, the caller calls cache.advance).
             position_ids: (batch or 1, seqlen) positions, used only without position_embeddings.
         Returns:
             (batch, seqlen, hidden_size).
@@ -212,12 +214,20 @@ class ParallaxAttention(nn.Module):
         v = self._heads(self.v_proj(x), self.num_kv_heads)
         r = self.probe(x, cos, sin) if self.attention == "parallax" else None
 
+        if cache is not None and self.layer_idx is None:
+            raise ValueError("cache: the layer needs a layer_idx to use a KV cache")
+        if isinstance(cache, StaticKVCache):
+            if attention_mask is not None:
+                raise ValueError("attention_mask: StaticKVCache holds sequences of equal length; padded batches "
+                                 "(a key mask) need DynamicCache")
+            o = self._attend_static(q, r, k, v, cache)
+            return self.o_proj(o.reshape(bsz, lq, self.num_heads * self.head_dim))
+
         past = 0
         if cache is not None:
-            if self.layer_idx is None:
-                raise ValueError("cache: the layer needs a layer_idx to use a KV cache")
             if getattr(cache, "is_compileable", False):
-                raise NotImplementedError("cache: static (fixed-capacity) caches are not supported; use DynamicCache")
+                raise NotImplementedError("cache: transformers' static caches are not supported; use DynamicCache, "
+                                          "or parallax_attention.nn.StaticKVCache (CUDA-graph decoding)")
             # transformers caches are (batch, heads, seqlen, head_dim); the op reads (batch, seqlen, heads,
             # head_dim), and strided views of the cache are fine for it.
             k_all, v_all = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
@@ -268,6 +278,53 @@ class ParallaxAttention(nn.Module):
             k, v = k.contiguous(), v.contiguous()
         return parallax_attn(q, r, k, v, causal=True, window_size=window, softmax_scale=self.scale,
                              backend=self.backend)
+
+    def _attend_static(self, q, r, k, v, cache: StaticKVCache):
+        """Append k, v to a StaticKVCache and attend. Decode steps touch lengths only on the device, so
+        they can be captured in a CUDA graph; longer chunks (prefill) need the host to know the length."""
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, r, k, v)):
+            raise ValueError("cache: StaticKVCache is for inference; run under torch.no_grad() (or train "
+                             "without a cache)")
+        dt = v.dtype
+        q, k = q.to(dt), k.to(dt)
+        r = r.to(dt) if r is not None else None
+        bsz, lq = q.shape[:2]
+        cache.check_step(bsz, lq)
+        kc, vc = cache.layer(self.layer_idx)
+        if lq <= _DECODE_MAX_QUERIES:
+            if self.attention == "parallax":
+                from ..ops import parallax_attn_with_kvcache
+                backend = "torch" if self.backend == "reference" else self.backend
+                # A host-known length is passed as an int: no device read to validate it.
+                seqlens = cache.length if cache.length is not None else cache.seqlens
+                return parallax_attn_with_kvcache(q, r, kc, vc, k, v, cache_seqlens=seqlens, causal=True,
+                                                  window_size=self.window_size, softmax_scale=self.scale,
+                                                  backend=backend)
+            cache.write(self.layer_idx, k, v)
+            return self._sdpa_cache(q, kc, vc, cache)
+        if cache.length is None:
+            raise ValueError(f"cache: a chunk of {lq} tokens needs the host to know the cached length; call "
+                             f"cache.set_length(n) after replayed steps")
+        past = cache.length
+        cache.write(self.layer_idx, k, v)
+        if past:
+            k, v = kc[:, :past + lq].contiguous(), vc[:, :past + lq].contiguous()
+        return self._attend(q, r, k, v, None)
+
+    def _sdpa_cache(self, q, kc, vc, cache: StaticKVCache):
+        """Softmax attention of a few new queries against the whole capacity under the cache's mask.
+
+        The query heads that share a kv head are folded into the query rows, so SDPA sees plain
+        multi-head attention and may take its memory-efficient kernel with a mask.
+        """
+        bsz, lq, hq, d = q.shape
+        hkv = kc.shape[2]
+        g = hq // hkv
+        qg = q.reshape(bsz, lq, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(bsz, hkv, g * lq, d)
+        mask = cache.visible(lq, self.window_size, g)
+        o = F.scaled_dot_product_attention(qg, kc.transpose(1, 2), vc.transpose(1, 2), attn_mask=mask,
+                                           scale=self.scale)
+        return o.reshape(bsz, hkv, g, lq, d).permute(0, 3, 1, 2, 4)
 
     def _sdpa(self, q, k, v, vis, causal=False):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

@@ -1,0 +1,140 @@
+"""Greedy generation on a StaticKVCache with the decode step captured once in a CUDA graph.
+
+transformers' generate() with DynamicCache runs every decode step eagerly: for a 0.6B model each
+step is hundreds of small kernel launches, and the host, not the GPU, sets the pace. Here the
+prompt is prefilled eagerly, one decode step (model forward, argmax, feeding the token back) is
+captured in a CUDA graph, and every further token is one replay. The graph reads its position from
+the cache's device-side lengths, so it replays unchanged for every step.
+
+    gen = StaticGenerator(model, batch_size=1, capacity=1024)
+    out = gen.generate(input_ids, max_new_tokens=256)   # (batch, prompt + new) token ids
+
+Greedy decoding gives the same tokens as ``model.generate(do_sample=False)`` up to the rounding
+of the different attention paths.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..nn.kv_cache import StaticKVCache
+
+# How often (in steps) the host looks whether every sequence has produced eos.
+_EOS_POLL = 32
+
+
+class StaticGenerator:
+    """Greedy decoder for a ParallaxForCausalLM with a preallocated cache of `batch_size` x `capacity`.
+
+    Args:
+        model: a causal LM taking ``(input_ids=..., cache=StaticKVCache)`` (ParallaxForCausalLM).
+        batch_size: sequences per call to generate().
+        capacity: prompt + new tokens that fit in the cache.
+        cuda_graph: capture the decode step (default: when the model is on a CUDA device).
+        dtype: of the cache (default: the dtype of the model's parameters).
+    """
+
+    def __init__(self, model, batch_size: int, capacity: int, *, cuda_graph: bool | None = None,
+                 dtype: torch.dtype | None = None):
+        param = next(model.parameters())
+        self.model = model
+        self.device = param.device
+        self.cache = StaticKVCache.for_model(model.config, batch_size, capacity, dtype=dtype or param.dtype,
+                                             device=self.device)
+        if cuda_graph is None:
+            cuda_graph = self.device.type == "cuda"
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph: needs a model on a CUDA device, got {self.device}")
+        self.cuda_graph = bool(cuda_graph)
+        self._ids = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
+        self._graph = None
+        self._next = None
+
+    def _step(self) -> torch.Tensor:
+        """One decode step from the static input ids; feeds its token back into them."""
+        logits = self.model(input_ids=self._ids, cache=self.cache, use_cache=True).logits[:, -1]
+        nxt = logits.argmax(-1)
+        self._ids.copy_(nxt[:, None])
+        return nxt
+
+    def _capture(self) -> None:
+        cache = self.cache
+        length, ids = cache.length, self._ids.clone()
+        seqlens = cache.seqlens.clone()
+        # Record the device-length path (the host cannot follow replays).
+        cache.length = None
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            # Warm-up off the capture: compiles kernels and settles the allocator. Each step writes
+            # the slot the real step will overwrite; lengths and inputs are restored after it.
+            for _ in range(2):
+                self._step()
+                cache.seqlens.copy_(seqlens)
+                self._ids.copy_(ids)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._next = self._step()
+        # Capture records kernels without running them; the lengths on the host side are unchanged.
+        cache.seqlens.copy_(seqlens)
+        self._ids.copy_(ids)
+        cache.length = length
+        self._graph = graph
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, eos_token_id: int | None = None,
+                 pad_token_id: int = 0) -> torch.Tensor:
+        """Prompt `input_ids` (batch, prompt_len) followed by up to `max_new_tokens` greedy tokens.
+
+        With eos_token_id, a sequence that produced it continues with pad_token_id, and generation
+        stops early once every sequence has (checked every few steps, so it may run a few past).
+        """
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise ValueError(f"input_ids: expected a (batch, prompt_len) int64 tensor, got "
+                             f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} "
+                             f"{tuple(getattr(input_ids, 'shape', ()))}")
+        bsz, prompt = input_ids.shape
+        if bsz != self.cache.batch_size:
+            raise ValueError(f"input_ids: expected batch {self.cache.batch_size} (the generator's batch_size), "
+                             f"got {bsz}")
+        if prompt < 1:
+            raise ValueError("input_ids: expected a prompt of at least one token, got 0")
+        if input_ids.device != self.device:
+            raise ValueError(f"input_ids: expected device {self.device} (the model's), got {input_ids.device}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
+        if prompt + max_new_tokens > self.cache.capacity:
+            raise ValueError(f"max_new_tokens: prompt {prompt} + {max_new_tokens} new tokens exceed the cache "
+                             f"capacity {self.cache.capacity}; build the StaticGenerator with a larger capacity")
+
+        cache = self.cache
+        cache.reset()
+        logits = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        nxt = logits.argmax(-1)
+        out = torch.empty(bsz, max_new_tokens, dtype=torch.long, device=self.device)
+        out[:, 0] = nxt
+        finished = nxt == eos_token_id if eos_token_id is not None else None
+        self._ids.copy_(nxt[:, None])
+        if self.cuda_graph and max_new_tokens > 1 and self._graph is None:
+            self._capture()
+        steps = 1
+        if self.cuda_graph:
+            cache.length = None  # replays advance the lengths on the device only
+        for t in range(1, max_new_tokens):
+            if self.cuda_graph:
+                self._graph.replay()
+                nxt = self._next
+            else:
+                nxt = self._step()
+            steps = t + 1
+            if finished is not None:
+                nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
+                finished |= nxt == eos_token_id
+                out[:, t] = nxt
+                if t % _EOS_POLL == 0 and bool(finished.all()):
+                    break
+            else:
+                out[:, t] = nxt
+        cache.set_length(prompt + steps - 1)
+        return torch.cat([input_ids, out[:, :steps]], dim=1)

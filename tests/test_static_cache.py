@@ -1,0 +1,147 @@
+"""StaticKVCache and StaticGenerator: step-by-step logits equal the full forward, greedy tokens equal
+transformers' generate(), the device-length path (what a CUDA graph replays) equals the host-length path."""
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from parallax_attention.models import ParallaxConfig, ParallaxForCausalLM, StaticGenerator  # noqa: E402
+from parallax_attention.nn import StaticKVCache  # noqa: E402
+
+ATTENTIONS = ["parallax", "softmax"]
+
+
+def _model(attention="parallax", seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = ParallaxForCausalLM(ParallaxConfig.from_preset("tiny", attention=attention, **overrides)).eval()
+    if attention == "parallax":
+        with torch.no_grad():  # a probe large enough to change the model's choices
+            for layer in model.model.layers:
+                layer.self_attn.r_proj.weight.normal_(0, 0.5)
+    return model
+
+
+def _cache(model, batch, capacity):
+    return StaticKVCache.for_model(model.config, batch, capacity, dtype=torch.float32, device="cpu")
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("device_lengths", [False, True])
+@torch.no_grad()
+def test_stepwise_logits_equal_full_forward(attention, window, device_lengths):
+    # Prefill 20 tokens (a chunk longer than a decode step), then steps of 1, 3 and 1 tokens; every
+    # step's logits must equal the uncached forward over the whole sequence at those positions.
+    model = _model(attention, attention_window=window)
+    ids = torch.randint(0, 1024, (2, 25))
+    full = model(ids).logits
+    cache = _cache(model, 2, 32)
+    got = [model(input_ids=ids[:, :20], cache=cache).logits]
+    assert cache.length == 20 and cache.seqlens.tolist() == [20, 20]
+    pos = 20
+    for n in (1, 3, 1):
+        if device_lengths:
+            cache.length = None  # what a replayed graph sees: lengths only on the device
+        got.append(model(input_ids=ids[:, pos:pos + n], cache=cache).logits)
+        pos += n
+    assert cache.seqlens.tolist() == [25, 25]
+    torch.testing.assert_close(torch.cat(got, 1), full, atol=2e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_stepwise_triton_kernels_on_strided_cache_views():
+    # The cache hands the kernels (batch, capacity, heads, dim) views of (batch, heads, capacity, dim)
+    # storage; the Triton decode kernel (interpreted on the CPU) must read them right.
+    model = _model("parallax", attention_window=6)
+    ids = torch.randint(0, 1024, (2, 22))
+    full = model(ids).logits
+    for layer in model.model.layers:
+        layer.self_attn.backend = "triton"
+    cache = _cache(model, 2, 24)
+    got = [model(input_ids=ids[:, :18], cache=cache).logits]
+    cache.length = None
+    for pos, n in ((18, 2), (20, 1), (21, 1)):
+        got.append(model(input_ids=ids[:, pos:pos + n], cache=cache).logits)
+    torch.testing.assert_close(torch.cat(got, 1), full, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_generator_equals_transformers_generate(attention):
+    model = _model(attention)
+    prompt = torch.randint(0, 1024, (3, 9))
+    ref = model.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)
+    gen = StaticGenerator(model, batch_size=3, capacity=24)
+    out = gen.generate(prompt, max_new_tokens=12)
+    assert out.shape == (3, 21)
+    assert torch.equal(out, ref)
+    # The generator reuses its cache: a second call with another prompt starts from scratch.
+    prompt2 = torch.randint(0, 1024, (3, 5))
+    ref2 = model.generate(prompt2, max_new_tokens=7, min_new_tokens=7, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)
+    assert torch.equal(gen.generate(prompt2, max_new_tokens=7), ref2)
+    assert gen.cache.length == 5 + 7 - 1
+
+
+def test_generator_eos_pads_and_stops():
+    model = _model()
+    prompt = torch.randint(0, 1024, (2, 6))
+    free = StaticGenerator(model, 2, 80).generate(prompt, max_new_tokens=70)
+    eos = int(free[0, 6 + 3])  # the 4th token of sequence 0 becomes eos
+    out = StaticGenerator(model, 2, 80).generate(prompt, max_new_tokens=70, eos_token_id=eos, pad_token_id=7)
+    new, ref = out[:, 6:], free[:, 6:]
+    for b in range(2):
+        hits = (ref[b] == eos).nonzero()
+        stop = int(hits[0]) if len(hits) else ref.shape[1]
+        assert torch.equal(new[b, :stop + 1], ref[b, :stop + 1])
+        assert (new[b, stop + 1:] == 7).all()
+    if all((ref[b] == eos).any() for b in range(2)):
+        assert out.shape[1] < free.shape[1]  # stopped early once both had finished
+
+
+def test_static_cache_errors():
+    model = _model()
+    cache = _cache(model, 2, 8)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="capacity"):
+            model(input_ids=torch.randint(0, 1024, (2, 9)), cache=cache)
+        with pytest.raises(ValueError, match="batch"):
+            model(input_ids=torch.randint(0, 1024, (3, 4)), cache=cache)
+        with pytest.raises(ValueError, match="attention_mask"):
+            model(input_ids=torch.randint(0, 1024, (2, 4)), attention_mask=torch.tensor([[0, 1, 1, 1]] * 2),
+                  cache=cache)
+        with pytest.raises(ValueError, match="set_length"):
+            model(input_ids=torch.randint(0, 1024, (2, 17)), cache=_unknown_length_cache(model))
+    with pytest.raises(ValueError, match="inference"):
+        model(input_ids=torch.randint(0, 1024, (2, 4)), cache=_cache(model, 2, 8))
+    with pytest.raises(ValueError, match="capacity"):
+        StaticKVCache(2, 1, 0, 2, 32)
+    gen = StaticGenerator(model, 2, 10)
+    with pytest.raises(ValueError, match="capacity"):
+        gen.generate(torch.randint(0, 1024, (2, 6)), max_new_tokens=5)
+    with pytest.raises(ValueError, match="batch"):
+        gen.generate(torch.randint(0, 1024, (1, 6)), max_new_tokens=2)
+    with pytest.raises(ValueError, match="input_ids"):
+        gen.generate(torch.randint(0, 1024, (2, 6)).int(), max_new_tokens=2)
+    with pytest.raises(ValueError, match="cuda_graph"):
+        StaticGenerator(model, 2, 10, cuda_graph=True)
+
+
+def _unknown_length_cache(model):
+    cache = _cache(model, 2, 64)
+    cache.length = None
+    return cache
+
+
+def test_visible_mask_matches_positions():
+    cache = StaticKVCache(1, 2, 12, 1, 8)
+    cache.seqlens.copy_(torch.tensor([3, 6], dtype=torch.int32))
+    cache.length = None
+    mask = cache.visible(2, (2, 0), group=2)
+    assert mask.shape == (2, 1, 4, 12)
+    for b, n in enumerate((3, 6)):
+        for g in range(2):
+            for i in range(2):
+                p = n + i
+                want = [(p - 2 <= j <= p) for j in range(12)]
+                assert mask[b, 0, g * 2 + i].tolist() == want
