@@ -5,8 +5,9 @@
 Sections:
   train     tokens/s of one training step (forward + backward, no optimizer) of the 0.6b preset,
             bf16 weights, L = 4096, batch --train-batch.
-  generate  tokens/s of greedy generation with transformers' DynamicCache at B = 1 and B = 32,
-            prompt 512, 256 new tokens (no early stop), counting new tokens only.
+  generate  tokens/s of greedy generation at B = 1 and B = 32, prompt 512, 256 new tokens (no early
+            stop), counting new tokens only: transformers' generate() with DynamicCache (eager), and
+            StaticGenerator (static cache, each decode step one CUDA-graph replay).
 
 Each row runs attention="parallax" and "softmax" on the same shapes; "ratio" = parallax / softmax
 throughput (targets: training >= 0.85, generation >= 0.9). --smoke runs a tiny version on the CPU.
@@ -98,6 +99,32 @@ def bench_generate(model, batch, prompt_len, new_tokens, device, reps):
     return statistics.median(times)
 
 
+@torch.no_grad()
+def bench_generate_static(model, batch, prompt_len, new_tokens, device, reps):
+    """Median seconds of StaticGenerator.generate (static cache; CUDA-graph decode on a GPU)."""
+    from parallax_attention.models import StaticGenerator
+    model.eval()
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (batch, prompt_len), device=device)
+    gen = StaticGenerator(model, batch, prompt_len + new_tokens)
+    gen.generate(prompt, max_new_tokens=8)  # warm-up and graph capture
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
+        out = gen.generate(prompt, max_new_tokens=new_tokens)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    assert out.shape == (batch, prompt_len + new_tokens), out.shape
+    # Same tokens as transformers' generate() for the first steps (bf16 near-ties may differ later).
+    n = min(16, new_tokens)
+    ref = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)
+    agree = (out[:, prompt_len:prompt_len + n] == ref[:, prompt_len:]).float().mean().item()
+    log(f"  StaticGenerator vs generate(): {agree:.0%} of the first {n} new tokens agree")
+    return statistics.median(times)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU (checks the script runs)")
@@ -174,6 +201,14 @@ def main():
             log(f"generate B={b} {attention}: {sec:.2f} s, {b * new / sec:,.0f} new tok/s {note}")
         rows.append(("generate", f"B={b} prompt={prompt} new={new}", res["softmax"][0], res["parallax"][0],
                      "; ".join(n for _, n in res.values() if n)))
+        res = {}
+        for attention in ("softmax", "parallax"):
+            sec, note = run(attention, lambda m: bench_generate_static(m, b, prompt, new, device, args.gen_reps))
+            res[attention] = (b * new / sec, note)
+            log(f"generate static B={b} {attention}: {sec:.2f} s, {b * new / sec:,.0f} new tok/s {note}")
+        rows.append(("generate, StaticGenerator (static cache, CUDA-graph decode)" if device.type == "cuda" else
+                     "generate, StaticGenerator (static cache)", f"B={b} prompt={prompt} new={new}",
+                     res["softmax"][0], res["parallax"][0], "; ".join(n for _, n in res.values() if n)))
         if also:
             with sdpa_backends(also):
                 sec, note = run("softmax", lambda m: bench_generate(m, b, prompt, new, device, args.gen_reps))

@@ -151,6 +151,6 @@ def test_model_benchmark_smoke(tmp_path):
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.loads((tmp_path / "model_bench.json").read_text())["rows"]
-    assert [r["section"] for r in rows] == ["train fwd+bwd", "generate", "generate"]
+    assert [r["section"] for r in rows] == ["train fwd+bwd"] + ["generate", "generate, StaticGenerator (static cache)"] * 2
     assert all(r["softmax_tok_s"] > 0 and r["parallax_tok_s"] > 0 and not r["note"] for r in rows)
     assert out.stdout.rstrip().splitlines()[-1].startswith("| generate")

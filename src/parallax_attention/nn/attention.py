@@ -37,29 +37,25 @@ def _check_choice(name, value, choices):
 
 
 def _fusable(x: torch.Tensor, norm, cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    """Whether norm + RoPE can run as one Triton kernel: eager CUDA inference on contiguous tensors of one
-    dtype (under torch.compile the modules are traced and fused by the compiler instead)."""
+    """Whether norm + RoPE can run as the fused Triton kernels: eager CUDA on contiguous tensors whose
+    dtypes the kernels follow (under torch.compile the modules are traced and fused by the compiler)."""
     if not x.is_cuda or x.shape[-1] % 2 or not x.is_contiguous() or torch.compiler.is_compiling():
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or (norm is not None and norm.weight.requires_grad)):
-        return False
-    if norm is not None and norm.weight.dtype != x.dtype:
-        return False
-    if cos.dim() != 3 or cos.dtype != x.dtype or sin.dtype != x.dtype or not (cos.is_contiguous() and
-                                                                                sin.is_contiguous()):
+    if cos.dim() != 3 or cos.dtype != sin.dtype or not (cos.is_contiguous() and sin.is_contiguous()):
         return False
     try:
-        import triton  # noqa: F401
-    except ImportError:
+        from ..ops.triton.norm_rope import output_dtype
+    except ImportError:  # no triton
         return False
-    return True
+    return output_dtype(x, norm.weight if norm is not None else None, cos) is not None
 
 
 def norm_rope(x: torch.Tensor, norm, cos: torch.Tensor, sin: torch.Tensor, rope: bool = True) -> torch.Tensor:
     """Per-head RMSNorm (a module, or None) then RoPE (when rope) of x (batch, seqlen, heads, head_dim).
 
-    CUDA inference runs both in one Triton kernel (a decode step is bound by kernel launches);
-    training and other devices run the modules.
+    On CUDA both run as one Triton kernel per direction (a decode step is bound by kernel launches,
+    a training step by the memory traffic of a dozen elementwise passes); other devices and traced
+    graphs run the modules.
     """
     if (norm is not None or rope) and _fusable(x, norm, cos, sin):
         from ..ops.triton.norm_rope import norm_rope_triton
