@@ -48,13 +48,21 @@ def main() -> None:
             step(model, ids)
             model.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
+        import time
+        walls = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            step(model, ids)
+            torch.cuda.synchronize()
+            walls.append(time.perf_counter() - t0)
+            model.zero_grad(set_to_none=True)
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
             step(model, ids)
             torch.cuda.synchronize()
         events = [e for e in prof.key_averages() if e.device_time_total > 0]
         total = sum(e.self_device_time_total for e in events)
         print(f"\n== {attention}: GPU time {total / 1e3:.1f} ms in one fwd+bwd step "
-              f"({args.preset}, L={args.seqlen}, bf16)")
+              f"({args.preset}, L={args.seqlen}, bf16); unprofiled wall time {min(walls) * 1e3:.1f} ms")
         for e in sorted(events, key=lambda e: -e.self_device_time_total)[:args.top]:
             print(f"{e.self_device_time_total / 1e3:8.2f} ms  {e.count:5d}x  {e.key[:100]}")
         del model
