@@ -274,10 +274,11 @@ def run_bench(log, plx, grid, atomic=False):
 
 SWEEP = {"fwd": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)],
          "dq": [(128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 4)],
-         "dkv": [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]}
+         "dkv": [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
+                 (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 8, 3), (128, 64, 4, 3)]}
 
 
-def run_sweep(log, b=4, h=16, L=4096, d=128):
+def run_sweep(log, b=4, h=16, L=4096, d=128, names=("fwd", "dq", "dkv")):
     """Time each launch configuration on one shape and keep the fastest per kernel; registers and
     spills of each compiled configuration are logged too."""
     from parallax_attention.ops.triton import train as tr
@@ -288,7 +289,7 @@ def run_sweep(log, b=4, h=16, L=4096, d=128):
     def fb():
         f().backward(do)
     out = {}
-    for name in ("fwd", "dq", "dkv"):
+    for name in names:
         best = None
         for cfg in SWEEP[name]:
             tr.FIXED[name][128] = cfg
@@ -408,6 +409,7 @@ def main():
     ap.add_argument("--dtypes", default="bf16,fp16", help="check dtypes, comma-separated (bf16, fp16)")
     ap.add_argument("--compile", action="store_true", help="also check torch.compile(fullgraph=True)")
     ap.add_argument("--sweep", action="store_true", help="time launch configurations first, keep the fastest")
+    ap.add_argument("--sweep-kernels", default="fwd,dq,dkv", help="kernels --sweep tries (comma-separated)")
     ap.add_argument("--shapes", default=None, help="comma-separated indexes into BENCH_GRID (default: all)")
     ap.add_argument("--atomic", action="store_true",
                     help="also time the opt-in fused backward (PARALLAX_TRAIN_BWD=atomic, non-deterministic)")
@@ -448,7 +450,7 @@ def main():
         result["overhead"] = run_overhead(log)
         save()
     if args.sweep:
-        result["sweep"], result["chosen"] = run_sweep(log)
+        result["sweep"], result["chosen"] = run_sweep(log, names=tuple(args.sweep_kernels.split(",")))
         save()
     if args.bench:
         plx = None
