@@ -1,6 +1,6 @@
 """Where a training step's GPU time goes, or a generation step's host time: parallax vs softmax.
 
-    PYTHONPATH=src python benchmarks/profile_model.py [--preset 0.6b] [--seqlen 4096]
+    PYTHONPATH=src python benchmarks/profile_model.py [--preset 0.6b] [--seqlen 4096] [--host]
     PYTHONPATH=src python benchmarks/profile_model.py --generate [--gen-batch 1]
 
 Training: two warm-up steps, then one profiled forward+backward step (bf16 weights, random
@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=4096)
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--generate", action="store_true", help="profile generation instead of training")
+    ap.add_argument("--host", action="store_true", help="training: also list the host (Python) time of one step")
     ap.add_argument("--gen-batch", type=int, default=1)
     ap.add_argument("--new-tokens", type=int, default=32)
     args = ap.parse_args()
@@ -67,6 +68,19 @@ def main() -> None:
               f"({args.preset}, L={args.seqlen}, bf16); unprofiled wall time {min(walls) * 1e3:.1f} ms")
         for e in sorted(events, key=lambda e: -e.self_device_time_total)[:args.top]:
             print(f"{e.self_device_time_total / 1e3:8.2f} ms  {e.count:5d}x  {e.key[:100]}")
+        if args.host:
+            import cProfile
+            import io
+            import pstats
+            cprof = cProfile.Profile()
+            cprof.enable()
+            step(model, ids)
+            cprof.disable()
+            torch.cuda.synchronize()
+            buf = io.StringIO()
+            pstats.Stats(cprof, stream=buf).sort_stats("tottime").print_stats(args.top)
+            print(f"-- {attention}: Python functions by own host time in one step (cProfile):")
+            print("\n".join(line for line in buf.getvalue().splitlines() if line.strip())[-6000:])
         del model
         torch.cuda.empty_cache()
 
