@@ -376,14 +376,11 @@ def _dkv_tiles(dk, dv, k, v, Q, R, DO, QD, RD, DOD, b32, h, LSE, TB, DELTA, BETA
             vis = tl.trans(_visible(offs_m, offs_n, shift, lk, left, right, HAS_LEFT, HAS_RIGHT))
             st = tl.where(vis, st, float("-inf"))
         pt = tl.exp2(st - lse2[None, :])
-        # w = p (1 + tbar - t) weighs dO into dv; reusing it in dS1 = w (a - beta) + p (beta - delta)
-        # (= p (a - delta) + p (a - beta)(tbar - t)) keeps fewer key x query tiles live at once.
-        w = pt * (1.0 + tb[None, :] - tt)
-        dv = tl.dot(w.to(do.dtype), do, dv, input_precision=PREC)
+        tc = tb[None, :] - tt
+        dv = tl.dot((pt * (1.0 + tc)).to(do.dtype), do, dv, input_precision=PREC)
         at = tl.dot(v, tl.trans(do), input_precision=PREC)
-        u = at - beta[None, :]
-        pa = pt * u
-        ds1 = (w * u + pt * (beta - delta)[None, :]) * scale
+        pa = pt * (at - beta[None, :])
+        ds1 = (pt * (at - delta[None, :]) + pa * tc) * scale
         dk = tl.dot(ds1.to(q.dtype), q, dk, input_precision=PREC)
         dk = tl.dot((-pa).to(r.dtype), r, dk, input_precision=PREC)
         if FUSED:
