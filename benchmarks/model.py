@@ -219,14 +219,14 @@ def main():
             log(f"generate B={b} {attention}: {sec:.2f} s, {b * new / sec:,.0f} new tok/s {note}")
         rows.append(("generate", f"B={b} prompt={prompt} new={new}", res["softmax"][0], res["parallax"][0],
                      "; ".join(n for _, n in res.values() if n)))
-        res = {}
+        static = {}
         for attention in ("softmax", "parallax"):
             sec, note = run(attention, lambda m: bench_generate_static(m, b, prompt, new, device, args.gen_reps))
-            res[attention] = (b * new / sec, note)
+            static[attention] = (b * new / sec, note)
             log(f"generate static B={b} {attention}: {sec:.2f} s, {b * new / sec:,.0f} new tok/s {note}")
         rows.append(("generate, StaticGenerator (static cache, CUDA-graph decode)" if device.type == "cuda" else
                      "generate, StaticGenerator (static cache)", f"B={b} prompt={prompt} new={new}",
-                     res["softmax"][0], res["parallax"][0], "; ".join(n for _, n in res.values() if n)))
+                     static["softmax"][0], static["parallax"][0], "; ".join(n for _, n in static.values() if n)))
         if also:
             with sdpa_backends(also):
                 sec, note = run("softmax", lambda m: bench_generate(m, b, prompt, new, device, args.gen_reps))
