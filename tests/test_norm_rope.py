@@ -1,4 +1,4 @@
-"""The fused per-head RMSNorm + RoPE kernel (inference) against the layer's modules.
+"""The fused per-head RMSNorm + RoPE kernels (forward and backward) against the layer's modules and float64.
 
 Runs under TRITON_INTERPRET=1 on machines without CUDA (set in conftest).
 """
