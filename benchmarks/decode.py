@@ -304,9 +304,6 @@ def grid_section(results, bw, plx, budget_s):
                 # The first paged kernel: one block-table entry per key.
                 cands["ours_paged64_gather"] = lambda: with_config(dict(PAGE_SCALAR=0), lambda: (
                     parallax_attn_with_kvcache(q, r, kp, vp, cache_seqlens=seq, block_table=bt, backend="triton")))
-                # Per-tile table reads without fetching the first tile ahead of the length.
-                cands["ours_paged64_noprefetch"] = lambda: with_config(dict(PREFETCH=0), lambda: (
-                    parallax_attn_with_kvcache(q, r, kp, vp, cache_seqlens=seq, block_table=bt, backend="triton")))
                 # The default again, last: the spread between the two is the run-to-run noise.
                 cands["ours_dense_again"] = cands["ours_dense"]
                 if plx is not None and time.time() - T0 < budget_s:
@@ -412,8 +409,8 @@ def main():
 
 def print_grid(results):
     print("B L Hq/Hkv (stages,splits) dense/paged | roof us | SDPA us | ours dense us %roof xSDPA | paged64 | "
-          "paged256 | paged64, per-key page reads | paged64, no prefetch | dense again | CuTeDSL | "
-          "wave model 1 (stages,splits): dense | paged64")
+          "paged256 | paged64, per-key page reads | dense again | CuTeDSL | wave model 1 (stages,splits): dense | "
+          "paged64")
 
     def cell(v):
         if not isinstance(v, dict):
@@ -426,16 +423,9 @@ def print_grid(results):
         print(f"{row['B']} {row['L']} {row['HQ']}/{row['HKV']} {tuple(row['cfg_dense'])}/{tuple(row['cfg_paged'])} | "
               f"{row['roof_us']:.1f} | {cell(row.get('sdpa'))} | {cell(row.get('ours_dense'))} | "
               f"{cell(row.get('ours_paged64'))} | {cell(row.get('ours_paged256'))} | "
-              f"{cell(row.get('ours_paged64_gather'))} | {cell(row.get('ours_paged64_noprefetch'))} | "
-              f"{cell(row.get('ours_dense_again'))} | {cell(row.get('cute'))} | "
+              f"{cell(row.get('ours_paged64_gather'))} | {cell(row.get('ours_dense_again'))} | {cell(row.get('cute'))} | "
               f"m1 {tuple(row['cfg_dense_m1'])}/{tuple(row['cfg_paged_m1'])}: {cell(row.get('ours_dense_m1'))} | "
               f"{cell(row.get('ours_paged64_m1'))}")
-    for name in ("ours_paged64", "ours_paged256", "ours_paged64_noprefetch"):
-        ratios = [row[name]["us"] / row["ours_dense"]["us"] for row in results["grid"]
-                  if "us" in row.get(name, {}) and "us" in row.get("ours_dense", {})]
-        if ratios:
-            print(f"{name} / dense: within 1.1x at {sum(x <= 1.1 for x in ratios)} of {len(ratios)} points, "
-                  f"worst {max(ratios):.2f}x")
 
 
 if __name__ == "__main__":

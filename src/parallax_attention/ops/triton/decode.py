@@ -39,7 +39,7 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _decode_split_kernel(
     Q, R, K, V, BT, SEQ, OUT, PSTAT, PO,
-    seq_const, n_new, lq, capacity, num_splits, scale_log2, win_left, win_right, num_blocks,
+    seq_const, n_new, lq, capacity, num_splits, scale_log2, win_left, win_right,
     stride_qb, stride_qm, stride_qh,
     stride_rb, stride_rm, stride_rh,
     stride_kb, stride_kt, stride_kh,
@@ -50,7 +50,7 @@ def _decode_split_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
     PAGED: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     ROW_MASK: tl.constexpr, SINGLE: tl.constexpr, PREC: tl.constexpr, STACKED: tl.constexpr,
-    PDL: tl.constexpr, PAGE_SCALAR: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+    PDL: tl.constexpr, PAGE_SCALAR: tl.constexpr = False,
 ):
     if PDL:
         # Let the merge grid launch as soon as every split program has started; it waits for
@@ -100,25 +100,6 @@ def _decode_split_kernel(
         rs = tl.load(R + b.to(tl.int64) * stride_rb + row_i[:, None] * stride_rm + row_h[:, None] * stride_rh
                      + offs_d[None, :], mask=ok1, other=0.0)
 
-    k_base = K + kvh * stride_kh
-    v_base = V + kvh * stride_vh
-    if PREFETCH:
-        # Paged cache, one-wave grid, no left window: splits partition the capacity statically, so
-        # the first tile's block-table entry and rows are fetched before the sequence length
-        # arrives (one dependent load fewer ahead of the first K/V tile; with one or two tiles per
-        # program nothing else hides it). Page ids are clamped, so a stale table entry past the
-        # sequence's end still addresses the cache; the rows it yields are masked out below.
-        chunk = tl.cdiv(tl.cdiv(capacity, num_splits), BLOCK_N) * BLOCK_N
-        s_lo = pid_s * chunk
-        entry = tl.minimum(s_lo // PAGE, capacity // PAGE - 1)
-        page0 = tl.load(BT + b.to(tl.int64) * stride_btb + entry)
-        page0 = tl.minimum(tl.maximum(page0, 0), num_blocks - 1).to(tl.int64)
-        in_page0 = s_lo % PAGE + tl.arange(0, BLOCK_N)
-        k0 = tl.load(k_base + (page0 * stride_kb + in_page0 * stride_kt)[:, None] + offs_d[None, :],
-                     mask=d_ok[None, :], other=0.0)
-        v0 = tl.load(v_base + (page0 * stride_vb + in_page0 * stride_vt)[:, None] + offs_d[None, :],
-                     mask=d_ok[None, :], other=0.0)
-
     # Keys this sequence holds after the append; clamped so that a bad length never reads
     # outside the cache.
     if HAS_SEQ:
@@ -131,10 +112,9 @@ def _decode_split_kernel(
     k_lo = 0
     if HAS_LEFT:
         k_lo = tl.maximum(n - lq - win_left, 0)
-    if not PREFETCH:
-        span = tl.maximum(n - k_lo, 0)
-        chunk = tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
-        s_lo = k_lo + pid_s * chunk
+    span = tl.maximum(n - k_lo, 0)
+    chunk = tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
+    s_lo = k_lo + pid_s * chunk
     s_hi = tl.minimum(s_lo + chunk, n)
 
     diag = row_i + n - lq  # the key aligned with each query row (bottom-right)
@@ -148,6 +128,8 @@ def _decode_split_kernel(
         acc1 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         acc2 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
+    k_base = K + kvh * stride_kh
+    v_base = V + kvh * stride_vh
     for start in range(s_lo, s_hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         kmask = offs_n < s_hi
@@ -170,18 +152,8 @@ def _decode_split_kernel(
             lmask = kmask[:, None]
         else:
             lmask = kmask[:, None] & d_ok[None, :]
-        if PREFETCH:
-            if start == s_lo:
-                k = k0
-                # keys past the end are masked out of the scores; their values must not reach
-                # p @ v either (0 * NaN)
-                v = tl.where(kmask[:, None], v0, tl.zeros_like(v0))
-            else:
-                k = tl.load(k_base + k_row[:, None] + offs_d[None, :], mask=lmask, other=0.0)
-                v = tl.load(v_base + v_row[:, None] + offs_d[None, :], mask=lmask, other=0.0)
-        else:
-            k = tl.load(k_base + k_row[:, None] + offs_d[None, :], mask=lmask, other=0.0)
-            v = tl.load(v_base + v_row[:, None] + offs_d[None, :], mask=lmask, other=0.0)
+        k = tl.load(k_base + k_row[:, None] + offs_d[None, :], mask=lmask, other=0.0)
+        v = tl.load(v_base + v_row[:, None] + offs_d[None, :], mask=lmask, other=0.0)
 
         if STACKED:
             st = tl.dot(qr, tl.trans(k), input_precision=PREC)          # (2M, N): [q.k ; r.k]
@@ -457,10 +429,9 @@ MAX_SPLITS = 128
 # PROGRAMS_PER_SM 0 mean "chosen per shape by launch_config"; MODEL 1 or 2 picks the wave-model
 # constants (above); PDL 0 never, 1 always, 2 by shape (use_pdl). The default is wave model 2 with
 # PDL by merge-grid size; benchmarks/decode.py also times the earlier rule, WAVE_MODEL_1.
-# PAGE_SCALAR: how a paged cache reads its block table (use_page_scalar). PREFETCH 1: where the
-# table is read per tile, fetch the first tile before the sequence length (see the kernel).
+# PAGE_SCALAR: how a paged cache reads its block table (use_page_scalar).
 _CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 0, "PROGRAMS_PER_SM": 0, "MIN_KEYS": 128, "STACKED": 1,
-           "PDL": 2, "MODEL": 2, "PAGE_SCALAR": 2, "PREFETCH": 1}
+           "PDL": 2, "MODEL": 2, "PAGE_SCALAR": 2}
 WAVE_MODEL_1 = {"MODEL": 1, "PDL": 1}
 
 
@@ -527,12 +498,11 @@ def decode_triton(q, r, k_cache, v_cache, block_table, seqlens, seq_const: int, 
     launch_kw = dict(launch_pdl=True) if pdl else {}
     # Without a left window every split starts at a multiple of BLOCK_N (chunks are whole tiles).
     page_scalar = paged and page % block_n == 0 and not has_left and use_page_scalar(bsz * hkv * num_splits, sms)
-    prefetch = page_scalar and bool(_CONFIG["PREFETCH"])
     grid = (bsz * hkv, num_splits)
     _decode_split_kernel[grid](
         q, r, k_cache, v_cache, bt, seq_arg, out, pstat, po,
         int(seq_const), int(n_new), lq, capacity, num_splits, float(scale * LOG2E),
-        int(left), int(right), k_cache.shape[0],
+        int(left), int(right),
         q.stride(0), q.stride(1), q.stride(2),
         r.stride(0), r.stride(1), r.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -542,7 +512,6 @@ def decode_triton(q, r, k_cache, v_cache, block_table, seqlens, seq_const: int, 
         HKV=hkv, G=g, D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page,
         PAGED=paged, HAS_SEQ=seqlens is not None, HAS_LEFT=has_left, HAS_RIGHT=has_right,
         ROW_MASK=row_mask, SINGLE=single, PREC=prec, STACKED=stacked, PDL=pdl, PAGE_SCALAR=page_scalar,
-        PREFETCH=prefetch,
         num_warps=_CONFIG["num_warps"], num_stages=stages,
     )
     if not single:
