@@ -426,6 +426,12 @@ def print_grid(results):
               f"{cell(row.get('ours_paged64_gather'))} | {cell(row.get('ours_dense_again'))} | {cell(row.get('cute'))} | "
               f"m1 {tuple(row['cfg_dense_m1'])}/{tuple(row['cfg_paged_m1'])}: {cell(row.get('ours_dense_m1'))} | "
               f"{cell(row.get('ours_paged64_m1'))}")
+    for name in ("ours_paged64", "ours_paged256"):
+        ratios = [row[name]["us"] / row["ours_dense"]["us"] for row in results["grid"]
+                  if "us" in row.get(name, {}) and "us" in row.get("ours_dense", {})]
+        if ratios:
+            print(f"{name} / dense: within 1.1x at {sum(x <= 1.1 for x in ratios)} of {len(ratios)} points, "
+                  f"worst {max(ratios):.2f}x")
 
 
 if __name__ == "__main__":
