@@ -145,3 +145,36 @@ def test_visible_mask_matches_positions():
                 p = n + i
                 want = [(p - 2 <= j <= p) for j in range(12)]
                 assert mask[b, 0, g * 2 + i].tolist() == want
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_generator_ragged_prompts_equal_one_by_one(attention, padding):
+    # Prompts of 9, 4 and 6 tokens in one padded batch: each continues exactly as it does alone.
+    model = _model(attention)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 1024, (n,), generator=g) for n in (9, 4, 6)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        sl = slice(width - len(p), width) if padding == "left" else slice(0, len(p))
+        ids[i, sl] = p
+        mask[i, sl] = 1
+    out = StaticGenerator(model, 3, width + 10).generate(ids, max_new_tokens=10, attention_mask=mask)
+    assert out.shape == (3, width + 10) and torch.equal(out[:, :width], ids)
+    for i, p in enumerate(prompts):
+        alone = StaticGenerator(model, 1, 32).generate(p[None], max_new_tokens=10)
+        assert torch.equal(out[i, width:], alone[0, len(p):]), i
+
+
+def test_generator_rejects_holes_in_the_mask():
+    model = _model()
+    gen = StaticGenerator(model, 2, 16)
+    ids = torch.randint(0, 1024, (2, 5))
+    with pytest.raises(ValueError, match="attention_mask"):
+        gen.generate(ids, 3, attention_mask=torch.tensor([[1, 0, 1, 1, 1], [1, 1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="attention_mask"):
+        gen.generate(ids, 3, attention_mask=torch.tensor([[0, 0, 0, 0, 0], [1, 1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="attention_mask"):
+        gen.generate(ids, 3, attention_mask=torch.ones(2, 4))

@@ -83,12 +83,16 @@ class StaticGenerator:
         self._graph = graph
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, eos_token_id: int | None = None,
-                 pad_token_id: int = 0) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
+                 eos_token_id: int | None = None, pad_token_id: int = 0) -> torch.Tensor:
         """Prompt `input_ids` (batch, prompt_len) followed by up to `max_new_tokens` greedy tokens.
 
-        With eos_token_id, a sequence that produced it continues with pad_token_id, and generation
-        stops early once every sequence has (checked every few steps, so it may run a few past).
+        attention_mask: optional (batch, prompt_len) 0/1 mask for prompts of different lengths,
+            padded on the left (as transformers' generate() expects) or on the right. Each prompt
+            is prefilled right-aligned to position 0 and decodes from its own length; the output
+            keeps the given prompt layout followed by the new tokens.
+        eos_token_id: a sequence that produced it continues with pad_token_id, and generation
+            stops early once every sequence has (checked every few steps, so it may run a few past).
         """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError(f"input_ids: expected a (batch, prompt_len) int64 tensor, got "
@@ -108,9 +112,25 @@ class StaticGenerator:
             raise ValueError(f"max_new_tokens: prompt {prompt} + {max_new_tokens} new tokens exceed the cache "
                              f"capacity {self.cache.capacity}; build the StaticGenerator with a larger capacity")
 
+        lengths = None
+        if attention_mask is not None:
+            lengths, ids = self._pack_right(input_ids, attention_mask, pad_token_id)
+        else:
+            ids = input_ids
+
         cache = self.cache
         cache.reset()
-        logits = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        if lengths is None:
+            logits = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        else:
+            # Causal attention: the pads after a prompt do not change it; its last real position
+            # gives its first token, and its length in the cache is set back to the real one
+            # (the pads' slots are overwritten by the tokens that follow).
+            hidden = self.model.base_model(input_ids=ids, cache=cache, use_cache=True).last_hidden_state
+            last = hidden[torch.arange(bsz, device=self.device), lengths - 1]
+            logits = self.model.get_output_embeddings()(last)
+            cache.seqlens.copy_(lengths.to(torch.int32))
+            cache.length = None
         nxt = logits.argmax(-1)
         out = torch.empty(bsz, max_new_tokens, dtype=torch.long, device=self.device)
         out[:, 0] = nxt
@@ -136,5 +156,26 @@ class StaticGenerator:
                     break
             else:
                 out[:, t] = nxt
-        cache.set_length(prompt + steps - 1)
+        if lengths is None:
+            cache.set_length(prompt + steps - 1)
         return torch.cat([input_ids, out[:, :steps]], dim=1)
+
+    @staticmethod
+    def _pack_right(input_ids, attention_mask, pad_token_id):
+        """(lengths, ids): each row's masked-in tokens moved to the start, pads after them."""
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask: expected a 0/1 tensor of the shape of input_ids "
+                             f"{tuple(input_ids.shape)}, got {tuple(getattr(attention_mask, 'shape', ()))}")
+        keep = attention_mask.to(device=input_ids.device).bool()
+        lengths = keep.sum(1)
+        width = input_ids.shape[1]
+        pos = torch.arange(width, device=input_ids.device)
+        # contiguous runs only: left padding (ones at the end) or right padding (ones at the start)
+        first = torch.where(keep, pos, width).min(1).values
+        contiguous = (keep == ((pos >= first[:, None]) & (pos < (first + lengths)[:, None]))).all()
+        if not bool(contiguous) or not bool((lengths > 0).all()):
+            raise ValueError("attention_mask: expected each row to keep one contiguous run of at least one token "
+                             "(left or right padding)")
+        src = (first[:, None] + pos).clamp(max=width - 1)
+        ids = torch.where(pos < lengths[:, None], input_ids.gather(1, src), pad_token_id)
+        return lengths, ids
