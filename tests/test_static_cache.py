@@ -178,3 +178,48 @@ def test_generator_rejects_holes_in_the_mask():
         gen.generate(ids, 3, attention_mask=torch.tensor([[0, 0, 0, 0, 0], [1, 1, 1, 1, 1]]))
     with pytest.raises(ValueError, match="attention_mask"):
         gen.generate(ids, 3, attention_mask=torch.ones(2, 4))
+
+
+def test_select_tokens_samples_the_filtered_softmax():
+    from parallax_attention.models.generation import select_tokens
+    probs = torch.tensor([0.5, 0.3, 0.1, 0.07, 0.03], dtype=torch.float64)
+    logits = probs.log().float()[None].expand(60000, -1)
+    torch.manual_seed(0)
+
+    def freq(**kw):
+        return torch.bincount(select_tokens(logits, do_sample=True, **kw), minlength=5).double() / logits.shape[0]
+    cases = [(dict(), probs),
+             (dict(temperature=0.5), probs ** 2 / (probs ** 2).sum()),
+             (dict(top_k=2), torch.tensor([0.625, 0.375, 0, 0, 0], dtype=torch.float64)),
+             (dict(top_p=0.6), torch.tensor([0.625, 0.375, 0, 0, 0], dtype=torch.float64)),
+             (dict(top_p=0.85), torch.tensor([5, 3, 1, 0, 0], dtype=torch.float64) / 9),
+             (dict(top_k=4, top_p=0.99, temperature=2.0), None)]
+    for kw, want in cases:
+        got = freq(**kw)
+        if want is None:  # temperature 2 over the top 4, nucleus 0.99 of that
+            p = probs[:4].sqrt() / probs[:4].sqrt().sum()
+            want = torch.cat([p, torch.zeros(1, dtype=torch.float64)])
+        assert (got - want).abs().max() < 0.01, (kw, got, want)
+    assert torch.equal(select_tokens(logits[:3]), torch.zeros(3, dtype=torch.long))
+
+
+def test_generator_sampling():
+    model = _model()
+    prompt = torch.randint(0, 1024, (2, 6))
+    gen = StaticGenerator(model, 2, 40)
+    greedy = gen.generate(prompt, max_new_tokens=12)
+    assert torch.equal(gen.generate(prompt, max_new_tokens=12, do_sample=True, top_k=1), greedy)
+    torch.manual_seed(1)
+    a = gen.generate(prompt, max_new_tokens=12, do_sample=True, temperature=1.5, top_k=3)
+    torch.manual_seed(1)
+    b = gen.generate(prompt, max_new_tokens=12, do_sample=True, temperature=1.5, top_k=3)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, greedy)
+    # every sampled token is among the top 3 of the logits that preceded it
+    with torch.no_grad():
+        logits = model(a).logits[:, 5:-1]
+    top3 = torch.topk(logits, 3, dim=-1).indices
+    assert (top3 == a[:, 6:, None]).any(-1).all()
+    for bad in (dict(temperature=0.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            gen.generate(prompt, max_new_tokens=2, do_sample=True, **bad)

@@ -1,16 +1,20 @@
-"""Greedy generation on a StaticKVCache with the decode step captured once in a CUDA graph.
+"""Generation on a StaticKVCache with the decode step captured once in a CUDA graph.
 
 transformers' generate() with DynamicCache runs every decode step eagerly: for a 0.6B model each
 step is hundreds of small kernel launches, and the host, not the GPU, sets the pace. Here the
-prompt is prefilled eagerly, one decode step (model forward, argmax, feeding the token back) is
-captured in a CUDA graph, and every further token is one replay. The graph reads its position from
-the cache's device-side lengths, so it replays unchanged for every step.
+prompt is prefilled eagerly, one decode step (model forward, token choice, feeding the token back)
+is captured in a CUDA graph, and every further token is one replay. The graph reads its position
+from the cache's device-side lengths, so it replays unchanged for every step.
 
     gen = StaticGenerator(model, batch_size=1, capacity=1024)
     out = gen.generate(input_ids, max_new_tokens=256)   # (batch, prompt + new) token ids
+    out = gen.generate(input_ids, max_new_tokens=256, do_sample=True, temperature=0.7, top_p=0.9)
 
 Greedy decoding gives the same tokens as ``model.generate(do_sample=False)`` up to the rounding
-of the different attention paths.
+of the different attention paths. Sampling draws from the softmax of the filtered logits with the
+Gumbel-max trick (argmax of logits / temperature plus Gumbel noise), which needs no host
+synchronisation; it uses torch's default generator (seed it with torch.manual_seed), whose
+state CUDA graphs advance on every replay.
 """
 
 from __future__ import annotations
@@ -23,8 +27,42 @@ from ..nn.kv_cache import StaticKVCache
 _EOS_POLL = 32
 
 
+def select_tokens(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Next token ids (batch,) from logits (batch, vocab): argmax, or a sample of
+    softmax(logits / temperature) restricted to the top_k tokens and then to the smallest set
+    whose probability reaches top_p (transformers' order of the two filters)."""
+    if not do_sample:
+        return logits.argmax(-1)
+    x = logits.float() / temperature
+    if top_k is not None and top_k < x.shape[-1]:
+        kth = torch.topk(x, top_k, dim=-1).values[:, -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        probs = torch.softmax(sorted_x, dim=-1)
+        # drop a token when the tokens before it already reach top_p (the first one always stays)
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    u = torch.rand_like(x).clamp_(min=torch.finfo(torch.float32).tiny)
+    return (x - torch.log(-torch.log(u))).argmax(-1)
+
+
+def _check_sampling(do_sample, temperature, top_k, top_p):
+    if not do_sample:
+        return (False, 1.0, None, None)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature: expected a number > 0 with do_sample=True, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k: expected None or an int >= 1, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p: expected None or a number in (0, 1], got {top_p!r}")
+    return (True, float(temperature), top_k, None if top_p is None else float(top_p))
+
+
 class StaticGenerator:
-    """Greedy decoder for a ParallaxForCausalLM with a preallocated cache of `batch_size` x `capacity`.
+    """Decoder (greedy or sampling) for a ParallaxForCausalLM with a preallocated cache of
+    `batch_size` x `capacity`; one CUDA graph per sampling setting, captured on first use.
 
     Args:
         model: a causal LM taking ``(input_ids=..., cache=StaticKVCache)`` (ParallaxForCausalLM).
@@ -47,17 +85,16 @@ class StaticGenerator:
             raise ValueError(f"cuda_graph: needs a model on a CUDA device, got {self.device}")
         self.cuda_graph = bool(cuda_graph)
         self._ids = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
-        self._graph = None
-        self._next = None
+        self._graphs = {}  # sampling setting -> (graph, its output tokens)
 
-    def _step(self) -> torch.Tensor:
+    def _step(self, sampling) -> torch.Tensor:
         """One decode step from the static input ids; feeds its token back into them."""
         logits = self.model(input_ids=self._ids, cache=self.cache, use_cache=True).logits[:, -1]
-        nxt = logits.argmax(-1)
+        nxt = select_tokens(logits, *sampling)
         self._ids.copy_(nxt[:, None])
         return nxt
 
-    def _capture(self) -> None:
+    def _capture(self, sampling) -> None:
         cache = self.cache
         length, ids = cache.length, self._ids.clone()
         seqlens = cache.seqlens.clone()
@@ -69,23 +106,24 @@ class StaticGenerator:
             # Warm-up off the capture: compiles kernels and settles the allocator. Each step writes
             # the slot the real step will overwrite; lengths and inputs are restored after it.
             for _ in range(2):
-                self._step()
+                self._step(sampling)
                 cache.seqlens.copy_(seqlens)
                 self._ids.copy_(ids)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._next = self._step()
+            nxt = self._step(sampling)
         # Capture records kernels without running them; the lengths on the host side are unchanged.
         cache.seqlens.copy_(seqlens)
         self._ids.copy_(ids)
         cache.length = length
-        self._graph = graph
+        self._graphs[sampling] = (graph, nxt)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
-                 eos_token_id: int | None = None, pad_token_id: int = 0) -> torch.Tensor:
-        """Prompt `input_ids` (batch, prompt_len) followed by up to `max_new_tokens` greedy tokens.
+                 eos_token_id: int | None = None, pad_token_id: int = 0, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+        """Prompt `input_ids` (batch, prompt_len) followed by up to `max_new_tokens` new tokens.
 
         attention_mask: optional (batch, prompt_len) 0/1 mask for prompts of different lengths,
             padded on the left (as transformers' generate() expects) or on the right. Each prompt
@@ -93,6 +131,8 @@ class StaticGenerator:
             keeps the given prompt layout followed by the new tokens.
         eos_token_id: a sequence that produced it continues with pad_token_id, and generation
             stops early once every sequence has (checked every few steps, so it may run a few past).
+        do_sample, temperature, top_k, top_p: greedy by default; with do_sample=True a sample of
+            softmax(logits / temperature) within the top_k tokens and the top_p nucleus.
         """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError(f"input_ids: expected a (batch, prompt_len) int64 tensor, got "
@@ -112,6 +152,7 @@ class StaticGenerator:
             raise ValueError(f"max_new_tokens: prompt {prompt} + {max_new_tokens} new tokens exceed the cache "
                              f"capacity {self.cache.capacity}; build the StaticGenerator with a larger capacity")
 
+        sampling = _check_sampling(do_sample, temperature, top_k, top_p)
         lengths = None
         if attention_mask is not None:
             lengths, ids = self._pack_right(input_ids, attention_mask, pad_token_id)
@@ -131,22 +172,22 @@ class StaticGenerator:
             logits = self.model.get_output_embeddings()(last)
             cache.seqlens.copy_(lengths.to(torch.int32))
             cache.length = None
-        nxt = logits.argmax(-1)
+        nxt = select_tokens(logits, *sampling)
         out = torch.empty(bsz, max_new_tokens, dtype=torch.long, device=self.device)
         out[:, 0] = nxt
         finished = nxt == eos_token_id if eos_token_id is not None else None
         self._ids.copy_(nxt[:, None])
-        if self.cuda_graph and max_new_tokens > 1 and self._graph is None:
-            self._capture()
+        if self.cuda_graph and max_new_tokens > 1 and sampling not in self._graphs:
+            self._capture(sampling)
         steps = 1
         if self.cuda_graph:
             cache.length = None  # replays advance the lengths on the device only
         for t in range(1, max_new_tokens):
             if self.cuda_graph:
-                self._graph.replay()
-                nxt = self._next
+                graph, nxt = self._graphs[sampling]
+                graph.replay()
             else:
-                nxt = self._step()
+                nxt = self._step(sampling)
             steps = t + 1
             if finished is not None:
                 nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
