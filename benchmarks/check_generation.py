@@ -77,6 +77,11 @@ def main():
         c = gen.generate(prompt, max_new_tokens=24, do_sample=True, temperature=1.3, top_k=4)
         check(f"{attention}: seeded sampling replays reproducibly, unseeded differs",
               torch.equal(a, b) and not torch.equal(a, c))
+        torch.manual_seed(7)
+        e = StaticGenerator(model, 3, 40, cuda_graph=False).generate(prompt, max_new_tokens=24, do_sample=True,
+                                                                     temperature=1.3, top_k=4)
+        print(f"INFO  {attention}: seeded sampling, graph vs eager steps: "
+              f"{(a[:, 9:] == e[:, 9:]).float().mean().item():.0%} of tokens equal", flush=True)
         top = torch.topk(model(a).logits[:, 8:-1], 4, dim=-1).indices
         check(f"{attention}: sampled tokens lie in the top 4", (top == a[:, 9:, None]).any(-1).all().item())
         # the graph's random numbers must advance per replay: 24 steps of a flat choice vary

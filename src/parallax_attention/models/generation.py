@@ -102,9 +102,10 @@ class StaticGenerator:
         cache.length = None
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            # Warm-up off the capture: compiles kernels and settles the allocator. Each step writes
-            # the slot the real step will overwrite; lengths and inputs are restored after it.
+        # Warm-up off the capture: compiles kernels and settles the allocator. Each step writes the
+        # slot the real step will overwrite; lengths and inputs are restored after it, and so is the
+        # random state, so that a seeded call samples the same whether or not it captured first.
+        with torch.random.fork_rng(devices=[self.device]), torch.cuda.stream(side):
             for _ in range(2):
                 self._step(sampling)
                 cache.seqlens.copy_(seqlens)
@@ -127,8 +128,8 @@ class StaticGenerator:
 
         attention_mask: optional (batch, prompt_len) 0/1 mask for prompts of different lengths,
             padded on the left (as transformers' generate() expects) or on the right. Each prompt
-            is prefilled right-aligned to position 0 and decodes from its own length; the output
-            keeps the given prompt layout followed by the new tokens.
+            is prefilled from position 0 and decodes from its own length; the output keeps the
+            given prompt layout followed by the new tokens.
         eos_token_id: a sequence that produced it continues with pad_token_id, and generation
             stops early once every sequence has (checked every few steps, so it may run a few past).
         do_sample, temperature, top_k, top_p: greedy by default; with do_sample=True a sample of
