@@ -275,10 +275,7 @@ def run_bench(log, plx, grid, atomic=False):
 SWEEP = {"fwd": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)],
          "dq": [(128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 4)],
          "dkv": [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
-                 (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 8, 3), (128, 64, 4, 3)],
-         # dk/dv with queries as rows (train.DKV_QROWS)
-         "dkv_q": [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3),
-                   (128, 128, 8, 1), (64, 128, 4, 2)]}
+                 (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 8, 3), (128, 64, 4, 3)]}
 
 
 def run_sweep(log, b=4, h=16, L=4096, d=128, names=("fwd", "dq", "dkv")):
@@ -294,28 +291,20 @@ def run_sweep(log, b=4, h=16, L=4096, d=128, names=("fwd", "dq", "dkv")):
     out = {}
     for name in names:
         best = None
-        kernel = "dkv" if name == "dkv_q" else name
-        tr.DKV_QROWS = name == "dkv_q"
-        saved = tr.FIXED[kernel][128]
         for cfg in SWEEP[name]:
-            tr.FIXED[kernel][128] = cfg
+            tr.FIXED[name][128] = cfg
             try:
                 t = bench_ms(f) if name == "fwd" else bench_ms(fb, grad_to_none=[q, r, k, v])
             except Exception as e:
                 log(f"sweep {name} {cfg}: {e!r:.200}")
                 continue
-            ck = tr.LAST_COMPILED.get(kernel)
+            ck = tr.LAST_COMPILED.get(name)
             regs = (getattr(ck, "n_regs", None), getattr(ck, "n_spills", None))
             out[f"{name} {cfg}"] = dict(ms=t, regs=regs[0], spills=regs[1])
             log(f"sweep {name} {cfg}: {t:.3f} ms  regs {regs[0]} spills {regs[1]}")
             if best is None or t < best[0]:
                 best = (t, cfg)
-        if name == "dkv_q" or best is None:
-            # the queries-as-rows dk/dv is an experiment: timed, not kept
-            tr.FIXED[kernel][128] = saved
-            tr.DKV_QROWS = False
-        else:
-            tr.FIXED[kernel][128] = best[1]
+        tr.FIXED[name][128] = best[1]
     log("sweep chose " + json.dumps({n: tr.FIXED[n][128] for n in ("fwd", "dq", "dkv")}))
     return out, {n: tr.FIXED[n][128] for n in ("fwd", "dq", "dkv")}
 

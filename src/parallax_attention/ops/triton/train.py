@@ -355,11 +355,7 @@ def _dkv_tiles(dk, dv, k, v, Q, R, DO, QD, RD, DOD, b32, h, LSE, TB, DELTA, BETA
                stride_ql, lo, hi, shift, lq, lk, left, right, scale, scale_log2,
                MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr,
-               TMA: tl.constexpr, QROWS: tl.constexpr = False):
-    if QROWS:
-        return _dkv_tiles_qrows(dk, dv, k, v, Q, R, DO, QD, RD, DOD, b32, h, LSE, TB, DELTA, BETA, offs_n, offs_d,
-                                dmask, stride_ql, lo, hi, shift, lq, lk, left, right, scale, scale_log2, MASK,
-                                HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_D, PREC, TMA)
+               TMA: tl.constexpr):
     # Tiles are held transposed (keys x queries) so that P^T and dS^T feed the MMAs
     # for dv and dk without a register transpose.
     for m0 in range(lo, hi, BLOCK_M):
@@ -398,39 +394,6 @@ def _dkv_tiles(dk, dv, k, v, Q, R, DO, QD, RD, DOD, b32, h, LSE, TB, DELTA, BETA
 
 
 @triton.jit
-def _dkv_tiles_qrows(dk, dv, k, v, Q, R, DO, QD, RD, DOD, b32, h, LSE, TB, DELTA, BETA, offs_n, offs_d, dmask,
-                     stride_ql, lo, hi, shift, lq, lk, left, right, scale, scale_log2,
-                     MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
-    """The same tile update with queries as rows: k and v become the B operands of the score MMAs
-    (shared memory) instead of A operands held in registers, and P^T, dS^T feed the dv, dk MMAs
-    through shared memory."""
-    for m0 in range(lo, hi, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        row_mask = offs_m < lq
-        q = _rows(Q, QD, b32, h, m0, offs_m, offs_d, dmask, stride_ql, lq, BLOCK_M, BLOCK_D, TMA)
-        r = _rows(R, RD, b32, h, m0, offs_m, offs_d, dmask, stride_ql, lq, BLOCK_M, BLOCK_D, TMA)
-        do = _rows(DO, DOD, b32, h, m0, offs_m, offs_d, dmask, stride_ql, lq, BLOCK_M, BLOCK_D, TMA)
-        lse2 = tl.load(LSE + offs_m, mask=row_mask, other=float("inf"))
-        tb = tl.load(TB + offs_m, mask=row_mask, other=0.0)
-        delta = tl.load(DELTA + offs_m, mask=row_mask, other=0.0)
-        beta = tl.load(BETA + offs_m, mask=row_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-        t = tl.dot(r, tl.trans(k), input_precision=PREC)
-        if MASK:
-            s = tl.where(_visible(offs_m, offs_n, shift, lk, left, right, HAS_LEFT, HAS_RIGHT), s, float("-inf"))
-        p = tl.exp2(s - lse2[:, None])
-        tc = tb[:, None] - t
-        dv = tl.dot(tl.trans((p * (1.0 + tc)).to(do.dtype)), do, dv, input_precision=PREC)
-        a = tl.dot(do, tl.trans(v), input_precision=PREC)
-        pa = p * (a - beta[:, None])
-        ds1 = (p * (a - delta[:, None]) + pa * tc) * scale
-        dk = tl.dot(tl.trans(ds1.to(q.dtype)), q, dk, input_precision=PREC)
-        dk = tl.dot(tl.trans((-pa).to(r.dtype)), r, dk, input_precision=PREC)
-    return dk, dv
-
-
-@triton.jit
 def _bwd_dkv_kernel(
     Q, R, K, V, DO, LSE, TB, DELTA, BETA, DK, DV, DQA, DRA, CUQ, CUK, QD, RD, DOD,
     stride_qb, stride_ql, stride_qh,
@@ -440,7 +403,7 @@ def _bwd_dkv_kernel(
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PREC: tl.constexpr,
-    FUSED: tl.constexpr = False, TMA: tl.constexpr = False, QROWS: tl.constexpr = False,
+    FUSED: tl.constexpr = False, TMA: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -472,15 +435,15 @@ def _bwd_dkv_kernel(
         dk, dv = _dkv_tiles(dk, dv, k, v, Qp, Rp, DOp, QD, RD, DOD, b32, h, LSE + s_base, TB + s_base,
                             DELTA + s_base, BETA + s_base, DQA + q_base, DRA + q_base, offs_n, offs_d, dmask,
                             stride_ql, start, a, shift, lq, lk, left, right, scale, scale_log2, True, HAS_LEFT,
-                            HAS_RIGHT, BLOCK_M, BLOCK_D, PREC, FUSED, TMA, QROWS)
+                            HAS_RIGHT, BLOCK_M, BLOCK_D, PREC, FUSED, TMA)
         dk, dv = _dkv_tiles(dk, dv, k, v, Qp, Rp, DOp, QD, RD, DOD, b32, h, LSE + s_base, TB + s_base,
                             DELTA + s_base, BETA + s_base, DQA + q_base, DRA + q_base, offs_n, offs_d, dmask,
                             stride_ql, a, c, shift, lq, lk, left, right, scale, scale_log2, False, HAS_LEFT,
-                            HAS_RIGHT, BLOCK_M, BLOCK_D, PREC, FUSED, TMA, QROWS)
+                            HAS_RIGHT, BLOCK_M, BLOCK_D, PREC, FUSED, TMA)
         dk, dv = _dkv_tiles(dk, dv, k, v, Qp, Rp, DOp, QD, RD, DOD, b32, h, LSE + s_base, TB + s_base,
                             DELTA + s_base, BETA + s_base, DQA + q_base, DRA + q_base, offs_n, offs_d, dmask,
                             stride_ql, c, end, shift, lq, lk, left, right, scale, scale_log2, True, HAS_LEFT,
-                            HAS_RIGHT, BLOCK_M, BLOCK_D, PREC, FUSED, TMA, QROWS)
+                            HAS_RIGHT, BLOCK_M, BLOCK_D, PREC, FUSED, TMA)
     tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -563,9 +526,6 @@ LAST_COMPILED = {}
 # call, which short sequences cannot hide.
 USE_TMA = None
 TMA_KERNELS = frozenset({"fwd"})
-# dk/dv tiles with queries as rows (k, v as shared-memory MMA operands) instead of keys as rows
-# (k, v held in registers); an experiment, see benchmarks/NOTES_train_kernels.md.
-DKV_QROWS = False
 TMA_MIN_KEYS = 2048
 
 
@@ -697,7 +657,7 @@ def bwd(dout, q, r, k, v, out, vbar, lse, tbar, cu_q, cu_k, max_q: int, max_k: i
         return dq, dr, dk, dv
     head = (q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, q, q, cu_q_arg, cu_k_arg)
     _launch(_dkv_tuned, _bwd_dkv_kernel, "dkv", lambda m: (batch * hkv, triton.cdiv(max_k, m["BLOCK_N"])),
-            head, tail, dict(HKV=hkv, QROWS=DKV_QROWS, **meta), ((q, "M"), (r, "M"), (dout, "M")))
+            head, tail, dict(HKV=hkv, **meta), ((q, "M"), (r, "M"), (dout, "M")))
     return dq, dr, dk, dv
 
 
