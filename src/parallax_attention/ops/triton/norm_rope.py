@@ -27,6 +27,20 @@ import triton.language as tl
 
 
 @triton.jit
+def _rope_tables(COS, SIN, rows, cols, mask, seqlen, heads, stride_cb, stride_cl, HALF: tl.constexpr,
+                 COS_BATCH: tl.constexpr):
+    """cos and sin of both halves for rows (token, head) of a (B, L, H) row order, in float32."""
+    pos = (rows // heads) % seqlen
+    cb = (rows // (heads * seqlen)).to(tl.int64) if COS_BATCH else 0
+    c_off = (cb * stride_cb + pos.to(tl.int64) * stride_cl)[:, None] + cols[None, :]
+    c1 = tl.load(COS + c_off, mask=mask, other=0.0).to(tl.float32)
+    c2 = tl.load(COS + c_off + HALF, mask=mask, other=0.0).to(tl.float32)
+    s1 = tl.load(SIN + c_off, mask=mask, other=0.0).to(tl.float32)
+    s2 = tl.load(SIN + c_off + HALF, mask=mask, other=0.0).to(tl.float32)
+    return c1, c2, s1, s2
+
+
+@triton.jit
 def _norm_rope_kernel(X, W, COS, SIN, Y, n_rows, seqlen, heads, stride_cb, stride_cl, eps,
                       D: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
                       HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, COS_BATCH: tl.constexpr):
@@ -45,13 +59,8 @@ def _norm_rope_kernel(X, W, COS, SIN, Y, n_rows, seqlen, heads, stride_cb, strid
         x1 = ((x1 * rstd[:, None]).to(xdtype).to(tl.float32) * w1[None, :]).to(dtype).to(tl.float32)
         x2 = ((x2 * rstd[:, None]).to(xdtype).to(tl.float32) * w2[None, :]).to(dtype).to(tl.float32)
     if HAS_ROPE:
-        pos = (rows // heads) % seqlen
-        cb = (rows // (heads * seqlen)).to(tl.int64) if COS_BATCH else 0
-        c_off = (cb * stride_cb + pos.to(tl.int64) * stride_cl)[:, None] + cols[None, :]
-        c1 = tl.load(COS + c_off, mask=mask, other=0.0).to(tl.float32)
-        c2 = tl.load(COS + c_off + HALF, mask=mask, other=0.0).to(tl.float32)
-        s1 = tl.load(SIN + c_off, mask=mask, other=0.0).to(tl.float32)
-        s2 = tl.load(SIN + c_off + HALF, mask=mask, other=0.0).to(tl.float32)
+        c1, c2, s1, s2 = _rope_tables(COS, SIN, rows, cols, mask, seqlen, heads, stride_cb, stride_cl, HALF,
+                                      COS_BATCH)
         # Each product rounded to the input dtype before the sum, as the eager x*cos + rotate_half(x)*sin
         # does (for 2-byte inputs the fp32 products are exact, so this matches eager bit for bit).
         y1 = (x1 * c1).to(dtype).to(tl.float32) - (x2 * s1).to(dtype).to(tl.float32)
@@ -77,13 +86,8 @@ def _norm_rope_bwd_kernel(X, W, COS, SIN, DY, DX, DW, n_rows, seqlen, heads, str
     g2 = tl.load(DY + base + HALF, mask=mask, other=0.0).to(tl.float32)
     if HAS_ROPE:
         # The transpose of the rotation y1 c1 - y2 s1, y2 c2 + y1 s2.
-        pos = (rows // heads) % seqlen
-        cb = (rows // (heads * seqlen)).to(tl.int64) if COS_BATCH else 0
-        c_off = (cb * stride_cb + pos.to(tl.int64) * stride_cl)[:, None] + cols[None, :]
-        c1 = tl.load(COS + c_off, mask=mask, other=0.0).to(tl.float32)
-        c2 = tl.load(COS + c_off + HALF, mask=mask, other=0.0).to(tl.float32)
-        s1 = tl.load(SIN + c_off, mask=mask, other=0.0).to(tl.float32)
-        s2 = tl.load(SIN + c_off + HALF, mask=mask, other=0.0).to(tl.float32)
+        c1, c2, s1, s2 = _rope_tables(COS, SIN, rows, cols, mask, seqlen, heads, stride_cb, stride_cl, HALF,
+                                      COS_BATCH)
         t1 = g1 * c1 + g2 * s2
         g2 = g2 * c2 - g1 * s1
         g1 = t1
