@@ -21,6 +21,10 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
      "tokenise text files, the embedded corpus or a HF dataset into token shards"),
     ("train", "parallax_attention.train.cli",
      "train a Parallax or softmax model (Muon recipe; torchrun for DDP/FSDP2)"),
+    ("export", "parallax_attention.train.export",
+     "write a training run's checkpoint as a Hugging Face model directory (with its tokenizer)"),
+    ("generate", "parallax_attention.models.generation",
+     "generate text from a model directory (static cache; CUDA-graph decoding on a GPU)"),
 ]
 
 

@@ -11,12 +11,12 @@ so a failed or interrupted conversion leaves no partial checkpoint behind.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
+
+from .._files import atomic_directory, check_destination
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -225,10 +225,7 @@ def convert_checkpoint(src, dst, dtype=None, *, overwrite: bool = False, progres
         raise ConversionError(f"src: {src} is not a directory")
     if src.resolve() == dst.resolve():
         raise ConversionError("dst: must differ from src")
-    if dst.exists() and not dst.is_dir():
-        raise ConversionError(f"dst: {dst} exists and is not a directory")
-    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
-        raise ConversionError(f"dst: {dst} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    check_destination(dst, overwrite, ConversionError)
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
         raise ConversionError(f"src: {src} has no config.json")
@@ -273,18 +270,11 @@ def convert_checkpoint(src, dst, dtype=None, *, overwrite: bool = False, progres
     shards.append(cur)
     show = progress if progress is not None else total > 1024**3
 
-    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp.mkdir()
+    with atomic_directory(dst) as tmp:
         _write(tmp, config, source, shards, names, expected, src_dtypes, target_dtype, default_dtype, total, show)
         for fname in EXTRA_FILES:
             if (src / fname).is_file():
                 shutil.copy2(src / fname, tmp / fname)
-        _replace_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 
@@ -323,22 +313,6 @@ def _write(tmp, config, source, shards, names, expected, src_dtypes, target_dtyp
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     config.architectures = ["ParallaxForCausalLM"]
     config.save_pretrained(tmp)
-
-
-def _replace_dir(tmp: Path, dst: Path) -> None:
-    """Move the finished tmp directory to dst; an existing dst is swapped out first and removed last."""
-    old = None
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(dst, old)
-    try:
-        os.rename(tmp, dst)
-    except BaseException:
-        if old is not None:
-            os.rename(old, dst)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_dtype(dtype):

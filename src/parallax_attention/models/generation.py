@@ -221,3 +221,65 @@ class StaticGenerator:
         src = (first[:, None] + pos).clamp(max=width - 1)
         ids = torch.where(pos < lengths[:, None], input_ids.gather(1, src), pad_token_id)
         return lengths, ids
+
+
+# ------------------------------------------------------------------ `plx generate`
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("model", help="a model directory (from `plx export` or `plx convert`) with tokenizer files")
+    parser.add_argument("--prompt", action="append", required=True,
+                        help="prompt text; repeat for a batch (prompts of different lengths are padded)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help="auto: bfloat16 on CUDA, float32 on the CPU")
+    parser.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA")
+
+
+def run(args) -> int:
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from .modeling import ParallaxForCausalLM
+
+    path = Path(args.model)
+    if not (path / "config.json").is_file():
+        print(f"plx generate: error: model: {path} has no config.json", file=sys.stderr)
+        return 2
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        print(f"plx generate: error: model: {path} has no tokenizer files (a byte-level training run exports "
+              f"none)", file=sys.stderr)
+        return 2
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = ParallaxForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    enc = tok(args.prompt, return_tensors="pt", padding=True)
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    gen = StaticGenerator(model, ids.shape[0], ids.shape[1] + args.max_new_tokens,
+                          cuda_graph=False if args.no_cuda_graph else None)
+    torch.manual_seed(args.seed)
+    try:
+        out = gen.generate(ids, args.max_new_tokens, attention_mask=mask, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id, do_sample=args.do_sample, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p)
+    except ValueError as e:
+        print(f"plx generate: error: {e}", file=sys.stderr)
+        return 2
+    for prompt, row in zip(args.prompt, out[:, ids.shape[1]:].tolist()):
+        if tok.eos_token_id is not None and tok.eos_token_id in row:
+            row = row[:row.index(tok.eos_token_id)]
+        print(prompt + tok.decode(row))
+    return 0
