@@ -214,8 +214,9 @@ class ParallaxAttention(nn.Module):
             raise ValueError("cache: the layer needs a layer_idx to use a KV cache")
         if isinstance(cache, StaticKVCache):
             if attention_mask is not None:
-                raise ValueError("attention_mask: StaticKVCache holds sequences of equal length; padded batches "
-                                 "(a key mask) need DynamicCache")
+                raise ValueError("attention_mask: a StaticKVCache keeps each sequence's length in cache.seqlens "
+                                 "instead of a key mask; for prompts of different lengths use "
+                                 "StaticGenerator.generate(attention_mask=...), or DynamicCache")
             o = self._attend_static(q, r, k, v, cache)
             return self.o_proj(o.reshape(bsz, lq, self.num_heads * self.head_dim))
 
