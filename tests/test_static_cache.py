@@ -223,3 +223,12 @@ def test_generator_sampling():
     for bad in (dict(temperature=0.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             gen.generate(prompt, max_new_tokens=2, do_sample=True, **bad)
+
+
+def test_generator_full_mask_is_the_unpadded_path():
+    model = _model()
+    prompt = torch.randint(0, 1024, (2, 7))
+    gen = StaticGenerator(model, 2, 20)
+    out = gen.generate(prompt, max_new_tokens=6, attention_mask=torch.ones(2, 7, dtype=torch.long))
+    assert gen.cache.length == 7 + 6 - 1  # host-known lengths, as without a mask
+    assert torch.equal(out, gen.generate(prompt, max_new_tokens=6))

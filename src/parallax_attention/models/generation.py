@@ -155,10 +155,13 @@ class StaticGenerator:
 
         sampling = _check_sampling(do_sample, temperature, top_k, top_p)
         lengths = None
+        ids = input_ids
         if attention_mask is not None:
-            lengths, ids = self._pack_right(input_ids, attention_mask, pad_token_id)
-        else:
-            ids = input_ids
+            lengths, packed = self._pack_right(input_ids, attention_mask, pad_token_id)
+            if bool((lengths == prompt).all()):
+                lengths = None  # no padding: the equal-length path, lengths known to the host
+            else:
+                ids = packed
 
         cache = self.cache
         cache.reset()
