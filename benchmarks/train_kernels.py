@@ -275,15 +275,31 @@ def run_bench(log, plx, grid, atomic=False):
 SWEEP = {"fwd": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)],
          "dq": [(128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 4)],
          "dkv": [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
-                 (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 8, 3), (128, 64, 4, 3)]}
+                 (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 8, 3), (128, 64, 4, 3)],
+         # the descriptor dk/dv kernel: (BLOCK_M, BLOCK_N, warps, stages, warp_specialize)
+         "dkv_tma": [(32, 128, 8, 3, False), (32, 128, 4, 3, True), (32, 128, 8, 2, False), (32, 128, 8, 4, False),
+                     (64, 128, 8, 3, False), (64, 128, 8, 2, False), (16, 128, 8, 3, False), (32, 128, 4, 2, True),
+                     (32, 128, 4, 4, True), (16, 128, 4, 3, True), (64, 128, 4, 2, True)]}
 
 
-def run_sweep(log, b=4, h=16, L=4096, d=128, names=("fwd", "dq", "dkv")):
+def _config(tr, name):
+    return tr.DKV_TMA_CONFIG if name == "dkv_tma" else tr.FIXED[name][128]
+
+
+def _set_config(tr, name, cfg):
+    if name == "dkv_tma":
+        tr.DKV_TMA_CONFIG = cfg
+    else:
+        tr.FIXED[name][128] = cfg
+
+
+def run_sweep(log, b=4, h=16, hkv=None, L=4096, d=128, names=("fwd", "dq", "dkv_tma")):
     """Time each launch configuration on one shape and keep the fastest per kernel; registers and
-    spills of each compiled configuration are logged too."""
+    spills of each compiled configuration are logged too. "dkv" is the pointer dk/dv kernel (the
+    descriptor one is switched off while it is swept), "dkv_tma" the descriptor one."""
     from parallax_attention.ops.triton import train as tr
     torch.manual_seed(0)
-    q, r, k, v, do = _qrkvdo(b, h, h, L, d)
+    q, r, k, v, do = _qrkvdo(b, h, hkv or h, L, d)
     f = lambda: parallax_attn(q, r, k, v, causal=True, backend="triton")  # noqa: E731
 
     def fb():
@@ -291,22 +307,25 @@ def run_sweep(log, b=4, h=16, L=4096, d=128, names=("fwd", "dq", "dkv")):
     out = {}
     for name in names:
         best = None
+        tr.DKV_TMA = False if name == "dkv" else None
         for cfg in SWEEP[name]:
-            tr.FIXED[name][128] = cfg
+            _set_config(tr, name, cfg)
             try:
                 t = bench_ms(f) if name == "fwd" else bench_ms(fb, grad_to_none=[q, r, k, v])
             except Exception as e:
                 log(f"sweep {name} {cfg}: {e!r:.200}")
                 continue
-            ck = tr.LAST_COMPILED.get(name)
+            ck = tr.LAST_COMPILED.get("dkv" if name == "dkv_tma" else name)
             regs = (getattr(ck, "n_regs", None), getattr(ck, "n_spills", None))
             out[f"{name} {cfg}"] = dict(ms=t, regs=regs[0], spills=regs[1])
             log(f"sweep {name} {cfg}: {t:.3f} ms  regs {regs[0]} spills {regs[1]}")
             if best is None or t < best[0]:
                 best = (t, cfg)
-        tr.FIXED[name][128] = best[1]
-    log("sweep chose " + json.dumps({n: tr.FIXED[n][128] for n in ("fwd", "dq", "dkv")}))
-    return out, {n: tr.FIXED[n][128] for n in ("fwd", "dq", "dkv")}
+        _set_config(tr, name, best[1])
+    tr.DKV_TMA = None
+    chosen = {n: _config(tr, n) for n in ("fwd", "dq", "dkv", "dkv_tma")}
+    log("sweep chose " + json.dumps(chosen))
+    return out, chosen
 
 
 def run_tma_ab(log, b=4, h=16, L=4096, d=128, rounds=3):
@@ -409,7 +428,9 @@ def main():
     ap.add_argument("--dtypes", default="bf16,fp16", help="check dtypes, comma-separated (bf16, fp16)")
     ap.add_argument("--compile", action="store_true", help="also check torch.compile(fullgraph=True)")
     ap.add_argument("--sweep", action="store_true", help="time launch configurations first, keep the fastest")
-    ap.add_argument("--sweep-kernels", default="fwd,dq,dkv", help="kernels --sweep tries (comma-separated)")
+    ap.add_argument("--sweep-kernels", default="fwd,dq,dkv_tma",
+                    help="kernels --sweep tries (comma-separated: fwd, dq, dkv (pointer), dkv_tma)")
+    ap.add_argument("--sweep-shape", default="4,16,16,4096,128", help="B,Hq,Hkv,L,D the sweep times")
     ap.add_argument("--shapes", default=None, help="comma-separated indexes into BENCH_GRID (default: all)")
     ap.add_argument("--atomic", action="store_true",
                     help="also time the opt-in fused backward (PARALLAX_TRAIN_BWD=atomic, non-deterministic)")
@@ -450,7 +471,9 @@ def main():
         result["overhead"] = run_overhead(log)
         save()
     if args.sweep:
-        result["sweep"], result["chosen"] = run_sweep(log, names=tuple(args.sweep_kernels.split(",")))
+        b_, h_, hkv_, l_, d_ = (int(x) for x in args.sweep_shape.split(","))
+        result["sweep"], result["chosen"] = run_sweep(log, b_, h_, hkv_, l_, d_,
+                                                      names=tuple(args.sweep_kernels.split(",")))
         save()
     if args.bench:
         plx = None

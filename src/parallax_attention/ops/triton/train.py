@@ -449,6 +449,99 @@ def _bwd_dkv_kernel(
 
 
 @triton.jit
+def _bwd_dkv_tma_kernel(
+    Q, R, K, V, DO, LSE, TB, DELTA, BETA, DK, DV, CUQ, CUK,
+    stride_kb, stride_kl, stride_kh,
+    stride_sb, stride_sh,
+    seqlen_q, seqlen_k, rows_q, rows_k, scale, scale_log2, left, right,
+    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PREC: tl.constexpr,
+    WS: tl.constexpr, STATS_TMA: tl.constexpr,
+):
+    """dk/dv with every tile read through 2-D tensor descriptors made on the device.
+
+    q, r, dO (and k, v) are viewed as (rows, heads * D) matrices and the row statistics as one flat
+    vector, so a tile is one TMA copy: no address registers and no per-element load masks, which
+    leaves room for 128 keys x 32 queries at 8 warps without the pointer kernel's spills. The GQA
+    group's query heads and their query blocks are walked as one flat loop, every tile masked
+    (rows past the sequence are read from the neighbouring rows and masked out here, so no branch
+    splits the loop), which is also the form Triton's Hopper warp specialization (WS) accepts; WS
+    also needs the row statistics through descriptors (STATS_TMA), whose offsets must then be
+    16-byte aligned (sequence lengths a multiple of 4, checked by the caller).
+    """
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b32 = pid_bh // HKV
+    b = b32.to(tl.int64)
+    hk = pid_bh % HKV
+    qs, lq, ks, lk = _seq_bounds(CUQ, CUK, b, seqlen_q, seqlen_k, VARLEN)
+    q_row0 = qs
+    k_row0 = ks
+    if not VARLEN:
+        q_row0 = b32 * seqlen_q
+        k_row0 = b32 * seqlen_k
+    n0 = pid_n * BLOCK_N
+    shift = lk - lq
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    k_desc = tl.make_tensor_descriptor(K, [rows_k, HKV * D], [HKV * D, 1], [BLOCK_N, D])
+    v_desc = tl.make_tensor_descriptor(V, [rows_k, HKV * D], [HKV * D, 1], [BLOCK_N, D])
+    q_desc = tl.make_tensor_descriptor(Q, [rows_q, HQ * D], [HQ * D, 1], [BLOCK_M, D])
+    r_desc = tl.make_tensor_descriptor(R, [rows_q, HQ * D], [HQ * D, 1], [BLOCK_M, D])
+    do_desc = tl.make_tensor_descriptor(DO, [rows_q, HQ * D], [HQ * D, 1], [BLOCK_M, D])
+    lse_desc = tl.make_tensor_descriptor(LSE, [rows_q * HQ], [1], [BLOCK_M])
+    tb_desc = tl.make_tensor_descriptor(TB, [rows_q * HQ], [1], [BLOCK_M])
+    delta_desc = tl.make_tensor_descriptor(DELTA, [rows_q * HQ], [1], [BLOCK_M])
+    beta_desc = tl.make_tensor_descriptor(BETA, [rows_q * HQ], [1], [BLOCK_M])
+    k = k_desc.load([k_row0 + n0, hk * D])
+    v = v_desc.load([k_row0 + n0, hk * D])
+    dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    start, a, c, end = _query_ranges(n0, lq, lk, shift, left, right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    # a program past its sequence's keys (varlen) walks nothing
+    blocks = tl.where(n0 < lk, tl.cdiv(end - start, BLOCK_M), 0)
+    for it in tl.range(0, G * blocks, warp_specialize=WS):
+        g = it // blocks
+        m0 = start + (it - g * blocks) * BLOCK_M
+        h = hk * G + g
+        q = q_desc.load([q_row0 + m0, h * D])
+        r = r_desc.load([q_row0 + m0, h * D])
+        do = do_desc.load([q_row0 + m0, h * D])
+        s_row = b32 * stride_sb + h * stride_sh + qs + m0
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        if STATS_TMA:
+            lse2 = lse_desc.load([s_row])
+            tb = tb_desc.load([s_row])
+            delta = delta_desc.load([s_row])
+            beta = beta_desc.load([s_row])
+        else:
+            # rows past the sequence are masked below; their loads only have to stay in bounds
+            s_ptr = s_row + tl.arange(0, BLOCK_M)
+            s_in = s_ptr < rows_q * HQ
+            lse2 = tl.load(LSE + s_ptr, mask=s_in, other=0.0)
+            tb = tl.load(TB + s_ptr, mask=s_in, other=0.0)
+            delta = tl.load(DELTA + s_ptr, mask=s_in, other=0.0)
+            beta = tl.load(BETA + s_ptr, mask=s_in, other=0.0)
+        st = tl.dot(k, tl.trans(q), input_precision=PREC) * scale_log2
+        tt = tl.dot(k, tl.trans(r), input_precision=PREC)
+        vis = _visible(offs_m, offs_n, shift, lk, left, right, HAS_LEFT, HAS_RIGHT) & (offs_m < lq)[:, None]
+        st = tl.where(tl.trans(vis), st, float("-inf"))
+        pt = tl.exp2(st - lse2[None, :])
+        tc = tb[None, :] - tt
+        dv = tl.dot((pt * (1.0 + tc)).to(do.dtype), do, dv, input_precision=PREC)
+        at = tl.dot(v, tl.trans(do), input_precision=PREC)
+        pa = pt * (at - beta[None, :])
+        ds1 = (pt * (at - delta[None, :]) + pa * tc) * scale
+        dk = tl.dot(ds1.to(q.dtype), q, dk, input_precision=PREC)
+        dk = tl.dot((-pa).to(r.dtype), r, dk, input_precision=PREC)
+    kv_mask = (offs_n < lk)[:, None]
+    kv_off = b * stride_kb + (ks + offs_n[:, None]) * stride_kl + hk * stride_kh + offs_d[None, :]
+    tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
 def _bwd_pre_kernel(O, VB, DO, DELTA, BETA, CUQ,
                     stride_qb, stride_ql, stride_qh, stride_sb, stride_sh, seqlen_q,
                     HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -488,6 +581,11 @@ FIXED = {
     "dq": {128: (128, 32, 8, 3), 256: (64, 32, 4, 2)},
     "dkv": {128: (64, 128, 8, 3), 256: (32, 64, 4, 2)},
 }
+# dk/dv through device-made tensor descriptors (_bwd_dkv_tma_kernel): (BLOCK_M, BLOCK_N, num_warps,
+# num_stages, warp_specialize), used for 2-byte dtypes and power-of-two head dims up to 128 on Hopper
+# or newer (DKV_TMA None: there; False: never, the pointer kernel above runs instead).
+DKV_TMA = None
+DKV_TMA_CONFIG = (32, 128, 8, 3, False)
 _FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
 _DQ_CONFIGS = [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)]
 _DKV_CONFIGS = [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3)]
@@ -567,6 +665,65 @@ def _launch(tuned, raw, name, grid_of, head, tail, meta, tiles=(), keys=None):
                                     [1, bm if which == "M" else bn, 1, meta["BLOCK_D"]]) for t, which in tiles]
     LAST_COMPILED[name] = raw[grid_of({"BLOCK_M": bm, "BLOCK_N": bn})](
         *head, *tensors, *tail, BLOCK_M=bm, BLOCK_N=bn, TMA=tma, **launch, **meta)
+
+
+def _dkv_tma_usable(tensors, d: int) -> bool:
+    """Whether _bwd_dkv_tma_kernel can read these contiguous tensors: a 2-byte dtype (TMA tiles are
+    MMA operands as loaded), a power-of-two head dim from 16 to 128 (a tile is exactly one head's
+    columns) and 16-byte aligned bases; on Hopper or newer, or under the interpreter."""
+    if DKV_TMA is False or d not in (16, 32, 64, 128) or tensors[0].element_size() != 2:
+        return False
+    if any(t.data_ptr() % 16 or not t.is_contiguous() for t in tensors):
+        return False
+    if _INTERPRET or os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    t = tensors[0]
+    return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
+def _scratch(size: int, alignment: int, stream):
+    # descriptors made on the device live in a global scratch buffer of 128 bytes each per program
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _with_scratch(launch):
+    """Run launch() with an allocator for device-made tensor descriptors: the caller's, if they set
+    one with triton.set_allocator, else torch's caching allocator (so CUDA-graph capture works)."""
+    try:
+        from triton.runtime import _allocation
+        current = _allocation._allocator.get()
+        if not isinstance(current, _allocation.NullAllocator):
+            return launch()
+        token = _allocation._allocator.set(_scratch)
+    except (ImportError, AttributeError):  # another triton layout: set it for the process
+        triton.set_allocator(_scratch)
+        return launch()
+    try:
+        return launch()
+    finally:
+        _allocation._allocator.reset(token)
+
+
+def _launch_dkv_tma(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg, batch, hkv, sk, ss,
+                    max_q, max_k, scale, left, right, meta):
+    if _INTERPRET or os.environ.get("TRITON_INTERPRET") == "1":
+        (bm, bn), launch = INTERPRET_BLOCKS["dkv"], dict(WS=DKV_TMA_CONFIG[4])
+    else:
+        bm, bn, w, st, ws = DKV_TMA_CONFIG
+        launch = dict(num_warps=w, num_stages=st, WS=ws)
+    # descriptor offsets along the flat statistics must be 16-byte aligned: rows of a multiple of 4
+    stats_tma = not meta["VARLEN"] and max_q % 4 == 0 and bm % 4 == 0
+    if not stats_tma:
+        launch["WS"] = False
+    rows_q = q.shape[0] * q.shape[1] if not meta["VARLEN"] else q.shape[0]
+    rows_k = k.shape[0] * k.shape[1] if not meta["VARLEN"] else k.shape[0]
+    hq = q.shape[-2]
+    grid = (batch * hkv, triton.cdiv(max_k, bn))
+    LAST_COMPILED["dkv"] = _with_scratch(lambda: _bwd_dkv_tma_kernel[grid](
+        q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg, *sk, *ss, max_q, max_k,
+        rows_q, rows_k, scale, scale * LOG2E, left, right, HQ=hq, HKV=hkv, G=meta["G"], D=meta["D"],
+        BLOCK_M=bm, BLOCK_N=bn, VARLEN=meta["VARLEN"], HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"],
+        PREC=meta["PREC"], STATS_TMA=stats_tma, **launch))
 
 
 def _mask_args(causal: bool, left: int, right: int):
@@ -654,6 +811,10 @@ def bwd(dout, q, r, k, v, out, vbar, lse, tbar, cu_q, cu_k, max_q: int, max_k: i
     _launch(_dq_tuned, _bwd_dq_kernel, "dq", lambda m: (batch * hq, triton.cdiv(max_q, m["BLOCK_M"])),
             head, tail, dict(HQ=hq, **meta), ((k, "N"), (v, "N")))
     if k.numel() == 0:
+        return dq, dr, dk, dv
+    if _dkv_tma_usable((q, r, k, v, dout, lse, tbar, delta, beta), d):
+        _launch_dkv_tma(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg, batch, hkv, sk, ss,
+                        max_q, max_k, scale, left, right, meta)
         return dq, dr, dk, dv
     head = (q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, q, q, cu_q_arg, cu_k_arg)
     _launch(_dkv_tuned, _bwd_dkv_kernel, "dkv", lambda m: (batch * hkv, triton.cdiv(max_k, m["BLOCK_N"])),
