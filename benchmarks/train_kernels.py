@@ -277,9 +277,10 @@ SWEEP = {"fwd": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 8
          "dkv": [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
                  (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 8, 3), (128, 64, 4, 3)],
          # the descriptor dk/dv kernel: (BLOCK_M, BLOCK_N, warps, stages, warp_specialize)
+         # (16 query rows per tile stopped with a misaligned-address fault on the H200: not listed)
          "dkv_tma": [(32, 128, 8, 3, False), (32, 128, 4, 3, True), (32, 128, 8, 2, False), (32, 128, 8, 4, False),
-                     (64, 128, 8, 3, False), (64, 128, 8, 2, False), (16, 128, 8, 3, False), (32, 128, 4, 2, True),
-                     (32, 128, 4, 4, True), (16, 128, 4, 3, True), (64, 128, 4, 2, True)]}
+                     (64, 128, 8, 3, False), (64, 128, 8, 2, False), (32, 128, 4, 2, True), (32, 128, 4, 4, True),
+                     (64, 128, 4, 2, True)]}
 
 
 def _config(tr, name):
