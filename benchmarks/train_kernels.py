@@ -272,15 +272,20 @@ def run_bench(log, plx, grid, atomic=False):
     return rows
 
 
-SWEEP = {"fwd": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)],
-         "dq": [(128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 4)],
+# One-warpgroup configurations small enough in shared memory for two programs per SM (their
+# warpgroups then overlap like FA3's ping-pong, without a shared barrier) are listed too.
+SWEEP = {"fwd": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3),
+                 (64, 64, 4, 2), (64, 32, 4, 2)],
+         "dq": [(128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 4), (64, 32, 4, 2), (64, 32, 4, 3),
+                (64, 64, 4, 2)],
          "dkv": [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
                  (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 8, 3), (128, 64, 4, 3)],
          # the descriptor dk/dv kernel: (BLOCK_M, BLOCK_N, warps, stages, warp_specialize)
          # (16 query rows per tile stopped with a misaligned-address fault on the H200: not listed)
          "dkv_tma": [(32, 128, 8, 3, False), (32, 128, 4, 3, True), (32, 128, 8, 2, False), (32, 128, 8, 4, False),
                      (64, 128, 8, 3, False), (64, 128, 8, 2, False), (32, 128, 4, 2, True), (32, 128, 4, 4, True),
-                     (64, 128, 4, 2, True)]}
+                     (64, 128, 4, 2, True), (32, 64, 4, 3, False), (32, 64, 4, 2, False), (64, 64, 4, 2, False),
+                     (32, 64, 4, 4, False)]}
 
 
 def _config(tr, name):
