@@ -351,6 +351,37 @@ def run_tma_ab(log, b=4, h=16, L=4096, d=128, rounds=3):
     return out
 
 
+def run_config_ab(log, spec, shape, rounds=3):
+    """Forward+backward time of several launch configurations of one kernel, interleaved round by
+    round in one process (the GPU's clock drifts by more than the differences between neighbours
+    in a sweep). spec: "kernel=cfg;cfg;..." with each cfg comma-separated, e.g.
+    "dkv_tma=32,128,8,3,0;32,128,4,3,1"."""
+    from parallax_attention.ops.triton import train as tr
+    name, cfgs = spec.split("=")
+    cfgs = [tuple(int(x) for x in c.split(",")) for c in cfgs.split(";")]
+    if name == "dkv_tma":
+        cfgs = [c[:4] + (bool(c[4]),) for c in cfgs]
+    b, h, hkv, L, d = shape
+    torch.manual_seed(0)
+    q, r, k, v, do = _qrkvdo(b, h, hkv, L, d)
+    old = _config(tr, name)
+    tr.DKV_TMA = False if name == "dkv" else None
+
+    def fb():
+        parallax_attn(q, r, k, v, causal=True, backend="triton").backward(do)
+    times = {c: [] for c in cfgs}
+    for _ in range(rounds):
+        for c in cfgs:
+            _set_config(tr, name, c)
+            times[c].append(bench_ms(fb, grad_to_none=[q, r, k, v]))
+    _set_config(tr, name, old)
+    tr.DKV_TMA = None
+    out = {str(c): dict(ms=sorted(t)[len(t) // 2], all=t) for c, t in times.items()}
+    for c, t in out.items():
+        log(f"ab {name} {shape} {c}: median {t['ms']:.3f} ms of {['%.3f' % x for x in t['all']]}")
+    return out
+
+
 def run_overhead(log, shapes=((4, 16, 16, 1024, 128), (4, 16, 16, 4096, 128)), profile_host=True):
     """Host time per call against device time (a shape is host-bound when its host time is the larger);
     for short shapes also a cProfile of the Python launch path."""
@@ -444,10 +475,13 @@ def main():
     ap.add_argument("--overhead", action="store_true", help="host vs device time per call")
     ap.add_argument("--no-tma", action="store_true", help="pointer loads only (no tensor descriptors)")
     ap.add_argument("--tma-ab", action="store_true", help="forward K/V through TMA vs pointer loads, interleaved")
+    ap.add_argument("--ab", action="append", default=[],
+                    help="interleaved forward+backward A/B of launch configurations, 'kernel=cfg;cfg' "
+                         "(kernel fwd, dq, dkv or dkv_tma; cfg comma-separated ints), on --sweep-shape")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("train_kernels.py needs a CUDA GPU")
-    if not (args.check or args.bench or args.overhead or args.tma_ab or args.sweep):
+    if not (args.check or args.bench or args.overhead or args.tma_ab or args.sweep or args.ab):
         args.check = args.bench = True
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "train_kernels.log"), "a")
@@ -470,6 +504,10 @@ def main():
     def save():
         with open(os.path.join(args.out, "train_kernels.json"), "w") as f:
             json.dump(result, f, indent=1)
+    if args.ab:
+        shape = tuple(int(x) for x in args.sweep_shape.split(","))
+        result["ab"] = {spec: run_config_ab(log, spec, shape) for spec in args.ab}
+        save()
     if args.tma_ab:
         result["tma_ab"] = run_tma_ab(log)
         save()
