@@ -26,7 +26,10 @@ Two kernels, no atomics (deterministic) and no Lq x Lk tensor:
     rows (so no separate preprocessing pass) and stores them for the next kernel;
   * dk/dv: one program per (sequence, kv head, key block); it walks the query
     heads of its GQA group and their visible query blocks, so dK/dV are reduced to
-    the kv heads in registers and repeated K/V never exist.
+    the kv heads in registers and repeated K/V never exist. For 2-byte dtypes and
+    power-of-two head dims on Hopper, every tile is read through tensor descriptors
+    made on the device (_bwd_dkv_tma_kernel: one flat loop over (query head, query
+    block), 32 query rows per step, no spills); other inputs use the pointer kernel.
 
 Opt-in (PARALLAX_TRAIN_BWD=atomic): a small kernel computes delta and beta, then one fused
 kernel per key block also forms dq/dr from the same tiles and adds them into fp32 buffers
@@ -584,6 +587,11 @@ FIXED = {
 # dk/dv through device-made tensor descriptors (_bwd_dkv_tma_kernel): (BLOCK_M, BLOCK_N, num_warps,
 # num_stages, warp_specialize), used for 2-byte dtypes and power-of-two head dims up to 128 on Hopper
 # or newer (DKV_TMA None: there; False: never, the pointer kernel above runs instead).
+# Measured on the H200 (bf16, L=4096, kernel alone): 2.02 against the pointer kernel's 2.25 ms at
+# B=4 H=16, 0.48 against 0.75 ms at B=1 H=16/8 (the GQA group walked in one loop). Triton's Hopper
+# warp specialization (4 warps, WS True) compiles for it and was about 2% faster in an interleaved
+# A/B at B=4 (4.42 against 4.51 ms forward+backward), equal at B=1; it stays off by default because
+# that compiler path is young (it produced NaN for one forward configuration tried).
 DKV_TMA = None
 DKV_TMA_CONFIG = (32, 128, 8, 3, False)
 _FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]

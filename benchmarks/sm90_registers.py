@@ -1,0 +1,108 @@
+"""Registers, spills and shared memory of the training kernels on Hopper, without a GPU.
+
+Compiles the kernels that `parallax_attn` would launch for one shape for sm_90a (CUDA
+capability 9.0) on any machine, using Triton's compiler and the ptxas it ships, and prints
+what ptxas reports. Nothing runs: this answers "does this tiling spill, does Triton's warp
+specialization apply, does it fit in shared memory" before spending GPU time.
+
+    python benchmarks/sm90_registers.py                       # B=4 H=16 L=4096 D=128, causal
+    python benchmarks/sm90_registers.py --shape 1,16,8,4096,128 --dkv-config 32,128,4,3,1
+
+Use the Triton version the GPU machine runs: register allocation changes between releases.
+The launch path is taken over by patching triton.runtime.jit.JITFunction.run (Triton 3.x
+internals), so another Triton may need this script adjusted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+
+def _install_compiler(results):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.compiler import compile as triton_compile
+    from triton.runtime import jit
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kwargs["debug"] = False
+        binder = jit.create_function_from_signature(self.signature, self.params, backend)
+        bound, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, specialization, options)
+        kernel = triton_compile(ASTSource(self, signature, constexprs, attrs), target=target,
+                                options=options.__dict__)
+        # the resource usage ptxas recorded in the cubin Triton built (STACK: the per-thread frame that
+        # spilled registers live in)
+        with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+            f.write(kernel.asm["cubin"])
+        try:
+            report = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
+                                    text=True).stdout
+        finally:
+            os.unlink(f.name)
+        regs = re.search(r"REG:(\d+)", report)
+        stack = re.search(r"STACK:(\d+)", report)
+        results.append(dict(kernel=self.fn.__name__, warps=options.num_warps, stages=options.num_stages,
+                            regs=int(regs.group(1)) if regs else None,
+                            spill_bytes=int(stack.group(1)) if stack else None,
+                            smem=kernel.metadata.shared,
+                            warp_specialized=kernel.asm["ttgir"].count("ttg.warp_specialize") > 0))
+        return kernel
+
+    jit.JITFunction.run = compile_only
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="4,16,16,4096,128", help="B,Hq,Hkv,L,D")
+    ap.add_argument("--non-causal", action="store_true")
+    ap.add_argument("--dkv-config", default=None,
+                    help="descriptor dk/dv kernel: BLOCK_M,BLOCK_N,warps,stages,warp_specialize (0/1)")
+    args = ap.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("sm90_registers.py compiles for the GPU: unset TRITON_INTERPRET")
+
+    from parallax_attention.ops.triton import train as tr
+    results = []
+    _install_compiler(results)
+    # take the GPU's decisions on a machine without one
+    tr._use_tma = lambda meta, tensors, keys=None: (  # noqa: E731
+        "fwd" in tr.TMA_KERNELS and not meta["VARLEN"] and (keys is None or keys >= tr.TMA_MIN_KEYS))
+    tr._dkv_tma_usable = lambda tensors, d: d in (16, 32, 64, 128)  # noqa: E731
+    tr._with_scratch = lambda launch: launch()  # noqa: E731
+    if args.dkv_config:
+        c = [int(x) for x in args.dkv_config.split(",")]
+        tr.DKV_TMA_CONFIG = (c[0], c[1], c[2], c[3], bool(c[4]))
+
+    b, hq, hkv, L, d = (int(x) for x in args.shape.split(","))
+    q = torch.empty(b, L, hq, d, dtype=torch.bfloat16)
+    k = torch.empty(b, L, hkv, d, dtype=torch.bfloat16)
+    lse = torch.empty(b, hq, L)
+    causal = not args.non_causal
+    tr.fwd(q, q, k, k, None, None, L, L, causal, d ** -0.5, -1, -1)
+    tr.bwd(q, q, q, k, k, q, q, lse, lse, None, None, L, L, causal, d ** -0.5, -1, -1)
+
+    print(f"sm_90a, shape B,Hq,Hkv,L,D = {args.shape}, causal={causal}")
+    print("| kernel | warps | stages | registers | stack (spill) bytes | shared memory (bytes) | warp-specialized |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['kernel']} | {r['warps']} | {r['stages']} | {r['regs']} | {r['spill_bytes']} | {r['smem']} | "
+              f"{'yes' if r['warp_specialized'] else 'no'} |")
+
+
+if __name__ == "__main__":
+    main()
