@@ -86,7 +86,7 @@ def main():
     tr._with_scratch = lambda launch: launch()  # noqa: E731
     if args.dkv_config:
         c = [int(x) for x in args.dkv_config.split(",")]
-        tr.DKV_TMA_CONFIG = (c[0], c[1], c[2], c[3], bool(c[4]))
+        tr.DKV_TMA_CONFIG = {k: (c[0], c[1], c[2], c[3], bool(c[4])) for k in tr.DKV_TMA_CONFIG}
 
     b, hq, hkv, L, d = (int(x) for x in args.shape.split(","))
     q = torch.empty(b, L, hq, d, dtype=torch.bfloat16)

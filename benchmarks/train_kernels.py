@@ -288,15 +288,15 @@ SWEEP = {"fwd": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 8
                      (32, 64, 4, 4, False)]}
 
 
-def _config(tr, name):
-    return tr.DKV_TMA_CONFIG if name == "dkv_tma" else tr.FIXED[name][128]
+def _config(tr, name, d=128):
+    return tr.DKV_TMA_CONFIG[64 if d <= 64 else 128] if name == "dkv_tma" else tr.FIXED[name][128 if d <= 128 else 256]
 
 
-def _set_config(tr, name, cfg):
+def _set_config(tr, name, cfg, d=128):
     if name == "dkv_tma":
-        tr.DKV_TMA_CONFIG = cfg
+        tr.DKV_TMA_CONFIG[64 if d <= 64 else 128] = cfg
     else:
-        tr.FIXED[name][128] = cfg
+        tr.FIXED[name][128 if d <= 128 else 256] = cfg
 
 
 def run_sweep(log, b=4, h=16, hkv=None, L=4096, d=128, names=("fwd", "dq", "dkv_tma")):
@@ -315,7 +315,7 @@ def run_sweep(log, b=4, h=16, hkv=None, L=4096, d=128, names=("fwd", "dq", "dkv_
         best = None
         tr.DKV_TMA = False if name == "dkv" else None
         for cfg in SWEEP[name]:
-            _set_config(tr, name, cfg)
+            _set_config(tr, name, cfg, d)
             try:
                 t = bench_ms(f) if name == "fwd" else bench_ms(fb, grad_to_none=[q, r, k, v])
             except Exception as e:
@@ -327,9 +327,9 @@ def run_sweep(log, b=4, h=16, hkv=None, L=4096, d=128, names=("fwd", "dq", "dkv_
             log(f"sweep {name} {cfg}: {t:.3f} ms  regs {regs[0]} spills {regs[1]}")
             if best is None or t < best[0]:
                 best = (t, cfg)
-        _set_config(tr, name, best[1])
+        _set_config(tr, name, best[1], d)
     tr.DKV_TMA = None
-    chosen = {n: _config(tr, n) for n in ("fwd", "dq", "dkv", "dkv_tma")}
+    chosen = {n: _config(tr, n, d) for n in ("fwd", "dq", "dkv", "dkv_tma")}
     log("sweep chose " + json.dumps(chosen))
     return out, chosen
 
@@ -364,7 +364,7 @@ def run_config_ab(log, spec, shape, rounds=3):
     b, h, hkv, L, d = shape
     torch.manual_seed(0)
     q, r, k, v, do = _qrkvdo(b, h, hkv, L, d)
-    old = _config(tr, name)
+    old = _config(tr, name, d)
     tr.DKV_TMA = False if name == "dkv" else None
 
     def fb():
@@ -372,9 +372,9 @@ def run_config_ab(log, spec, shape, rounds=3):
     times = {c: [] for c in cfgs}
     for _ in range(rounds):
         for c in cfgs:
-            _set_config(tr, name, c)
+            _set_config(tr, name, c, d)
             times[c].append(bench_ms(fb, grad_to_none=[q, r, k, v]))
-    _set_config(tr, name, old)
+    _set_config(tr, name, old, d)
     tr.DKV_TMA = None
     out = {str(c): dict(ms=sorted(t)[len(t) // 2], all=t) for c, t in times.items()}
     for c, t in out.items():

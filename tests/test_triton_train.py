@@ -288,7 +288,8 @@ def test_backward_mode_is_validated(monkeypatch):
 
 
 @pytest.mark.parametrize("ws", [False, True], ids=["loop", "warp_specialized"])
-@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3], CASES[5], CASES[6], CASES[8], (2, 64, 64, 4, 2, 16, True, (-1, -1))],
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3], CASES[5], CASES[6], CASES[8],
+                                  (2, 64, 64, 4, 2, 16, True, (-1, -1))],
                          ids=["causal", "gqa_lq_lt_lk", "mqa_lq_gt_lk", "window_unaligned", "two_sided",
                               "causal_window", "d16_aligned_rows"])
 def test_dkv_descriptor_kernel(case, ws, monkeypatch):
@@ -302,7 +303,7 @@ def test_dkv_descriptor_kernel(case, ws, monkeypatch):
     calls = []
     real = train_mod._launch_dkv_tma
     monkeypatch.setattr(train_mod, "_launch_dkv_tma", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    monkeypatch.setattr(train_mod, "DKV_TMA_CONFIG", train_mod.DKV_TMA_CONFIG[:4] + (ws,))
+    monkeypatch.setattr(train_mod, "DKV_TMA_CONFIG", {k: c[:4] + (ws,) for k, c in train_mod.DKV_TMA_CONFIG.items()})
     f = lambda *x: parallax_attn(*x, causal=causal, window_size=window, backend="triton")  # noqa: E731
     ours = _fwd_bwd(f, (q, r, k, v), do)
     assert calls, "the descriptor kernel did not run"

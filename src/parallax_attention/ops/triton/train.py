@@ -593,7 +593,7 @@ FIXED = {
 # A/B at B=4 (4.42 against 4.51 ms forward+backward), equal at B=1; it stays off by default because
 # that compiler path is young (it produced NaN for one forward configuration tried).
 DKV_TMA = None
-DKV_TMA_CONFIG = (32, 128, 8, 3, False)
+DKV_TMA_CONFIG = {64: (64, 128, 8, 3, False), 128: (32, 128, 8, 3, False)}  # by head dim: <= 64, <= 128
 _FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
 _DQ_CONFIGS = [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)]
 _DKV_CONFIGS = [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3)]
@@ -714,11 +714,10 @@ def _with_scratch(launch):
 
 def _launch_dkv_tma(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg, batch, hkv, sk, ss,
                     max_q, max_k, scale, left, right, meta):
+    bm, bn, w, st, ws = DKV_TMA_CONFIG[64 if meta["D"] <= 64 else 128]
+    launch = dict(num_warps=w, num_stages=st, WS=ws)
     if _INTERPRET or os.environ.get("TRITON_INTERPRET") == "1":
-        (bm, bn), launch = INTERPRET_BLOCKS["dkv"], dict(WS=DKV_TMA_CONFIG[4])
-    else:
-        bm, bn, w, st, ws = DKV_TMA_CONFIG
-        launch = dict(num_warps=w, num_stages=st, WS=ws)
+        (bm, bn), launch = INTERPRET_BLOCKS["dkv"], dict(WS=ws)
     # descriptor offsets along the flat statistics must be 16-byte aligned: rows of a multiple of 4
     stats_tma = not meta["VARLEN"] and max_q % 4 == 0 and bm % 4 == 0
     if not stats_tma:
