@@ -357,6 +357,8 @@ def run_config_ab(log, spec, shape, rounds=3):
     in a sweep). spec: "kernel=cfg;cfg;..." with each cfg comma-separated, e.g.
     "dkv_tma=32,128,8,3,0;32,128,4,3,1"."""
     from parallax_attention.ops.triton import train as tr
+    if spec == "dkv_kernel":
+        return run_dkv_kernel_ab(log, shape, rounds)
     name, cfgs = spec.split("=")
     cfgs = [tuple(int(x) for x in c.split(",")) for c in cfgs.split(";")]
     if name == "dkv_tma":
@@ -379,6 +381,28 @@ def run_config_ab(log, spec, shape, rounds=3):
     out = {str(c): dict(ms=sorted(t)[len(t) // 2], all=t) for c, t in times.items()}
     for c, t in out.items():
         log(f"ab {name} {shape} {c}: median {t['ms']:.3f} ms of {['%.3f' % x for x in t['all']]}")
+    return out
+
+
+def run_dkv_kernel_ab(log, shape, rounds=3):
+    """Forward+backward with the descriptor dk/dv kernel against the pointer one (each with its
+    default configuration), interleaved ("--ab dkv_kernel")."""
+    from parallax_attention.ops.triton import train as tr
+    b, h, hkv, L, d = shape
+    torch.manual_seed(0)
+    q, r, k, v, do = _qrkvdo(b, h, hkv, L, d)
+
+    def fb():
+        parallax_attn(q, r, k, v, causal=True, backend="triton").backward(do)
+    times = {"descriptors": [], "pointers": []}
+    for _ in range(rounds):
+        for kind, setting in (("descriptors", None), ("pointers", False)):
+            tr.DKV_TMA = setting
+            times[kind].append(bench_ms(fb, grad_to_none=[q, r, k, v]))
+    tr.DKV_TMA = None
+    out = {kind: dict(ms=sorted(t)[len(t) // 2], all=t) for kind, t in times.items()}
+    for kind, t in out.items():
+        log(f"ab dkv kernel {shape} {kind}: median {t['ms']:.3f} ms of {['%.3f' % x for x in t['all']]}")
     return out
 
 
@@ -477,7 +501,8 @@ def main():
     ap.add_argument("--tma-ab", action="store_true", help="forward K/V through TMA vs pointer loads, interleaved")
     ap.add_argument("--ab", action="append", default=[],
                     help="interleaved forward+backward A/B of launch configurations, 'kernel=cfg;cfg' "
-                         "(kernel fwd, dq, dkv or dkv_tma; cfg comma-separated ints), on --sweep-shape")
+                         "(kernel fwd, dq, dkv or dkv_tma; cfg comma-separated ints), on --sweep-shape; "
+                         "'dkv_kernel': the descriptor dk/dv kernel against the pointer one")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("train_kernels.py needs a CUDA GPU")
