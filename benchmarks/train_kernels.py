@@ -406,6 +406,38 @@ def run_dkv_kernel_ab(log, shape, rounds=3):
     return out
 
 
+def run_autotune_check(log, shape=(2, 8, 4, 1024, 128)):
+    """PARALLAX_TRAIN_AUTOTUNE=1 (tuned launches of the three kernels) against the fixed launches on
+    one GQA shape: outputs and gradients must agree to bf16 rounding."""
+    b, h, hkv, L, d = shape
+    torch.manual_seed(1)
+    q, r, k, v, do = _qrkvdo(b, h, hkv, L, d)
+
+    def grads():
+        for x in (q, r, k, v):
+            x.grad = None
+        o = parallax_attn(q, r, k, v, causal=True, backend="triton")
+        o.backward(do)
+        return [o.detach().clone()] + [x.grad.clone() for x in (q, r, k, v)]
+    fixed = grads()
+    old = os.environ.get("PARALLAX_TRAIN_AUTOTUNE")
+    os.environ["PARALLAX_TRAIN_AUTOTUNE"] = "1"
+    try:
+        t0 = time.time()
+        tuned = grads()
+        tune_s = time.time() - t0
+    finally:
+        if old is None:
+            os.environ.pop("PARALLAX_TRAIN_AUTOTUNE")
+        else:
+            os.environ["PARALLAX_TRAIN_AUTOTUNE"] = old
+    errs = {n: rel(a, b_) for n, a, b_ in zip(("o", "dq", "dr", "dk", "dv"), tuned, fixed)}
+    ok = all(e < 1e-2 for e in errs.values()) and all(torch.isfinite(t).all().item() for t in tuned)
+    log(f"autotune check {shape}: {'ok' if ok else 'FAILED'} tuning {tune_s:.0f} s, "
+        f"norm-relative difference to the fixed launches {json.dumps({n: float('%.2e' % e) for n, e in errs.items()})}")
+    return dict(ok=ok, tune_s=tune_s, errors=errs)
+
+
 def run_overhead(log, shapes=((4, 16, 16, 1024, 128), (4, 16, 16, 4096, 128)), profile_host=True):
     """Host time per call against device time (a shape is host-bound when its host time is the larger);
     for short shapes also a cProfile of the Python launch path."""
@@ -499,6 +531,8 @@ def main():
     ap.add_argument("--overhead", action="store_true", help="host vs device time per call")
     ap.add_argument("--no-tma", action="store_true", help="pointer loads only (no tensor descriptors)")
     ap.add_argument("--tma-ab", action="store_true", help="forward K/V through TMA vs pointer loads, interleaved")
+    ap.add_argument("--check-autotune", action="store_true",
+                    help="PARALLAX_TRAIN_AUTOTUNE=1 launches against the fixed ones on one GQA shape")
     ap.add_argument("--ab", action="append", default=[],
                     help="interleaved forward+backward A/B of launch configurations, 'kernel=cfg;cfg' "
                          "(kernel fwd, dq, dkv or dkv_tma; cfg comma-separated ints), on --sweep-shape; "
@@ -506,7 +540,7 @@ def main():
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("train_kernels.py needs a CUDA GPU")
-    if not (args.check or args.bench or args.overhead or args.tma_ab or args.sweep or args.ab):
+    if not (args.check or args.bench or args.overhead or args.tma_ab or args.sweep or args.ab or args.check_autotune):
         args.check = args.bench = True
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "train_kernels.log"), "a")
@@ -529,6 +563,9 @@ def main():
     def save():
         with open(os.path.join(args.out, "train_kernels.json"), "w") as f:
             json.dump(result, f, indent=1)
+    if args.check_autotune:
+        result["autotune_check"] = run_autotune_check(log)
+        save()
     if args.ab:
         shape = tuple(int(x) for x in args.sweep_shape.split(","))
         result["ab"] = {spec: run_config_ab(log, spec, shape) for spec in args.ab}

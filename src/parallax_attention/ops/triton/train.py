@@ -456,7 +456,7 @@ def _bwd_dkv_tma_kernel(
     Q, R, K, V, DO, LSE, TB, DELTA, BETA, DK, DV, CUQ, CUK,
     stride_kb, stride_kl, stride_kh,
     stride_sb, stride_sh,
-    seqlen_q, seqlen_k, rows_q, rows_k, scale, scale_log2, left, right,
+    seqlen_q, seqlen_k, rows_q, rows_k, scale, scale_log2, left, right, tune_key,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PREC: tl.constexpr,
@@ -597,6 +597,7 @@ DKV_TMA_CONFIG = {64: (64, 128, 8, 3, False), 128: (32, 128, 8, 3, False)}  # by
 _FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
 _DQ_CONFIGS = [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)]
 _DKV_CONFIGS = [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3)]
+_DKV_TMA_CONFIGS = [(32, 128, 8, 3), (64, 128, 8, 3), (32, 128, 8, 4), (32, 64, 4, 3)]
 _TUNE_KEY = ["tune_key", "BLOCK_D", "G", "VARLEN", "HAS_LEFT", "HAS_RIGHT"]
 
 # The interpreter runs one fixed, small configuration (tuning there would only cost time);
@@ -609,6 +610,11 @@ def _configs(table):
 
 
 _fwd_tuned = triton.autotune(_configs(_FWD_CONFIGS), key=_TUNE_KEY)(_fwd_kernel)
+# warp specialization stays out of the tuning space (see DKV_TMA_CONFIG)
+_dkv_tma_tuned = triton.autotune(
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WS": False}, num_warps=w, num_stages=st)
+     for bm, bn, w, st in _DKV_TMA_CONFIGS],
+    key=["tune_key", "D", "G", "VARLEN", "HAS_LEFT", "HAS_RIGHT"])(_bwd_dkv_tma_kernel)
 _dq_tuned = triton.autotune(_configs(_DQ_CONFIGS), key=_TUNE_KEY)(_bwd_dq_kernel)
 _dkv_tuned = triton.autotune(_configs(_DKV_CONFIGS), key=_TUNE_KEY)(_bwd_dkv_kernel)
 
@@ -714,23 +720,30 @@ def _with_scratch(launch):
 
 def _launch_dkv_tma(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg, batch, hkv, sk, ss,
                     max_q, max_k, scale, left, right, meta):
+    interpret = _INTERPRET or os.environ.get("TRITON_INTERPRET") == "1"
     bm, bn, w, st, ws = DKV_TMA_CONFIG[64 if meta["D"] <= 64 else 128]
-    launch = dict(num_warps=w, num_stages=st, WS=ws)
-    if _INTERPRET or os.environ.get("TRITON_INTERPRET") == "1":
-        (bm, bn), launch = INTERPRET_BLOCKS["dkv"], dict(WS=ws)
+    launch = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, WS=ws)
+    if interpret:
+        bm, bn = INTERPRET_BLOCKS["dkv"]
+        launch = dict(BLOCK_M=bm, BLOCK_N=bn, WS=ws)
+    tuned = not interpret and os.environ.get("PARALLAX_TRAIN_AUTOTUNE") == "1"
     # descriptor offsets along the flat statistics must be 16-byte aligned: rows of a multiple of 4
+    # (every BLOCK_M of the tuning space is a multiple of 4 too)
     stats_tma = not meta["VARLEN"] and max_q % 4 == 0 and bm % 4 == 0
     if not stats_tma:
         launch["WS"] = False
     rows_q = q.shape[0] * q.shape[1] if not meta["VARLEN"] else q.shape[0]
     rows_k = k.shape[0] * k.shape[1] if not meta["VARLEN"] else k.shape[0]
-    hq = q.shape[-2]
-    grid = (batch * hkv, triton.cdiv(max_k, bn))
-    LAST_COMPILED["dkv"] = _with_scratch(lambda: _bwd_dkv_tma_kernel[grid](
-        q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg, *sk, *ss, max_q, max_k,
-        rows_q, rows_k, scale, scale * LOG2E, left, right, HQ=hq, HKV=hkv, G=meta["G"], D=meta["D"],
-        BLOCK_M=bm, BLOCK_N=bn, VARLEN=meta["VARLEN"], HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"],
-        PREC=meta["PREC"], STATS_TMA=stats_tma, **launch))
+    args = (q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg, *sk, *ss, max_q, max_k,
+            rows_q, rows_k, scale, scale * LOG2E, left, right, _tune_key(max_q, max_k))
+    consts = dict(HQ=q.shape[-2], HKV=hkv, G=meta["G"], D=meta["D"], VARLEN=meta["VARLEN"],
+                  HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"], PREC=meta["PREC"], STATS_TMA=stats_tma)
+    if tuned:
+        grid = lambda m: (batch * hkv, triton.cdiv(max_k, m["BLOCK_N"]))  # noqa: E731
+        _with_scratch(lambda: _dkv_tma_tuned[grid](*args, **consts))
+        return
+    LAST_COMPILED["dkv"] = _with_scratch(lambda: _bwd_dkv_tma_kernel[(batch * hkv, triton.cdiv(max_k, bn))](
+        *args, **consts, **launch))
 
 
 def _mask_args(causal: bool, left: int, right: int):
