@@ -354,6 +354,21 @@ def _bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------
 
 @triton.jit
+def _dkv_step(dk, dv, v, q, r, do, st, tt, lse2, tb, delta, beta, scale, PREC: tl.constexpr):
+    """One (keys x queries) tile's share of dk and dv, from the masked log2 scores st = (k q^T)^T
+    and tt = (k r^T)^T. Also returns dS1 (scaled) and p (a - beta), which give dq and dr."""
+    pt = tl.exp2(st - lse2[None, :])
+    tc = tb[None, :] - tt
+    dv = tl.dot((pt * (1.0 + tc)).to(do.dtype), do, dv, input_precision=PREC)
+    at = tl.dot(v, tl.trans(do), input_precision=PREC)
+    pa = pt * (at - beta[None, :])
+    ds1 = (pt * (at - delta[None, :]) + pa * tc) * scale
+    dk = tl.dot(ds1.to(q.dtype), q, dk, input_precision=PREC)
+    dk = tl.dot((-pa).to(r.dtype), r, dk, input_precision=PREC)
+    return dk, dv, ds1, pa
+
+
+@triton.jit
 def _dkv_tiles(dk, dv, k, v, Q, R, DO, QD, RD, DOD, b32, h, LSE, TB, DELTA, BETA, DQA, DRA, offs_n, offs_d, dmask,
                stride_ql, lo, hi, shift, lq, lk, left, right, scale, scale_log2,
                MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
@@ -378,14 +393,7 @@ def _dkv_tiles(dk, dv, k, v, Q, R, DO, QD, RD, DOD, b32, h, LSE, TB, DELTA, BETA
         if MASK:
             vis = tl.trans(_visible(offs_m, offs_n, shift, lk, left, right, HAS_LEFT, HAS_RIGHT))
             st = tl.where(vis, st, float("-inf"))
-        pt = tl.exp2(st - lse2[None, :])
-        tc = tb[None, :] - tt
-        dv = tl.dot((pt * (1.0 + tc)).to(do.dtype), do, dv, input_precision=PREC)
-        at = tl.dot(v, tl.trans(do), input_precision=PREC)
-        pa = pt * (at - beta[None, :])
-        ds1 = (pt * (at - delta[None, :]) + pa * tc) * scale
-        dk = tl.dot(ds1.to(q.dtype), q, dk, input_precision=PREC)
-        dk = tl.dot((-pa).to(r.dtype), r, dk, input_precision=PREC)
+        dk, dv, ds1, pa = _dkv_step(dk, dv, v, q, r, do, st, tt, lse2, tb, delta, beta, scale, PREC)
         if FUSED:
             # opt-in: dq/dr from the same tiles, summed over key blocks with fp32 atomics
             # (3 fewer matmuls per tile than the two-kernel path; the sum order varies run to run)
@@ -530,14 +538,7 @@ def _bwd_dkv_tma_kernel(
         tt = tl.dot(k, tl.trans(r), input_precision=PREC)
         vis = _visible(offs_m, offs_n, shift, lk, left, right, HAS_LEFT, HAS_RIGHT) & (offs_m < lq)[:, None]
         st = tl.where(tl.trans(vis), st, float("-inf"))
-        pt = tl.exp2(st - lse2[None, :])
-        tc = tb[None, :] - tt
-        dv = tl.dot((pt * (1.0 + tc)).to(do.dtype), do, dv, input_precision=PREC)
-        at = tl.dot(v, tl.trans(do), input_precision=PREC)
-        pa = pt * (at - beta[None, :])
-        ds1 = (pt * (at - delta[None, :]) + pa * tc) * scale
-        dk = tl.dot(ds1.to(q.dtype), q, dk, input_precision=PREC)
-        dk = tl.dot((-pa).to(r.dtype), r, dk, input_precision=PREC)
+        dk, dv, ds1, pa = _dkv_step(dk, dv, v, q, r, do, st, tt, lse2, tb, delta, beta, scale, PREC)
     kv_mask = (offs_n < lk)[:, None]
     kv_off = b * stride_kb + (ks + offs_n[:, None]) * stride_kl + hk * stride_kh + offs_d[None, :]
     tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
