@@ -90,6 +90,16 @@ def _seq_bounds(CUQ, CUK, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _kv_program(CUQ, CUK, seqlen_q, seqlen_k, HKV: tl.constexpr, VARLEN: tl.constexpr):
+    """A dk/dv program's sequence (int32 and 64-bit index), kv head and sequence bounds."""
+    pid_bh = tl.program_id(0)
+    b32 = pid_bh // HKV
+    b = b32.to(tl.int64)
+    qs, lq, ks, lk = _seq_bounds(CUQ, CUK, b, seqlen_q, seqlen_k, VARLEN)
+    return b32, b, pid_bh % HKV, qs, lq, ks, lk
+
+
+@triton.jit
 def _key_ranges(m0, lq, lk, shift, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """Key tiles seen by rows [m0, m0 + BLOCK_M): [start, a) masked, [a, c) unmasked, [c, end) masked."""
@@ -416,12 +426,8 @@ def _bwd_dkv_kernel(
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PREC: tl.constexpr,
     FUSED: tl.constexpr = False, TMA: tl.constexpr = False,
 ):
-    pid_bh = tl.program_id(0)
+    b32, b, hk, qs, lq, ks, lk = _kv_program(CUQ, CUK, seqlen_q, seqlen_k, HKV, VARLEN)
     pid_n = tl.program_id(1)
-    b32 = pid_bh // HKV
-    b = b32.to(tl.int64)
-    hk = pid_bh % HKV
-    qs, lq, ks, lk = _seq_bounds(CUQ, CUK, b, seqlen_q, seqlen_k, VARLEN)
     n0 = pid_n * BLOCK_N
     if n0 >= lk:
         return
@@ -481,12 +487,8 @@ def _bwd_dkv_tma_kernel(
     also needs the row statistics through descriptors (STATS_TMA), whose offsets must then be
     16-byte aligned (sequence lengths a multiple of 4, checked by the caller).
     """
-    pid_bh = tl.program_id(0)
+    b32, b, hk, qs, lq, ks, lk = _kv_program(CUQ, CUK, seqlen_q, seqlen_k, HKV, VARLEN)
     pid_n = tl.program_id(1)
-    b32 = pid_bh // HKV
-    b = b32.to(tl.int64)
-    hk = pid_bh % HKV
-    qs, lq, ks, lk = _seq_bounds(CUQ, CUK, b, seqlen_q, seqlen_k, VARLEN)
     q_row0 = qs
     k_row0 = ks
     if not VARLEN:
