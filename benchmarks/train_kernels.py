@@ -357,8 +357,8 @@ def run_config_ab(log, spec, shape, rounds=3):
     in a sweep). spec: "kernel=cfg;cfg;..." with each cfg comma-separated, e.g.
     "dkv_tma=32,128,8,3,0;32,128,4,3,1"."""
     from parallax_attention.ops.triton import train as tr
-    if spec in ("dkv_kernel", "dkv_mask"):
-        return run_dkv_kernel_ab(log, shape, rounds, spec)
+    if spec == "dkv_kernel":
+        return run_dkv_kernel_ab(log, shape, rounds)
     name, cfgs = spec.split("=")
     cfgs = [tuple(int(x) for x in c.split(",")) for c in cfgs.split(";")]
     if name == "dkv_tma":
@@ -384,10 +384,9 @@ def run_config_ab(log, spec, shape, rounds=3):
     return out
 
 
-def run_dkv_kernel_ab(log, shape, rounds=3, spec="dkv_kernel"):
+def run_dkv_kernel_ab(log, shape, rounds=3):
     """Forward+backward with the descriptor dk/dv kernel against the pointer one (each with its
-    default configuration), interleaved ("--ab dkv_kernel"); or the descriptor kernel masking only
-    boundary tiles against masking every tile ("--ab dkv_mask")."""
+    default configuration), interleaved ("--ab dkv_kernel")."""
     from parallax_attention.ops.triton import train as tr
     b, h, hkv, L, d = shape
     torch.manual_seed(0)
@@ -395,19 +394,15 @@ def run_dkv_kernel_ab(log, shape, rounds=3, spec="dkv_kernel"):
 
     def fb():
         parallax_attn(q, r, k, v, causal=True, backend="triton").backward(do)
-    if spec == "dkv_mask":
-        variants = (("boundary masks", "DKV_TMA_MASK_ALL", False), ("every tile masked", "DKV_TMA_MASK_ALL", True))
-    else:
-        variants = (("descriptors", "DKV_TMA", None), ("pointers", "DKV_TMA", False))
-    times = {kind: [] for kind, _, _ in variants}
+    times = {"descriptors": [], "pointers": []}
     for _ in range(rounds):
-        for kind, attr, setting in variants:
-            setattr(tr, attr, setting)
+        for kind, setting in (("descriptors", None), ("pointers", False)):
+            tr.DKV_TMA = setting
             times[kind].append(bench_ms(fb, grad_to_none=[q, r, k, v]))
-    tr.DKV_TMA, tr.DKV_TMA_MASK_ALL = None, False
+    tr.DKV_TMA = None
     out = {kind: dict(ms=sorted(t)[len(t) // 2], all=t) for kind, t in times.items()}
     for kind, t in out.items():
-        log(f"ab {spec} {shape} {kind}: median {t['ms']:.3f} ms of {['%.3f' % x for x in t['all']]}")
+        log(f"ab dkv kernel {shape} {kind}: median {t['ms']:.3f} ms of {['%.3f' % x for x in t['all']]}")
     return out
 
 
@@ -541,8 +536,7 @@ def main():
     ap.add_argument("--ab", action="append", default=[],
                     help="interleaved forward+backward A/B of launch configurations, 'kernel=cfg;cfg' "
                          "(kernel fwd, dq, dkv or dkv_tma; cfg comma-separated ints), on --sweep-shape; "
-                         "'dkv_kernel': the descriptor dk/dv kernel against the pointer one; 'dkv_mask': its "
-                         "boundary-only masks against masking every tile")
+                         "'dkv_kernel': the descriptor dk/dv kernel against the pointer one")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("train_kernels.py needs a CUDA GPU")

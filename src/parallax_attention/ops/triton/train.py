@@ -474,7 +474,7 @@ def _bwd_dkv_tma_kernel(
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PREC: tl.constexpr,
-    WS: tl.constexpr, STATS_TMA: tl.constexpr, MASK_ALL: tl.constexpr = False,
+    WS: tl.constexpr, STATS_TMA: tl.constexpr,
 ):
     """dk/dv with every tile read through 2-D tensor descriptors made on the device.
 
@@ -538,13 +538,8 @@ def _bwd_dkv_tma_kernel(
             beta = tl.load(BETA + s_ptr, mask=s_in, other=0.0)
         st = tl.dot(k, tl.trans(q), input_precision=PREC) * scale_log2
         tt = tl.dot(k, tl.trans(r), input_precision=PREC)
-        if WS or MASK_ALL:
-            vis = _visible(offs_m, offs_n, shift, lk, left, right, HAS_LEFT, HAS_RIGHT) & (offs_m < lq)[:, None]
-            st = tl.where(tl.trans(vis), st, float("-inf"))
-        elif (m0 < a) | (m0 >= c) | (m0 + BLOCK_M > lq):
-            # boundary tiles only (warp specialization takes no branch in its loop)
-            vis = _visible(offs_m, offs_n, shift, lk, left, right, HAS_LEFT, HAS_RIGHT) & (offs_m < lq)[:, None]
-            st = tl.where(tl.trans(vis), st, float("-inf"))
+        vis = _visible(offs_m, offs_n, shift, lk, left, right, HAS_LEFT, HAS_RIGHT) & (offs_m < lq)[:, None]
+        st = tl.where(tl.trans(vis), st, float("-inf"))
         dk, dv, ds1, pa = _dkv_step(dk, dv, v, q, r, do, st, tt, lse2, tb, delta, beta, scale, PREC)
     kv_mask = (offs_n < lk)[:, None]
     kv_off = b * stride_kb + (ks + offs_n[:, None]) * stride_kl + hk * stride_kh + offs_d[None, :]
@@ -601,7 +596,6 @@ FIXED = {
 # A/B at B=4 (4.42 against 4.51 ms forward+backward), equal at B=1; it stays off by default because
 # that compiler path is young (it produced NaN for one forward configuration tried).
 DKV_TMA = None
-DKV_TMA_MASK_ALL = False  # True: mask every tile, not only boundary tiles (A/B of the branch)
 DKV_TMA_CONFIG = {64: (64, 128, 8, 3, False), 128: (32, 128, 8, 3, False)}  # by head dim: <= 64, <= 128
 _FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
 _DQ_CONFIGS = [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)]
@@ -746,8 +740,7 @@ def _launch_dkv_tma(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, 
     args = (q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg, *sk, *ss, max_q, max_k,
             rows_q, rows_k, scale, scale * LOG2E, left, right, _tune_key(max_q, max_k))
     consts = dict(HQ=q.shape[-2], HKV=hkv, G=meta["G"], D=meta["D"], VARLEN=meta["VARLEN"],
-                  HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"], PREC=meta["PREC"], STATS_TMA=stats_tma,
-                  MASK_ALL=DKV_TMA_MASK_ALL)
+                  HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"], PREC=meta["PREC"], STATS_TMA=stats_tma)
     if tuned:
         grid = lambda m: (batch * hkv, triton.cdiv(max_k, m["BLOCK_N"]))  # noqa: E731
         _with_scratch(lambda: _dkv_tma_tuned[grid](*args, **consts))
