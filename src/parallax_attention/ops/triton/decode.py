@@ -33,6 +33,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from ._device import on_input_device
+
 LOG2E = 1.4426950408889634
 
 
@@ -446,6 +448,7 @@ def set_config(**kw) -> dict:
     return old
 
 
+@on_input_device
 def decode_triton(q, r, k_cache, v_cache, block_table, seqlens, seq_const: int, n_new: int, causal: bool,
                   scale: float, window: tuple[int, int], num_splits: int) -> torch.Tensor:
     """Launch the split kernel (and the merge when splits > 1). Inputs are validated by the caller.

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_input_device
+
 
 @triton.jit
 def _rope_tables(COS, SIN, rows, cols, mask, seqlen, heads, stride_cb, stride_cl, HALF: tl.constexpr,
@@ -129,6 +131,7 @@ def output_dtype(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor
     return dtype
 
 
+@on_input_device
 def _forward(x, weight, eps, cos, sin):
     bsz, seqlen, heads, d = x.shape
     y = torch.empty(x.shape, dtype=output_dtype(x, weight, cos), device=x.device)

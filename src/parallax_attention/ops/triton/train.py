@@ -54,6 +54,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_input_device
+
 LOG2E = 1.4426950408889634
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -788,6 +790,7 @@ def _prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+@on_input_device
 def fwd(q, r, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float, left: int, right: int):
     """Returns (out, vbar, lse2, tbar); inputs contiguous, same dtype."""
     varlen = cu_q is not None
@@ -809,6 +812,7 @@ def fwd(q, r, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: flo
     return out, vbar, lse, tbar
 
 
+@on_input_device
 def bwd(dout, q, r, k, v, out, vbar, lse, tbar, cu_q, cu_k, max_q: int, max_k: int, causal: bool,
         scale: float, left: int, right: int):
     """Returns (dq, dr, dk, dv); dk/dv already reduced over each kv head's query heads."""

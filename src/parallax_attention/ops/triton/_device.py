@@ -1,0 +1,20 @@
+"""Triton launches its kernels on the current CUDA device, whatever device the tensors are on."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def on_input_device(fn):
+    """Run fn with the current CUDA device set to its first tensor argument's device (as
+    FlashAttention does), so a call on tensors of another GPU than the current one launches there."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t = next(a for a in args if isinstance(a, torch.Tensor))
+        if t.is_cuda and t.device.index != torch.cuda.current_device():
+            with torch.cuda.device(t.device):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return wrapper
