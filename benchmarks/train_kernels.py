@@ -5,6 +5,9 @@
     python benchmarks/train_kernels.py --check --bench --out DIR
     python benchmarks/train_kernels.py --sweep            # launch configurations (with registers, spills)
     python benchmarks/train_kernels.py --overhead --tma-ab  # host vs GPU time; TMA vs pointer loads
+    python benchmarks/train_kernels.py --ab dkv_kernel --sweep-shape 1,16,8,4096,128  # interleaved A/B
+    python benchmarks/train_kernels.py --ab "dkv_tma=32,128,8,3,0;32,128,4,3,1"       # of configurations
+    python benchmarks/train_kernels.py --check-autotune     # PARALLAX_TRAIN_AUTOTUNE=1 against fixed launches
 
 FLOP counts (P = number of visible (query, key) pairs per head, exact for causal
 and windows; one matmul over the pairs costs 2 * D * P per head):
