@@ -240,6 +240,11 @@ def run_bench(log, plx, grid, atomic=False):
                 tfb = bench_ms(fb, grad_to_none=leaves)
                 fl = flops["plx" if kind in ("ours", "plx") else "sm"]
                 row[name] = dict(fwd_ms=tf, fwdbwd_ms=tfb, fwd_tflops=fl[0] / tf / 1e9, fwdbwd_tflops=fl[1] / tfb / 1e9)
+                # the anchors (../shared/anchors) were timed without clearing the gradients, so each
+                # call also adds into .grad; this is the same harness, for comparing with them
+                row[name]["fwdbwd_accum_ms"] = bench_ms(fb)
+                for x in leaves:
+                    x.grad = None
             except Exception as e:
                 row[name] = dict(error=repr(e)[:200])
 
@@ -441,6 +446,39 @@ def run_autotune_check(log, shape=(2, 8, 4, 1024, 128)):
     return dict(ok=ok, tune_s=tune_s, errors=errs)
 
 
+def run_profile(log, shape, iters=5):
+    """Kernels of forward+backward on one shape (torch.profiler): GPU time per kernel and per call,
+    and the share of the call's wall time the GPU was busy."""
+    from torch.profiler import ProfilerActivity, profile
+    b, hq, hkv, L, d = shape
+    torch.manual_seed(0)
+    q, r, k, v, do = _qrkvdo(b, hq, hkv, L, d)
+
+    def fb():
+        for x in (q, r, k, v):
+            x.grad = None
+        parallax_attn(q, r, k, v, causal=True, backend="triton").backward(do)
+    for _ in range(3):
+        fb()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fb()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / iters
+    rows = {}
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+        if us > 0:
+            rows[e.key] = dict(us_per_call=us / iters, count=e.count / iters)
+    busy = sum(x["us_per_call"] for x in rows.values())
+    log(f"profile {shape}: wall {wall * 1e3:.3f} ms per call, GPU busy {busy / 1e3:.3f} ms")
+    for name, x in sorted(rows.items(), key=lambda kv: -kv[1]["us_per_call"]):
+        log(f"  {x['us_per_call'] / 1e3:8.3f} ms  x{x['count']:.0f}  {name[:90]}")
+    return dict(wall_ms=wall * 1e3, busy_ms=busy / 1e3, kernels=rows)
+
+
 def run_overhead(log, shapes=((4, 16, 16, 1024, 128), (4, 16, 16, 4096, 128)), profile_host=True):
     """Host time per call against device time (a shape is host-bound when its host time is the larger);
     for short shapes also a cProfile of the Python launch path."""
@@ -498,8 +536,8 @@ def table(rows):
         return f"{x[key]:.3f}"
     lines = ["| B,Hq/Hkv,L,D,window | ours fwd ms | ours fwd+bwd ms | ours TFLOP/s fwd / f+b | SDPA flash fwd / f+b ms "
              "| SDPA cuDNN fwd / f+b ms | parallax-kernel fwd / f+b ms | f+b speed-up vs parallax-kernel | f+b / cuDNN "
-             "| ours f+b, atomic bwd (opt-in) ms |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| ours f+b, atomic bwd (opt-in) ms | f+b with .grad accumulated: ours / parallax-kernel ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         o = row.get("ours", {})
         p = row.get("plx_kernel", {})
@@ -512,7 +550,8 @@ def table(rows):
                      f"{cell(row, 'ours', 'fwdbwd_ms')} | {tf} | {cell(row, 'sdpa_flash', 'fwd_ms')} / "
                      f"{cell(row, 'sdpa_flash', 'fwdbwd_ms')} | {cell(row, 'sdpa_cudnn', 'fwd_ms')} / "
                      f"{cell(row, 'sdpa_cudnn', 'fwdbwd_ms')} | {cell(row, 'plx_kernel', 'fwd_ms')} / "
-                     f"{cell(row, 'plx_kernel', 'fwdbwd_ms')} | {sp} | {rc} | {cell(row, 'ours_atomic_bwd', 'fwdbwd_ms')} |")
+                     f"{cell(row, 'plx_kernel', 'fwdbwd_ms')} | {sp} | {rc} | {cell(row, 'ours_atomic_bwd', 'fwdbwd_ms')} | "
+                     f"{cell(row, 'ours', 'fwdbwd_accum_ms')} / {cell(row, 'plx_kernel', 'fwdbwd_accum_ms')} |")
     return "\n".join(lines)
 
 
@@ -532,6 +571,7 @@ def main():
                     help="also time the opt-in fused backward (PARALLAX_TRAIN_BWD=atomic, non-deterministic)")
     ap.add_argument("--no-plx", action="store_true", help="skip parallax-kernel (its first call compiles a while)")
     ap.add_argument("--overhead", action="store_true", help="host vs device time per call")
+    ap.add_argument("--profile", action="store_true", help="GPU time per kernel of forward+backward on --sweep-shape")
     ap.add_argument("--no-tma", action="store_true", help="pointer loads only (no tensor descriptors)")
     ap.add_argument("--tma-ab", action="store_true", help="forward K/V through TMA vs pointer loads, interleaved")
     ap.add_argument("--check-autotune", action="store_true",
@@ -543,7 +583,8 @@ def main():
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("train_kernels.py needs a CUDA GPU")
-    if not (args.check or args.bench or args.overhead or args.tma_ab or args.sweep or args.ab or args.check_autotune):
+    if not (args.check or args.bench or args.overhead or args.tma_ab or args.sweep or args.ab or args.check_autotune
+            or args.profile):
         args.check = args.bench = True
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "train_kernels.log"), "a")
@@ -575,6 +616,9 @@ def main():
         save()
     if args.tma_ab:
         result["tma_ab"] = run_tma_ab(log)
+        save()
+    if args.profile:
+        result["profile"] = run_profile(log, tuple(int(x) for x in args.sweep_shape.split(",")))
         save()
     if args.overhead:
         result["overhead"] = run_overhead(log)
