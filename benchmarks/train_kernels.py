@@ -365,8 +365,8 @@ def run_config_ab(log, spec, shape, rounds=3):
     in a sweep). spec: "kernel=cfg;cfg;..." with each cfg comma-separated, e.g.
     "dkv_tma=32,128,8,3,0;32,128,4,3,1"."""
     from parallax_attention.ops.triton import train as tr
-    if spec == "dkv_kernel":
-        return run_dkv_kernel_ab(log, shape, rounds)
+    if spec in VARIANT_AB:
+        return run_variant_ab(log, spec, shape, rounds)
     name, cfgs = spec.split("=")
     cfgs = [tuple(int(x) for x in c.split(",")) for c in cfgs.split(";")]
     if name == "dkv_tma":
@@ -392,25 +392,57 @@ def run_config_ab(log, spec, shape, rounds=3):
     return out
 
 
-def run_dkv_kernel_ab(log, shape, rounds=3):
-    """Forward+backward with the descriptor dk/dv kernel against the pointer one (each with its
-    default configuration), interleaved ("--ab dkv_kernel")."""
+def _set_bwd_mode(mode):
+    os.environ["PARALLAX_TRAIN_BWD"] = mode
+
+
+def _set_dkv_tma(setting):
     from parallax_attention.ops.triton import train as tr
+    tr.DKV_TMA = setting
+
+
+# --ab NAME: variants of the whole forward+backward, each (label, setter of its setting)
+VARIANT_AB = {
+    "dkv_kernel": [("descriptors", lambda: _set_dkv_tma(None)), ("pointers", lambda: _set_dkv_tma(False))],
+    "bwd_mode": [("fused", lambda: _set_bwd_mode("fused")), ("deterministic", lambda: _set_bwd_mode("deterministic"))],
+}
+
+
+def run_variant_ab(log, name, shape, rounds=3):
+    """Forward+backward of the variants VARIANT_AB[name] (e.g. "dkv_kernel": the descriptor dk/dv kernel
+    against the pointer one; "bwd_mode": the fused backward against the two-kernel one), interleaved,
+    after checking that the variants' gradients agree (norm-relative, to bf16 rounding)."""
     b, h, hkv, L, d = shape
     torch.manual_seed(0)
     q, r, k, v, do = _qrkvdo(b, h, hkv, L, d)
+    old_mode = os.environ.get("PARALLAX_TRAIN_BWD")
 
     def fb():
         parallax_attn(q, r, k, v, causal=True, backend="triton").backward(do)
-    times = {"descriptors": [], "pointers": []}
+    grads = {}
+    for label, setter in VARIANT_AB[name]:
+        setter()
+        for x in (q, r, k, v):
+            x.grad = None
+        fb()
+        grads[label] = [x.grad.clone() for x in (q, r, k, v)]
+    first = VARIANT_AB[name][0][0]
+    diffs = {label: [float("%.2e" % rel(a, g)) for a, g in zip(gs, grads[first])] for label, gs in grads.items()}
+    times = {label: [] for label, _ in VARIANT_AB[name]}
     for _ in range(rounds):
-        for kind, setting in (("descriptors", None), ("pointers", False)):
-            tr.DKV_TMA = setting
-            times[kind].append(bench_ms(fb, grad_to_none=[q, r, k, v]))
-    tr.DKV_TMA = None
-    out = {kind: dict(ms=sorted(t)[len(t) // 2], all=t) for kind, t in times.items()}
-    for kind, t in out.items():
-        log(f"ab dkv kernel {shape} {kind}: median {t['ms']:.3f} ms of {['%.3f' % x for x in t['all']]}")
+        for label, setter in VARIANT_AB[name]:
+            setter()
+            times[label].append(bench_ms(fb, grad_to_none=[q, r, k, v]))
+    VARIANT_AB[name][-1][1]()
+    _set_dkv_tma(None)
+    if old_mode is None:
+        os.environ.pop("PARALLAX_TRAIN_BWD", None)
+    else:
+        os.environ["PARALLAX_TRAIN_BWD"] = old_mode
+    out = {label: dict(ms=sorted(t)[len(t) // 2], all=t, grad_diff_to_first=diffs[label]) for label, t in times.items()}
+    for label, t in out.items():
+        log(f"ab {name} {shape} {label}: median {t['ms']:.3f} ms of {['%.3f' % x for x in t['all']]}; "
+            f"dq, dr, dk, dv against {first}: {t['grad_diff_to_first']}")
     return out
 
 
@@ -579,7 +611,8 @@ def main():
     ap.add_argument("--ab", action="append", default=[],
                     help="interleaved forward+backward A/B of launch configurations, 'kernel=cfg;cfg' "
                          "(kernel fwd, dq, dkv or dkv_tma; cfg comma-separated ints), on --sweep-shape; "
-                         "'dkv_kernel': the descriptor dk/dv kernel against the pointer one")
+                         "'dkv_kernel': the descriptor dk/dv kernel against the pointer one; 'bwd_mode': the "
+                         "fused backward against the two-kernel one")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("train_kernels.py needs a CUDA GPU")
