@@ -392,10 +392,6 @@ def run_config_ab(log, spec, shape, rounds=3):
     return out
 
 
-def _set_bwd_mode(mode):
-    os.environ["PARALLAX_TRAIN_BWD"] = mode
-
-
 def _set_dkv_tma(setting):
     from parallax_attention.ops.triton import train as tr
     tr.DKV_TMA = setting
@@ -404,18 +400,16 @@ def _set_dkv_tma(setting):
 # --ab NAME: variants of the whole forward+backward, each (label, setter of its setting)
 VARIANT_AB = {
     "dkv_kernel": [("descriptors", lambda: _set_dkv_tma(None)), ("pointers", lambda: _set_dkv_tma(False))],
-    "bwd_mode": [("fused", lambda: _set_bwd_mode("fused")), ("deterministic", lambda: _set_bwd_mode("deterministic"))],
 }
 
 
 def run_variant_ab(log, name, shape, rounds=3):
-    """Forward+backward of the variants VARIANT_AB[name] (e.g. "dkv_kernel": the descriptor dk/dv kernel
-    against the pointer one; "bwd_mode": the fused backward against the two-kernel one), interleaved,
-    after checking that the variants' gradients agree (norm-relative, to bf16 rounding)."""
+    """Forward+backward of the variants VARIANT_AB[name] ("dkv_kernel": the descriptor dk/dv kernel
+    against the pointer one), interleaved, after checking that the variants' gradients agree
+    (norm-relative, to bf16 rounding)."""
     b, h, hkv, L, d = shape
     torch.manual_seed(0)
     q, r, k, v, do = _qrkvdo(b, h, hkv, L, d)
-    old_mode = os.environ.get("PARALLAX_TRAIN_BWD")
 
     def fb():
         parallax_attn(q, r, k, v, causal=True, backend="triton").backward(do)
@@ -435,10 +429,6 @@ def run_variant_ab(log, name, shape, rounds=3):
             times[label].append(bench_ms(fb, grad_to_none=[q, r, k, v]))
     VARIANT_AB[name][-1][1]()
     _set_dkv_tma(None)
-    if old_mode is None:
-        os.environ.pop("PARALLAX_TRAIN_BWD", None)
-    else:
-        os.environ["PARALLAX_TRAIN_BWD"] = old_mode
     out = {label: dict(ms=sorted(t)[len(t) // 2], all=t, grad_diff_to_first=diffs[label]) for label, t in times.items()}
     for label, t in out.items():
         log(f"ab {name} {shape} {label}: median {t['ms']:.3f} ms of {['%.3f' % x for x in t['all']]}; "
@@ -611,8 +601,7 @@ def main():
     ap.add_argument("--ab", action="append", default=[],
                     help="interleaved forward+backward A/B of launch configurations, 'kernel=cfg;cfg' "
                          "(kernel fwd, dq, dkv or dkv_tma; cfg comma-separated ints), on --sweep-shape; "
-                         "'dkv_kernel': the descriptor dk/dv kernel against the pointer one; 'bwd_mode': the "
-                         "fused backward against the two-kernel one")
+                         "'dkv_kernel': the descriptor dk/dv kernel against the pointer one")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("train_kernels.py needs a CUDA GPU")

@@ -317,62 +317,6 @@ def test_dkv_descriptor_kernel(case, ws, monkeypatch):
         assert _rel(a, p) < 1e-3
 
 
-FUSED_CASES = [CASES[0], CASES[2], CASES[3], CASES[4], CASES[5], CASES[6], CASES[7], CASES[8],
-               (2, 64, 64, 4, 2, 16, True, (-1, -1)), (1, 100, 100, 2, 1, 32, True, (-1, -1))]
-
-
-@pytest.mark.parametrize("case", FUSED_CASES,
-                         ids=["causal", "gqa_lq_lt_lk", "mqa_lq_gt_lk", "noncausal_lq_gt_lk", "window_unaligned",
-                              "two_sided", "one_key", "causal_window", "d16_aligned_rows", "long_chain"])
-def test_fused_backward(case, monkeypatch):
-    # PARALLAX_TRAIN_BWD=fused: dq/dr summed over key blocks inside the dk/dv kernel, in key-block
-    # order through tickets (first block writes, last converts); rows that see no key stay zero
-    monkeypatch.setenv("PARALLAX_TRAIN_BWD", "fused")
-    b, lq, lk, hq, hkv, d, causal, window = case
-    gen = torch.Generator().manual_seed(47)
-    q, r, k, v, do = _make(b, lq, lk, hq, hkv, d, torch.float16, gen=gen)
-    calls = []
-    real = train_mod._launch_dkv_tma
-    monkeypatch.setattr(train_mod, "_launch_dkv_tma",
-                        lambda *a, **kw: calls.append(kw.get("fused") is not None) or real(*a, **kw))
-    f = lambda *x: parallax_attn(*x, causal=causal, window_size=window, backend="triton")  # noqa: E731
-    ours = _fwd_bwd(f, (q, r, k, v), do)
-    assert calls == [True], "the fused backward did not run"
-    again = _fwd_bwd(f, (q, r, k, v), do)
-    for a, b_ in zip(ours, again):
-        assert torch.equal(a, b_), "two runs of the fused backward differ"
-    ref = _fwd_bwd(lambda *x: parallax_attn_reference(*x, causal=causal, window_size=window),
-                   [x.double() for x in (q, r, k, v)], do.double())
-    _compare(ours, ref, TOL[torch.float16])
-
-
-def test_fused_backward_varlen(monkeypatch):
-    monkeypatch.setenv("PARALLAX_TRAIN_BWD", "fused")
-    gen = torch.Generator().manual_seed(48)
-    lens_q, lens_k = [17, 0, 40, 23, 5], [17, 4, 40, 9, 0]
-    hq, hkv, d = 4, 2, 32
-    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
-    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
-    q, r, _, _, do = (x[0] for x in _make(1, sum(lens_q), 1, hq, hkv, d, torch.float16, gen=gen))
-    _, _, k, v, _ = (x[0] for x in _make(1, 1, sum(lens_k), hq, hkv, d, torch.float16, gen=gen))
-    f = lambda *x: parallax_attn_varlen(*x, cu_q, cu_k, max(lens_q), max(lens_k), causal=True,  # noqa: E731
-                                        backend="triton")
-    ours = _fwd_bwd(f, (q, r, k, v), do)
-    for i in range(len(lens_q)):
-        qs, qe, ks, ke = cu_q[i].item(), cu_q[i + 1].item(), cu_k[i].item(), cu_k[i + 1].item()
-        if qe == qs:
-            continue
-        got = [ours[0][None, qs:qe], ours[1][None, qs:qe], ours[2][None, qs:qe], ours[3][None, ks:ke],
-               ours[4][None, ks:ke]]
-        if ke == ks:  # no keys: output and gradients are zero
-            assert all((t == 0).all() for t in got)
-            continue
-        xs = [x[None, qs:qe] for x in (q, r)] + [x[None, ks:ke] for x in (k, v)]
-        ref = _fwd_bwd(lambda *x: parallax_attn_reference(*x, causal=True), [x.double() for x in xs],
-                       do[None, qs:qe].double())
-        _compare(got, ref, TOL[torch.float16])
-
-
 def test_dkv_descriptor_kernel_varlen(monkeypatch):
     gen = torch.Generator().manual_seed(46)
     lens_q, lens_k = [17, 0, 40, 23], [17, 4, 40, 9]

@@ -468,95 +468,6 @@ def _bwd_dkv_kernel(
 
 
 @triton.jit
-def _visits(n0, m0, lq, lk, shift, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """Whether the dk/dv program of key block n0 walks the query block at m0 (the loop bounds of
-    _bwd_dkv_tma_kernel, for a neighbouring key block)."""
-    start, _, _, end = _query_ranges(n0, lq, lk, shift, left, right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    return (n0 >= 0) & (n0 < lk) & (m0 >= start) & (m0 < end)
-
-
-@triton.jit
-def _wait_ticket(ticket, target, INTERPRET: tl.constexpr):
-    """Spin until *ticket >= target, each thread with acquire semantics (so its later loads see what
-    the releasing program wrote). Inline PTX: a Triton while loop here would nest a loop in the
-    kernel's main loop, which its software pipeliner does not accept."""
-    if INTERPRET:
-        seen = tl.atomic_add(ticket, 0, sem="acquire")
-        while seen < target:
-            seen = tl.atomic_add(ticket, 0, sem="acquire")
-    else:
-        tl.inline_asm_elementwise(
-            """{
-            .reg .pred %p<1>;
-            .reg .b32 %v<1>;
-            $$L_wait_${:uid}:
-            ld.acquire.gpu.global.b32 %v0, [$1];
-            setp.lt.s32 %p0, %v0, $2;
-            @%p0 bra $$L_wait_${:uid};
-            mov.b32 $0, %v0;
-            }""",
-            "=r,l,r", [ticket, target], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _cta_barrier(x, INTERPRET: tl.constexpr):
-    """bar.sync of the whole program, as inline PTX: tl.debug_barrier in a loop body stops Triton from
-    pipelining that loop."""
-    if not INTERPRET:
-        tl.inline_asm_elementwise("bar.sync 0;\n\tmov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=False,
-                                  pack=1)
-
-
-@triton.jit
-def _dq_ordered(dq_t, dr_t, SEM, DQA, DRA, DQ, DR, pid_n, n0, m0, h, b32, q_row0, lq, lk, shift, left, right,
-                rows_q, n_steps, offs_d,
-                HQ: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, INTERPRET: tl.constexpr):
-    """Add one key block's share of dq, dr (held transposed, D x BLOCK_M) for query block m0 of head h,
-    in key-block order, so the sum is the same on every run.
-
-    The key blocks that see a query block are consecutive (the band's bounds rise with the key); each
-    holds a ticket per (sequence, head, query block): block n waits until block n - 1 has written its
-    partial sum and set the ticket to n, adds its share and passes the ticket on. The first block
-    writes instead of adding (no workspace to clear), the last writes dq and dr in the output dtype.
-    Block n - 1 is an earlier program of the launch grid, so the wait ends whatever order the GPU
-    runs programs in, as long as it starts them in grid order (Hopper does)."""
-    local_i = tl.arange(0, BLOCK_M)
-    has_prev = _visits(n0 - BLOCK_N, m0, lq, lk, shift, left, right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    has_next = _visits(n0 + BLOCK_N, m0, lq, lk, shift, left, right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    tile = (b32 * HQ + h) * n_steps + m0 // BLOCK_M
-    ticket = SEM + tile
-    # each (sequence, head, query block) owns one contiguous D x BLOCK_M tile of the workspace: the
-    # offsets inside it are constants, which the compiler folds into the memory instructions
-    # (runtime strides here cost 64 registers of addresses and spilled)
-    tile_off = offs_d[:, None] * BLOCK_M + local_i[None, :]
-    dqa = DQA + tile.to(tl.int64) * (D * BLOCK_M)
-    dra = DRA + tile.to(tl.int64) * (D * BLOCK_M)
-    # no branches and no nested loop here: either would stop Triton from pipelining the TMA loads of
-    # the enclosing loop. A block without a predecessor waits for ticket >= 0, which always holds.
-    _wait_ticket(ticket, tl.where(has_prev, pid_n, 0), INTERPRET)
-    # past L1 (.cg): another program on this SM may have cached these lines before they were written
-    # the flags as whole-tile masks (a comparison, so the interpreter gets boolean data too)
-    prev_mask = tile_off * 0 + has_prev.to(tl.int32) > 0
-    next_mask = tile_off * 0 + has_next.to(tl.int32) > 0
-    dq_t += tl.load(dqa + tile_off, mask=prev_mask, other=0.0, cache_modifier=".cg")
-    dr_t += tl.load(dra + tile_off, mask=prev_mask, other=0.0, cache_modifier=".cg")
-    tl.store(dqa + tile_off, dq_t, mask=next_mask)
-    tl.store(dra + tile_off, dr_t, mask=next_mask)
-    # every warp's stores precede the release that hands the sums to block n + 1
-    _cta_barrier(pid_n, INTERPRET)
-    tl.atomic_xchg(ticket, pid_n + 1, sem="release", mask=has_next)
-    # the last block writes the sums in the output dtype
-    rows_ok = (m0 + local_i < lq * (1 - has_next.to(tl.int32)))[:, None]
-    out_off = local_i[:, None] * (HQ * D) + offs_d[None, :]
-    row0 = (q_row0 + m0).to(tl.int64) * (HQ * D) + h * D
-    tl.store(DQ + row0 + out_off, tl.trans(dq_t).to(DQ.dtype.element_ty), mask=rows_ok)
-    # dS2 = -p (a - beta): dr = -(pa K)
-    tl.store(DR + row0 + out_off, (-tl.trans(dr_t)).to(DR.dtype.element_ty), mask=rows_ok)
-
-
-@triton.jit
 def _bwd_dkv_tma_kernel(
     Q, R, K, V, DO, LSE, TB, DELTA, BETA, DK, DV, CUQ, CUK,
     stride_kb, stride_kl, stride_kh,
@@ -566,8 +477,6 @@ def _bwd_dkv_tma_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PREC: tl.constexpr,
     WS: tl.constexpr, STATS_TMA: tl.constexpr,
-    SEM=None, DQA=None, DRA=None, DQ=None, DR=None, n_steps=0, FUSED: tl.constexpr = False,
-    INTERPRET: tl.constexpr = False,
 ):
     """dk/dv with every tile read through 2-D tensor descriptors made on the device.
 
@@ -608,15 +517,8 @@ def _bwd_dkv_tma_kernel(
     # a program past its sequence's keys (varlen) walks nothing
     blocks = tl.where(n0 < lk, tl.cdiv(end - start, BLOCK_M), 0)
     for it in tl.range(0, G * blocks, warp_specialize=WS):
-        if FUSED:
-            # last query block first, the group's heads inner: every key block of a head then reaches
-            # a given (head, query block) at about the same time, so ticket waits stay short
-            step = it // G
-            g = it - step * G
-            m0 = start + (blocks - 1 - step) * BLOCK_M
-        else:
-            g = it // blocks
-            m0 = start + (it - g * blocks) * BLOCK_M
+        g = it // blocks
+        m0 = start + (it - g * blocks) * BLOCK_M
         h = hk * G + g
         q = q_desc.load([q_row0 + m0, h * D])
         r = r_desc.load([q_row0 + m0, h * D])
@@ -641,12 +543,6 @@ def _bwd_dkv_tma_kernel(
         vis = _visible(offs_m, offs_n, shift, lk, left, right, HAS_LEFT, HAS_RIGHT) & (offs_m < lq)[:, None]
         st = tl.where(tl.trans(vis), st, float("-inf"))
         dk, dv, ds1, pa = _dkv_step(dk, dv, v, q, r, do, st, tt, lse2, tb, delta, beta, scale, PREC)
-        if FUSED:
-            # dq = dS1 K and dr = -(pa K) for this block's keys, as (D x queries): M = D fills the MMA
-            dq_t = tl.dot(tl.trans(k), ds1.to(k.dtype), input_precision=PREC)
-            dr_t = tl.dot(tl.trans(k), pa.to(k.dtype), input_precision=PREC)
-            _dq_ordered(dq_t, dr_t, SEM, DQA, DRA, DQ, DR, pid_n, n0, m0, h, b32, q_row0, lq, lk, shift, left,
-                        right, rows_q, n_steps, offs_d, HQ, D, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, INTERPRET)
     kv_mask = (offs_n < lk)[:, None]
     kv_off = b * stride_kb + (ks + offs_n[:, None]) * stride_kl + hk * stride_kh + offs_d[None, :]
     tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -705,6 +601,10 @@ FIXED = {
 # forward+backward at B=4 H=16 L=4096 D=64, where 32 rows took 3.05.
 DKV_TMA = None
 DKV_TMA_CONFIG = {64: (64, 128, 8, 3, False), 128: (32, 128, 8, 3, False)}  # by head dim: <= 64, <= 128
+# The opt-in atomic backward's kernel (dk/dv plus dq/dr partials): the dk/dv tiling does not fit
+# the H200's shared memory once the dq/dr products are added (247,808 of 232,448 bytes at D = 128);
+# 32 query rows do (181,248 bytes, sm_90a, Triton 3.6).
+ATOMIC_DKV = {128: (32, 128, 8, 3), 256: (32, 64, 4, 2)}
 _FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
 _DQ_CONFIGS = [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)]
 _DKV_CONFIGS = [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3)]
@@ -830,17 +730,14 @@ def _with_scratch(launch):
 
 
 def _launch_dkv_tma(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg, batch, hkv, sk, ss,
-                    max_q, max_k, scale, left, right, meta, fused=None):
-    """The descriptor dk/dv kernel; with fused = (dq, dr) it also writes dq and dr (ordered sums over
-    key blocks, see _dq_ordered), and delta, beta must already hold their values."""
+                    max_q, max_k, scale, left, right, meta):
     interpret = _INTERPRET or os.environ.get("TRITON_INTERPRET") == "1"
     bm, bn, w, st, ws = DKV_TMA_CONFIG[64 if meta["D"] <= 64 else 128]
     launch = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, WS=ws)
     if interpret:
         bm, bn = INTERPRET_BLOCKS["dkv"]
         launch = dict(BLOCK_M=bm, BLOCK_N=bn, WS=ws)
-    # the fused kernel waits on other programs: never timed over repeated launches by the autotuner
-    tuned = not interpret and os.environ.get("PARALLAX_TRAIN_AUTOTUNE") == "1" and fused is None
+    tuned = not interpret and os.environ.get("PARALLAX_TRAIN_AUTOTUNE") == "1"
     # descriptor offsets along the flat statistics must be 16-byte aligned: rows of a multiple of 4
     # (every BLOCK_M of the tuning space is a multiple of 4 too)
     stats_tma = not meta["VARLEN"] and max_q % 4 == 0 and bm % 4 == 0
@@ -856,18 +753,8 @@ def _launch_dkv_tma(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, 
         grid = lambda m: (batch * hkv, triton.cdiv(max_k, m["BLOCK_N"]))  # noqa: E731
         _with_scratch(lambda: _dkv_tma_tuned[grid](*args, **consts))
         return
-    extra = {}
-    if fused is not None:
-        dq, dr = fused
-        hq, d = q.shape[-2], meta["D"]
-        n_steps = triton.cdiv(max_q, bm)
-        extra = dict(SEM=torch.zeros(batch * hq * n_steps, device=q.device, dtype=torch.int32),
-                     DQA=torch.empty((batch * hq * n_steps * d * bm,), device=q.device, dtype=torch.float32),
-                     DRA=torch.empty((batch * hq * n_steps * d * bm,), device=q.device, dtype=torch.float32),
-                     DQ=dq, DR=dr, n_steps=n_steps, FUSED=True, INTERPRET=interpret)
-        launch["WS"] = False
     LAST_COMPILED["dkv"] = _with_scratch(lambda: _bwd_dkv_tma_kernel[(batch * hkv, triton.cdiv(max_k, bn))](
-        *args, **consts, **launch, **extra))
+        *args, **consts, **launch))
 
 
 def _mask_args(causal: bool, left: int, right: int):
@@ -950,18 +837,7 @@ def bwd(dout, q, r, k, v, out, vbar, lse, tbar, cu_q, cu_k, max_q: int, max_k: i
     meta = dict(G=hq // hkv, D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), VARLEN=varlen,
                 HAS_LEFT=has_left, HAS_RIGHT=has_right, PREC=_prec(q.dtype))
     tail = (*sq, *sk, *ss, max_q, max_k, scale, scale * LOG2E, left, right, key)
-    mode = bwd_mode()
-    if mode == "fused" and k.numel() > 0 and _dkv_tma_usable((q, r, k, v, dout, lse, tbar, delta, beta), d):
-        _bwd_pre(out, vbar, dout, delta, beta, cu_q_arg, batch, hq, sq, ss, max_q, meta)
-        # rows that see no key get no contribution: clear them first where they can exist
-        shift = max_k - max_q
-        if varlen or (has_right and shift + right < 0):
-            dq.zero_()
-            dr.zero_()
-        _launch_dkv_tma(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg, batch, hkv, sk, ss,
-                        max_q, max_k, scale, left, right, meta, fused=(dq, dr))
-        return dq, dr, dk, dv
-    if mode == "atomic":
+    if bwd_mode() == "atomic":
         return _bwd_atomic(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
                            batch, hq, hkv, sq, sk, ss, max_q, max_k, scale, left, right, key, meta)
     head = (q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg, cu_k_arg)
@@ -979,30 +855,21 @@ def bwd(dout, q, r, k, v, out, vbar, lse, tbar, cu_q, cu_k, max_q: int, max_k: i
     return dq, dr, dk, dv
 
 
-BWD_MODES = ("deterministic", "fused", "atomic")
-
-
 def bwd_mode() -> str:
-    """PARALLAX_TRAIN_BWD: "deterministic" (default: a dq/dr kernel and a dk/dv kernel, no atomics),
-    "fused" (one kernel where the descriptor dk/dv kernel runs, dq/dr summed over key blocks in a
-    fixed order, so also deterministic; elsewhere the default) or "atomic" (opt-in: one fused kernel,
-    dq/dr summed with fp32 atomics, whose order varies run to run)."""
+    """"deterministic" (default: two kernels, no atomics) or "atomic" (opt-in through
+    PARALLAX_TRAIN_BWD=atomic: one fused kernel, dq/dr summed with fp32 atomics)."""
     mode = os.environ.get("PARALLAX_TRAIN_BWD", "deterministic")
-    if mode not in BWD_MODES:
-        raise ValueError(f"PARALLAX_TRAIN_BWD: expected one of {BWD_MODES}, got {mode!r}")
+    if mode not in ("deterministic", "atomic"):
+        raise ValueError(f"PARALLAX_TRAIN_BWD: expected 'deterministic' or 'atomic', got {mode!r}")
     return mode
-
-
-def _bwd_pre(out, vbar, dout, delta, beta, cu_q_arg, batch, hq, sq, ss, max_q, meta):
-    pre_m = 64
-    _bwd_pre_kernel[(batch * hq, triton.cdiv(max_q, pre_m))](
-        out, vbar, dout, delta, beta, cu_q_arg, *sq, *ss, max_q, HQ=hq, D=meta["D"], BLOCK_D=meta["BLOCK_D"],
-        BLOCK_M=pre_m, VARLEN=meta["VARLEN"])
 
 
 def _bwd_atomic(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
                 batch, hq, hkv, sq, sk, ss, max_q, max_k, scale, left, right, key, meta):
-    _bwd_pre(out, vbar, dout, delta, beta, cu_q_arg, batch, hq, sq, ss, max_q, meta)
+    pre_m = 64
+    _bwd_pre_kernel[(batch * hq, triton.cdiv(max_q, pre_m))](
+        out, vbar, dout, delta, beta, cu_q_arg, *sq, *ss, max_q, HQ=hq, D=meta["D"], BLOCK_D=meta["BLOCK_D"],
+        BLOCK_M=pre_m, VARLEN=meta["VARLEN"])
     dqa = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     dra = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     if k.numel() > 0:
@@ -1014,7 +881,7 @@ def _bwd_atomic(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dk, dv, cu_
             bm, bn = INTERPRET_BLOCKS["dkv"]
             launch = {}
         else:
-            bm, bn, w, st = FIXED["dkv"][128 if meta["BLOCK_D"] <= 128 else 256]
+            bm, bn, w, st = ATOMIC_DKV[128 if meta["BLOCK_D"] <= 128 else 256]
             launch = dict(num_warps=w, num_stages=st)
         _bwd_dkv_kernel[(batch * hkv, triton.cdiv(max_k, bn))](
             *args, HKV=hkv, BLOCK_M=bm, BLOCK_N=bn, FUSED=True, **meta, **launch)
