@@ -296,13 +296,15 @@ SWEEP = {"fwd": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 8
                      (32, 64, 4, 4, False)]}
 
 
-def _config(tr, name, d=128):
-    return tr.DKV_TMA_CONFIG[64 if d <= 64 else 128] if name == "dkv_tma" else tr.FIXED[name][128 if d <= 128 else 256]
-
-
-def _set_config(tr, name, cfg, d=128):
+def _config(tr, name, d=128, group=1):
     if name == "dkv_tma":
-        tr.DKV_TMA_CONFIG[64 if d <= 64 else 128] = cfg
+        return tr.DKV_TMA_CONFIG[tr.dkv_tma_key(d, group)]
+    return tr.FIXED[name][128 if d <= 128 else 256]
+
+
+def _set_config(tr, name, cfg, d=128, group=1):
+    if name == "dkv_tma":
+        tr.DKV_TMA_CONFIG[tr.dkv_tma_key(d, group)] = cfg
     else:
         tr.FIXED[name][128 if d <= 128 else 256] = cfg
 
@@ -323,7 +325,7 @@ def run_sweep(log, b=4, h=16, hkv=None, L=4096, d=128, names=("fwd", "dq", "dkv_
         best = None
         tr.DKV_TMA = False if name == "dkv" else None
         for cfg in SWEEP[name]:
-            _set_config(tr, name, cfg, d)
+            _set_config(tr, name, cfg, d, h // (hkv or h))
             try:
                 t = bench_ms(f) if name == "fwd" else bench_ms(fb, grad_to_none=[q, r, k, v])
             except Exception as e:
@@ -335,9 +337,9 @@ def run_sweep(log, b=4, h=16, hkv=None, L=4096, d=128, names=("fwd", "dq", "dkv_
             log(f"sweep {name} {cfg}: {t:.3f} ms  regs {regs[0]} spills {regs[1]}")
             if best is None or t < best[0]:
                 best = (t, cfg)
-        _set_config(tr, name, best[1], d)
+        _set_config(tr, name, best[1], d, h // (hkv or h))
     tr.DKV_TMA = None
-    chosen = {n: _config(tr, n, d) for n in ("fwd", "dq", "dkv", "dkv_tma")}
+    chosen = {n: _config(tr, n, d, h // (hkv or h)) for n in ("fwd", "dq", "dkv", "dkv_tma")}
     log("sweep chose " + json.dumps(chosen))
     return out, chosen
 
@@ -374,7 +376,7 @@ def run_config_ab(log, spec, shape, rounds=3):
     b, h, hkv, L, d = shape
     torch.manual_seed(0)
     q, r, k, v, do = _qrkvdo(b, h, hkv, L, d)
-    old = _config(tr, name, d)
+    old = _config(tr, name, d, h // hkv)
     tr.DKV_TMA = False if name == "dkv" else None
 
     def fb():
@@ -382,9 +384,9 @@ def run_config_ab(log, spec, shape, rounds=3):
     times = {c: [] for c in cfgs}
     for _ in range(rounds):
         for c in cfgs:
-            _set_config(tr, name, c, d)
+            _set_config(tr, name, c, d, h // hkv)
             times[c].append(bench_ms(fb, grad_to_none=[q, r, k, v]))
-    _set_config(tr, name, old, d)
+    _set_config(tr, name, old, d, h // hkv)
     tr.DKV_TMA = None
     out = {str(c): dict(ms=sorted(t)[len(t) // 2], all=t) for c, t in times.items()}
     for c, t in out.items():

@@ -590,17 +590,28 @@ FIXED = {
     "dkv": {128: (64, 128, 8, 3), 256: (32, 64, 4, 2)},
 }
 # dk/dv through device-made tensor descriptors (_bwd_dkv_tma_kernel): (BLOCK_M, BLOCK_N, num_warps,
-# num_stages, warp_specialize), used for 2-byte dtypes and power-of-two head dims up to 128 on Hopper
-# or newer (DKV_TMA None: there; False: never, the pointer kernel above runs instead).
+# num_stages, warp_specialize) by (head-dim class, "mha" for one query head per kv head or "gqa"),
+# used for 2-byte dtypes and power-of-two head dims up to 128 on Hopper or newer (DKV_TMA None:
+# there; False: never, the pointer kernel above runs instead).
 # Measured on the H200 (bf16, L=4096, kernel alone): 2.02 against the pointer kernel's 2.25 ms at
 # B=4 H=16, 0.48 against 0.75 ms at B=1 H=16/8 (the GQA group walked in one loop). Triton's Hopper
-# warp specialization (4 warps, WS True) compiles for it and was about 2% faster in an interleaved
-# A/B at B=4 (4.42 against 4.51 ms forward+backward), equal at B=1; it stays off by default because
-# that compiler path is young (it produced NaN for one forward configuration tried). Head dims up to
-# 64 take 64 query rows per step (no spills there): 2.82 against the pointer kernel's 2.90 ms
-# forward+backward at B=4 H=16 L=4096 D=64, where 32 rows took 3.05.
+# warp specialization (4 warps: a TMA producer and two consumer warpgroups) was faster for MHA in
+# interleaved forward+backward A/Bs (4.516 against 4.591 ms at B=4 H=16 L=4096, 8.316 against 8.492
+# at L=8192, 15.831 against 16.253 at L=16384) and not for GQA (8.657 against 8.619 at B=4 32/8,
+# noise at B=1 16/8), so MHA takes it where the row statistics can be read through descriptors
+# (dense, lengths a multiple of 4) and the rest the 8-warp loop. Head dims up to 64 take 64 query
+# rows per step (no spills there): 2.82 against the pointer kernel's 2.90 ms forward+backward at
+# B=4 H=16 L=4096 D=64, where 32 rows took 3.05.
 DKV_TMA = None
-DKV_TMA_CONFIG = {64: (64, 128, 8, 3, False), 128: (32, 128, 8, 3, False)}  # by head dim: <= 64, <= 128
+DKV_TMA_CONFIG = {(64, "mha"): (64, 128, 8, 3, False), (64, "gqa"): (64, 128, 8, 3, False),
+                  (128, "mha"): (32, 128, 4, 3, True), (128, "gqa"): (32, 128, 8, 3, False)}
+
+
+def dkv_tma_key(d: int, group: int):
+    """DKV_TMA_CONFIG's key for head dim d and group size (query heads per kv head)."""
+    return 64 if d <= 64 else 128, "mha" if group == 1 else "gqa"
+
+
 # The opt-in atomic backward's kernel (dk/dv plus dq/dr partials): the dk/dv tiling does not fit
 # the H200's shared memory once the dq/dr products are added (247,808 of 232,448 bytes at D = 128);
 # 32 query rows do (181,248 bytes, sm_90a, Triton 3.6).
@@ -732,17 +743,20 @@ def _with_scratch(launch):
 def _launch_dkv_tma(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg, batch, hkv, sk, ss,
                     max_q, max_k, scale, left, right, meta):
     interpret = _INTERPRET or os.environ.get("TRITON_INTERPRET") == "1"
-    bm, bn, w, st, ws = DKV_TMA_CONFIG[64 if meta["D"] <= 64 else 128]
+    # descriptor offsets along the flat statistics must be 16-byte aligned: rows of a multiple of 4
+    # (every BLOCK_M here is a multiple of 4 too); warp specialization needs those descriptor reads
+    stats_tma = not meta["VARLEN"] and max_q % 4 == 0
+    key = dkv_tma_key(meta["D"], meta["G"])
+    bm, bn, w, st, ws = DKV_TMA_CONFIG[key]
+    if ws and not stats_tma:
+        bm, bn, w, st, ws = DKV_TMA_CONFIG[(key[0], "gqa")]
+        ws = False
+    stats_tma = stats_tma and bm % 4 == 0
     launch = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, WS=ws)
     if interpret:
         bm, bn = INTERPRET_BLOCKS["dkv"]
         launch = dict(BLOCK_M=bm, BLOCK_N=bn, WS=ws)
     tuned = not interpret and os.environ.get("PARALLAX_TRAIN_AUTOTUNE") == "1"
-    # descriptor offsets along the flat statistics must be 16-byte aligned: rows of a multiple of 4
-    # (every BLOCK_M of the tuning space is a multiple of 4 too)
-    stats_tma = not meta["VARLEN"] and max_q % 4 == 0 and bm % 4 == 0
-    if not stats_tma:
-        launch["WS"] = False
     rows_q = q.shape[0] * q.shape[1] if not meta["VARLEN"] else q.shape[0]
     rows_k = k.shape[0] * k.shape[1] if not meta["VARLEN"] else k.shape[0]
     args = (q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg, *sk, *ss, max_q, max_k,
