@@ -626,11 +626,19 @@ def main():
     env = dict(torch=torch.__version__, triton=triton.__version__, gpu=torch.cuda.get_device_name(),
                autotune=os.environ.get("PARALLAX_TRAIN_AUTOTUNE", "0"), tma=tr.USE_TMA is not False)
     log(json.dumps(env))
-    result = {"env": env}
+    # several calls into one --out (e.g. --check, then --bench) add their sections to one JSON
+    json_path = os.path.join(args.out, "train_kernels.json")
+    result = {}
+    if os.path.exists(json_path):
+        with open(json_path) as f:
+            result = json.load(f)
+    result["env"] = env
 
     def save():
-        with open(os.path.join(args.out, "train_kernels.json"), "w") as f:
+        tmp = json_path + ".tmp"
+        with open(tmp, "w") as f:
             json.dump(result, f, indent=1)
+        os.replace(tmp, json_path)
     if args.check_autotune:
         result["autotune_check"] = run_autotune_check(log)
         save()
