@@ -470,18 +470,24 @@ def run_autotune_check(log, shape=(2, 8, 4, 1024, 128)):
     return dict(ok=ok, tune_s=tune_s, errors=errs)
 
 
-def run_profile(log, shape, iters=5):
-    """Kernels of forward+backward on one shape (torch.profiler): GPU time per kernel and per call,
-    and the share of the call's wall time the GPU was busy."""
-    from torch.profiler import ProfilerActivity, profile
-    b, hq, hkv, L, d = shape
-    torch.manual_seed(0)
-    q, r, k, v, do = _qrkvdo(b, hq, hkv, L, d)
+def _fresh_fwd_bwd(shape, seed=0):
+    """Inputs for one (B, Hq, Hkv, L, D) shape and a causal forward+backward over them that starts
+    from cleared gradients."""
+    torch.manual_seed(seed)
+    q, r, k, v, do = _qrkvdo(*shape)
 
     def fb():
         for x in (q, r, k, v):
             x.grad = None
         parallax_attn(q, r, k, v, causal=True, backend="triton").backward(do)
+    return (q, r, k, v), fb
+
+
+def run_profile(log, shape, iters=5):
+    """Kernels of forward+backward on one shape (torch.profiler): GPU time per kernel and per call,
+    and the share of the call's wall time the GPU was busy."""
+    from torch.profiler import ProfilerActivity, profile
+    _, fb = _fresh_fwd_bwd(shape)
     for _ in range(3):
         fb()
     torch.cuda.synchronize()
@@ -508,14 +514,8 @@ def run_overhead(log, shapes=((4, 16, 16, 1024, 128), (4, 16, 16, 4096, 128)), p
     for short shapes also a cProfile of the Python launch path."""
     out = []
     for b, hq, hkv, L, d in shapes:
-        torch.manual_seed(0)
-        q, r, k, v, do = _qrkvdo(b, hq, hkv, L, d)
+        (q, r, k, v), fb = _fresh_fwd_bwd((b, hq, hkv, L, d))
         row = dict(B=b, Hq=hq, L=L, D=d)
-
-        def fb():
-            for x in (q, r, k, v):
-                x.grad = None
-            parallax_attn(q, r, k, v, causal=True, backend="triton").backward(do)
 
         def fwd_nograd():
             with torch.no_grad():
