@@ -317,6 +317,26 @@ def test_dkv_descriptor_kernel(case, ws, monkeypatch):
         assert _rel(a, p) < 1e-3
 
 
+@pytest.mark.parametrize("hq, hkv, L, d, ws", [(2, 2, 64, 128, True), (2, 2, 45, 128, False), (4, 2, 64, 128, False),
+                                               (2, 2, 64, 64, False)],
+                         ids=["mha", "mha_rows_not_multiple_of_4", "gqa", "mha_d64"])
+def test_dkv_descriptor_warp_specialization_choice(hq, hkv, L, d, ws, monkeypatch):
+    # MHA at D = 128 takes the warp-specialized configuration where the row statistics can be read
+    # through descriptors (lengths a multiple of 4); otherwise, under GQA and at D <= 64 (64-row
+    # steps, no warp specialization measured there), the 8-warp loop runs
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(kwargs)
+    monkeypatch.setattr(train_mod, "_bwd_dkv_tma_kernel", Recorder())
+    q, r, k, v, do = _make(1, L, L, hq, hkv, d, torch.float16)
+    _fwd_bwd(lambda *x: parallax_attn(*x, causal=True, backend="triton"), (q, r, k, v), do)
+    assert len(launches) == 1
+    assert launches[0]["WS"] is ws
+    assert launches[0]["STATS_TMA"] is (L % 4 == 0)
+
+
 def test_dkv_descriptor_kernel_varlen(monkeypatch):
     gen = torch.Generator().manual_seed(46)
     lens_q, lens_k = [17, 0, 40, 23], [17, 4, 40, 9]
