@@ -72,6 +72,7 @@ def main():
     ap.add_argument("--non-causal", action="store_true")
     ap.add_argument("--dkv-config", default=None,
                     help="descriptor dk/dv kernel: BLOCK_M,BLOCK_N,warps,stages,warp_specialize (0/1)")
+    ap.add_argument("--dkv-stacked", action="store_true", help="the descriptor dk/dv kernel with stacked q/r tiles")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("sm90_registers.py compiles for the GPU: unset TRITON_INTERPRET")
@@ -84,6 +85,7 @@ def main():
         "fwd" in tr.TMA_KERNELS and not meta["VARLEN"] and (keys is None or keys >= tr.TMA_MIN_KEYS))
     tr._dkv_tma_usable = lambda tensors, d: d in (16, 32, 64, 128)  # noqa: E731
     tr._with_scratch = lambda launch: launch()  # noqa: E731
+    tr.DKV_TMA_STACKED = args.dkv_stacked
     if args.dkv_config:
         c = [int(x) for x in args.dkv_config.split(",")]
         tr.DKV_TMA_CONFIG = {k: (c[0], c[1], c[2], c[3], bool(c[4])) for k in tr.DKV_TMA_CONFIG}

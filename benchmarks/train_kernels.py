@@ -399,16 +399,23 @@ def _set_dkv_tma(setting):
     tr.DKV_TMA = setting
 
 
+def _set_dkv_stacked(setting):
+    from parallax_attention.ops.triton import train as tr
+    tr.DKV_TMA_STACKED = setting
+
+
 # --ab NAME: variants of the whole forward+backward, each (label, setter of its setting)
 VARIANT_AB = {
     "dkv_kernel": [("descriptors", lambda: _set_dkv_tma(None)), ("pointers", lambda: _set_dkv_tma(False))],
+    # stacked q/r tiles in the descriptor kernel (the q/r copy included) against the default
+    "dkv_stacked": [("stacked", lambda: _set_dkv_stacked(True)), ("separate", lambda: _set_dkv_stacked(False))],
 }
 
 
 def run_variant_ab(log, name, shape, rounds=3):
     """Forward+backward of the variants VARIANT_AB[name] ("dkv_kernel": the descriptor dk/dv kernel
-    against the pointer one), interleaved, after checking that the variants' gradients agree
-    (norm-relative, to bf16 rounding)."""
+    against the pointer one; "dkv_stacked": stacked q/r tiles against separate ones), interleaved,
+    after checking that the variants' gradients agree (norm-relative, to bf16 rounding)."""
     b, h, hkv, L, d = shape
     torch.manual_seed(0)
     q, r, k, v, do = _qrkvdo(b, h, hkv, L, d)
@@ -603,7 +610,8 @@ def main():
     ap.add_argument("--ab", action="append", default=[],
                     help="interleaved forward+backward A/B of launch configurations, 'kernel=cfg;cfg' "
                          "(kernel fwd, dq, dkv or dkv_tma; cfg comma-separated ints), on --sweep-shape; "
-                         "'dkv_kernel': the descriptor dk/dv kernel against the pointer one")
+                         "'dkv_kernel': the descriptor dk/dv kernel against the pointer one; 'dkv_stacked': "
+                         "stacked q/r tiles in it against separate ones")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("train_kernels.py needs a CUDA GPU")

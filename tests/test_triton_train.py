@@ -317,6 +317,50 @@ def test_dkv_descriptor_kernel(case, ws, monkeypatch):
         assert _rel(a, p) < 1e-3
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3], CASES[6], (2, 64, 64, 4, 2, 16, True, (-1, -1))],
+                         ids=["causal", "gqa_lq_lt_lk", "mqa_lq_gt_lk", "two_sided", "d16_aligned_rows"])
+def test_dkv_descriptor_kernel_stacked(case, monkeypatch):
+    # DKV_TMA_STACKED: q and r copied into one tensor and read as one [q rows; r rows] tile (one
+    # score product split in two, one dk product of twice the depth): same results as separate tiles
+    b, lq, lk, hq, hkv, d, causal, window = case
+    gen = torch.Generator().manual_seed(49)
+    q, r, k, v, do = _make(b, lq, lk, hq, hkv, d, torch.float16, gen=gen)
+    f = lambda *x: parallax_attn(*x, causal=causal, window_size=window, backend="triton")  # noqa: E731
+    launches = []
+    real = train_mod._with_scratch
+    monkeypatch.setattr(train_mod, "_with_scratch", lambda launch: launches.append(1) or real(launch))
+    monkeypatch.setattr(train_mod, "DKV_TMA_STACKED", True)
+    stacked = _fwd_bwd(f, (q, r, k, v), do)
+    assert launches, "the descriptor kernel did not run"
+    monkeypatch.setattr(train_mod, "DKV_TMA_STACKED", False)
+    separate = _fwd_bwd(f, (q, r, k, v), do)
+    ref = _fwd_bwd(lambda *x: parallax_attn_reference(*x, causal=causal, window_size=window),
+                   [x.double() for x in (q, r, k, v)], do.double())
+    _compare(stacked, ref, TOL[torch.float16])
+    for a, s_ in zip(stacked[3:], separate[3:]):
+        assert _rel(a, s_) < 1e-3
+
+
+def test_dkv_descriptor_kernel_stacked_varlen(monkeypatch):
+    gen = torch.Generator().manual_seed(50)
+    lens_q, lens_k = [17, 0, 40, 23], [17, 4, 40, 9]
+    hq, hkv, d = 4, 2, 32
+    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    q, r, _, _, do = (x[0] for x in _make(1, sum(lens_q), 1, hq, hkv, d, torch.float16, gen=gen))
+    _, _, k, v, _ = (x[0] for x in _make(1, 1, sum(lens_k), hq, hkv, d, torch.float16, gen=gen))
+    f = lambda *x: parallax_attn_varlen(*x, cu_q, cu_k, max(lens_q), max(lens_k), causal=True,  # noqa: E731
+                                        backend="triton")
+    monkeypatch.setattr(train_mod, "DKV_TMA_STACKED", True)
+    stacked = _fwd_bwd(f, (q, r, k, v), do)
+    monkeypatch.setattr(train_mod, "DKV_TMA", False)
+    monkeypatch.setattr(train_mod, "DKV_TMA_STACKED", False)
+    pointers = _fwd_bwd(f, (q, r, k, v), do)
+    for a, p in zip(stacked, pointers):
+        assert torch.isfinite(a).all()
+        assert _rel(a, p) < 1e-3
+
+
 @pytest.mark.parametrize("hq, hkv, L, d, ws", [(2, 2, 64, 128, True), (2, 2, 45, 128, False), (4, 2, 64, 128, False),
                                                (2, 2, 64, 64, False)],
                          ids=["mha", "mha_rows_not_multiple_of_4", "gqa", "mha_d64"])

@@ -366,15 +366,23 @@ def _bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------
 
 @triton.jit
-def _dkv_step(dk, dv, v, q, r, do, st, tt, lse2, tb, delta, beta, scale, PREC: tl.constexpr):
-    """One (keys x queries) tile's share of dk and dv, from the masked log2 scores st = (k q^T)^T
-    and tt = (k r^T)^T. Also returns dS1 (scaled) and p (a - beta), which give dq and dr."""
+def _dkv_weights(dv, v, do, st, tt, lse2, tb, delta, beta, scale, PREC: tl.constexpr):
+    """One (keys x queries) tile's share of dv, from the masked log2 scores st = (k q^T)^T and
+    tt = (k r^T)^T, and the tile's dS1 (scaled) and p (a - beta): dk gets dS1^T q - (p (a - beta))^T r."""
     pt = tl.exp2(st - lse2[None, :])
     tc = tb[None, :] - tt
     dv = tl.dot((pt * (1.0 + tc)).to(do.dtype), do, dv, input_precision=PREC)
     at = tl.dot(v, tl.trans(do), input_precision=PREC)
     pa = pt * (at - beta[None, :])
     ds1 = (pt * (at - delta[None, :]) + pa * tc) * scale
+    return dv, ds1, pa
+
+
+@triton.jit
+def _dkv_step(dk, dv, v, q, r, do, st, tt, lse2, tb, delta, beta, scale, PREC: tl.constexpr):
+    """One (keys x queries) tile's share of dk and dv (see _dkv_weights); also returns dS1 and
+    p (a - beta), which give dq and dr."""
+    dv, ds1, pa = _dkv_weights(dv, v, do, st, tt, lse2, tb, delta, beta, scale, PREC)
     dk = tl.dot(ds1.to(q.dtype), q, dk, input_precision=PREC)
     dk = tl.dot((-pa).to(r.dtype), r, dk, input_precision=PREC)
     return dk, dv, ds1, pa
@@ -476,9 +484,13 @@ def _bwd_dkv_tma_kernel(
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PREC: tl.constexpr,
-    WS: tl.constexpr, STATS_TMA: tl.constexpr,
+    WS: tl.constexpr, STATS_TMA: tl.constexpr, QR=None, STACKED: tl.constexpr = False,
 ):
     """dk/dv with every tile read through 2-D tensor descriptors made on the device.
+
+    STACKED: q and r also come as one tensor QR, (B, 2, L, H, D) dense or (2, total, H, D) varlen,
+    read as one [q rows; r rows] tile: the two score products become one with twice the columns
+    and the two dk products one with twice the depth (see DKV_TMA_STACKED).
 
     q, r, dO (and k, v) are viewed as (rows, heads * D) matrices and the row statistics as one flat
     vector, so a tile is one TMA copy: no address registers and no per-element load masks, which
@@ -504,6 +516,13 @@ def _bwd_dkv_tma_kernel(
     v_desc = tl.make_tensor_descriptor(V, [rows_k, HKV * D], [HKV * D, 1], [BLOCK_N, D])
     q_desc = tl.make_tensor_descriptor(Q, [rows_q, HQ * D], [HQ * D, 1], [BLOCK_M, D])
     r_desc = tl.make_tensor_descriptor(R, [rows_q, HQ * D], [HQ * D, 1], [BLOCK_M, D])
+    if STACKED:
+        if VARLEN:
+            qr_desc = tl.make_tensor_descriptor(QR, [2, rows_q, HQ * D], [rows_q * HQ * D, HQ * D, 1], [2, BLOCK_M, D])
+        else:
+            # the sequence is its own dimension here: rows past it are zero-filled, not read
+            qr_desc = tl.make_tensor_descriptor(QR, [2 * (rows_q // seqlen_q), seqlen_q, HQ * D],
+                                                [seqlen_q * HQ * D, HQ * D, 1], [2, BLOCK_M, D])
     do_desc = tl.make_tensor_descriptor(DO, [rows_q, HQ * D], [HQ * D, 1], [BLOCK_M, D])
     lse_desc = tl.make_tensor_descriptor(LSE, [rows_q * HQ], [1], [BLOCK_M])
     tb_desc = tl.make_tensor_descriptor(TB, [rows_q * HQ], [1], [BLOCK_M])
@@ -520,8 +539,6 @@ def _bwd_dkv_tma_kernel(
         g = it // blocks
         m0 = start + (it - g * blocks) * BLOCK_M
         h = hk * G + g
-        q = q_desc.load([q_row0 + m0, h * D])
-        r = r_desc.load([q_row0 + m0, h * D])
         do = do_desc.load([q_row0 + m0, h * D])
         s_row = b32 * stride_sb + h * stride_sh + qs + m0
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -538,11 +555,28 @@ def _bwd_dkv_tma_kernel(
             tb = tl.load(TB + s_ptr, mask=s_in, other=0.0)
             delta = tl.load(DELTA + s_ptr, mask=s_in, other=0.0)
             beta = tl.load(BETA + s_ptr, mask=s_in, other=0.0)
-        st = tl.dot(k, tl.trans(q), input_precision=PREC) * scale_log2
-        tt = tl.dot(k, tl.trans(r), input_precision=PREC)
+        if STACKED:
+            if VARLEN:
+                qr = qr_desc.load([0, q_row0 + m0, h * D]).reshape(2 * BLOCK_M, D)
+            else:
+                qr = qr_desc.load([2 * b32, m0, h * D]).reshape(2 * BLOCK_M, D)
+            # columns [0, BLOCK_M) of the product are k q^T, the rest k r^T: splitting them moves no data
+            stt = tl.dot(k, tl.trans(qr), input_precision=PREC).reshape(BLOCK_N, 2, BLOCK_M)
+            st, tt = tl.split(tl.permute(stt, (0, 2, 1)))
+            st = st * scale_log2
+        else:
+            q = q_desc.load([q_row0 + m0, h * D])
+            r = r_desc.load([q_row0 + m0, h * D])
+            st = tl.dot(k, tl.trans(q), input_precision=PREC) * scale_log2
+            tt = tl.dot(k, tl.trans(r), input_precision=PREC)
         vis = _visible(offs_m, offs_n, shift, lk, left, right, HAS_LEFT, HAS_RIGHT) & (offs_m < lq)[:, None]
         st = tl.where(tl.trans(vis), st, float("-inf"))
-        dk, dv, ds1, pa = _dkv_step(dk, dv, v, q, r, do, st, tt, lse2, tb, delta, beta, scale, PREC)
+        if STACKED:
+            dv, ds1, pa = _dkv_weights(dv, v, do, st, tt, lse2, tb, delta, beta, scale, PREC)
+            dsp = tl.permute(tl.join(ds1.to(qr.dtype), (-pa).to(qr.dtype)), (0, 2, 1)).reshape(BLOCK_N, 2 * BLOCK_M)
+            dk = tl.dot(dsp, qr, dk, input_precision=PREC)
+        else:
+            dk, dv, ds1, pa = _dkv_step(dk, dv, v, q, r, do, st, tt, lse2, tb, delta, beta, scale, PREC)
     kv_mask = (offs_n < lk)[:, None]
     kv_off = b * stride_kb + (ks + offs_n[:, None]) * stride_kl + hk * stride_kh + offs_d[None, :]
     tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -605,6 +639,17 @@ FIXED = {
 DKV_TMA = None
 DKV_TMA_CONFIG = {(64, "mha"): (64, 128, 8, 3, False), (64, "gqa"): (64, 128, 8, 3, False),
                   (128, "mha"): (32, 128, 4, 3, True), (128, "gqa"): (32, 128, 8, 3, False)}
+
+
+# Stacked q/r in the descriptor dk/dv kernel (STACKED): the backward copies q and r into one
+# (B, 2, L, H, D) tensor (varlen: (2, total, H, D)) and the kernel reads [q rows; r rows] as one
+# tile, so its two score products with 32 query columns become one with 64 (m64n32k16 wgmmas read
+# about 24 cycles of shared memory per 16 cycles of math; m64n64k16 balance) and the two dk
+# products one with K = 64. Compiled for sm_90a: 236 registers, no spills, no data movement for
+# the split, 4 MMA chains per step against 6; no warp specialization (the compiler's pass fails on
+# the reshape), so MHA loses that when this is on. Off until measured on the GPU
+# (`benchmarks/train_kernels.py --ab dkv_stacked`, which includes the copy's cost).
+DKV_TMA_STACKED = False
 
 
 def dkv_tma_key(d: int, group: int):
@@ -746,9 +791,11 @@ def _launch_dkv_tma(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, 
     # descriptor offsets along the flat statistics must be 16-byte aligned: rows of a multiple of 4
     # (every BLOCK_M here is a multiple of 4 too); warp specialization needs those descriptor reads
     stats_tma = not meta["VARLEN"] and max_q % 4 == 0
+    tuned = not interpret and os.environ.get("PARALLAX_TRAIN_AUTOTUNE") == "1"
+    stacked = DKV_TMA_STACKED and not tuned and max_q > 0
     key = dkv_tma_key(meta["D"], meta["G"])
     bm, bn, w, st, ws = DKV_TMA_CONFIG[key]
-    if ws and not stats_tma:
+    if ws and (stacked or not stats_tma):
         bm, bn, w, st, ws = DKV_TMA_CONFIG[(key[0], "gqa")]
         ws = False
     stats_tma = stats_tma and bm % 4 == 0
@@ -756,7 +803,8 @@ def _launch_dkv_tma(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, 
     if interpret:
         bm, bn = INTERPRET_BLOCKS["dkv"]
         launch = dict(BLOCK_M=bm, BLOCK_N=bn, WS=ws)
-    tuned = not interpret and os.environ.get("PARALLAX_TRAIN_AUTOTUNE") == "1"
+    if stacked:
+        launch.update(QR=torch.stack((q, r), 0 if meta["VARLEN"] else 1), STACKED=True)
     rows_q = q.shape[0] * q.shape[1] if not meta["VARLEN"] else q.shape[0]
     rows_k = k.shape[0] * k.shape[1] if not meta["VARLEN"] else k.shape[0]
     args = (q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg, *sk, *ss, max_q, max_k,
