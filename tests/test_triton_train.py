@@ -341,26 +341,6 @@ def test_dkv_descriptor_kernel_stacked(case, monkeypatch):
         assert _rel(a, s_) < 1e-3
 
 
-def test_dkv_descriptor_kernel_stacked_varlen(monkeypatch):
-    gen = torch.Generator().manual_seed(50)
-    lens_q, lens_k = [17, 0, 40, 23], [17, 4, 40, 9]
-    hq, hkv, d = 4, 2, 32
-    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
-    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
-    q, r, _, _, do = (x[0] for x in _make(1, sum(lens_q), 1, hq, hkv, d, torch.float16, gen=gen))
-    _, _, k, v, _ = (x[0] for x in _make(1, 1, sum(lens_k), hq, hkv, d, torch.float16, gen=gen))
-    f = lambda *x: parallax_attn_varlen(*x, cu_q, cu_k, max(lens_q), max(lens_k), causal=True,  # noqa: E731
-                                        backend="triton")
-    monkeypatch.setattr(train_mod, "DKV_TMA_STACKED", True)
-    stacked = _fwd_bwd(f, (q, r, k, v), do)
-    monkeypatch.setattr(train_mod, "DKV_TMA", False)
-    monkeypatch.setattr(train_mod, "DKV_TMA_STACKED", False)
-    pointers = _fwd_bwd(f, (q, r, k, v), do)
-    for a, p in zip(stacked, pointers):
-        assert torch.isfinite(a).all()
-        assert _rel(a, p) < 1e-3
-
-
 @pytest.mark.parametrize("hq, hkv, L, d, ws", [(2, 2, 64, 128, True), (2, 2, 45, 128, False), (4, 2, 64, 128, False),
                                                (2, 2, 64, 64, False)],
                          ids=["mha", "mha_rows_not_multiple_of_4", "gqa", "mha_d64"])
@@ -381,7 +361,8 @@ def test_dkv_descriptor_warp_specialization_choice(hq, hkv, L, d, ws, monkeypatc
     assert launches[0]["STATS_TMA"] is (L % 4 == 0)
 
 
-def test_dkv_descriptor_kernel_varlen(monkeypatch):
+@pytest.mark.parametrize("stacked", [False, True], ids=["separate_qr", "stacked_qr"])
+def test_dkv_descriptor_kernel_varlen(stacked, monkeypatch):
     gen = torch.Generator().manual_seed(46)
     lens_q, lens_k = [17, 0, 40, 23], [17, 4, 40, 9]
     hq, hkv, d = 4, 2, 32
@@ -394,9 +375,11 @@ def test_dkv_descriptor_kernel_varlen(monkeypatch):
     monkeypatch.setattr(train_mod, "_launch_dkv_tma", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     f = lambda *x: parallax_attn_varlen(*x, cu_q, cu_k, max(lens_q), max(lens_k), causal=True,  # noqa: E731
                                         backend="triton")
+    monkeypatch.setattr(train_mod, "DKV_TMA_STACKED", stacked)
     ours = _fwd_bwd(f, (q, r, k, v), do)
     assert calls
     monkeypatch.setattr(train_mod, "DKV_TMA", False)
+    monkeypatch.setattr(train_mod, "DKV_TMA_STACKED", False)
     pointers = _fwd_bwd(f, (q, r, k, v), do)
     for a, p in zip(ours, pointers):
         assert torch.isfinite(a).all()
