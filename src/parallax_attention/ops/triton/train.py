@@ -645,9 +645,9 @@ DKV_TMA_CONFIG = {(64, "mha"): (64, 128, 8, 3, False), (64, "gqa"): (64, 128, 8,
 # (B, 2, L, H, D) tensor (varlen: (2, total, H, D)) and the kernel reads [q rows; r rows] as one
 # tile, so its two score products with 32 query columns become one with 64 (m64n32k16 wgmmas read
 # about 24 cycles of shared memory per 16 cycles of math; m64n64k16 balance) and the two dk
-# products one with K = 64. Compiled for sm_90a: 236 registers, no spills, no data movement for
-# the split, 4 MMA chains per step against 6; no warp specialization (the compiler's pass fails on
-# the reshape), so MHA loses that when this is on. Off until measured on the GPU
+# products one with K = 64. Compiled for sm_90a (B=4 H=16 D=128): 249 registers, no spills, no data
+# movement for the split, 4 MMA chains per step against 6; no warp specialization (the compiler's
+# pass fails on the reshape), so MHA loses that when this is on. Off until measured on the GPU
 # (`benchmarks/train_kernels.py --ab dkv_stacked`, which includes the copy's cost).
 DKV_TMA_STACKED = False
 
