@@ -128,11 +128,121 @@ def check_muon(device_type: str, seed: int = 0) -> dict:
     return out
 
 
+# ------------------------------------------------------------------ step phases (runs inside torchrun or alone)
+
+
+def profile_phases(args) -> dict:
+    """Wall time of each part of a training step (forward+backward, clip, optimizer), synchronised.
+
+    Same model, wrapping and optimizer as `plx train`, on random tokens. With --trace, rank 0 also
+    prints torch.profiler's top operators of one step, by host and by device time.
+    """
+    import torch
+
+    from parallax_attention.eval.perplexity import lm_loss
+    from parallax_attention.optim import build_optimizer
+    from parallax_attention.train.config import TrainConfig
+    from parallax_attention.train.distributed import barrier, init_distributed, unwrap, wrap_model
+    from parallax_attention.train.loop import build_model
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    parallel = "fsdp" if world > 1 else "none"
+    cfg = TrainConfig(preset=args.preset, attention=args.attention, parallel=parallel,
+                      device="cpu" if args.cpu else "cuda", seq_len=args.seq_len, batch_size=args.micro_batch)
+    info = init_distributed(parallel, cfg.device)
+    dev = info.device
+    vocab = 151936 if args.preset != "tiny" else 256
+    torch.manual_seed(0)
+    model = wrap_model(build_model(cfg, vocab, dev), parallel, info)
+    opt = build_optimizer(unwrap(model), "muon")
+    gen = torch.Generator(device="cpu").manual_seed(info.rank)
+    batch = torch.randint(0, vocab, (args.micro_batch, args.seq_len + 1), generator=gen).to(dev)
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16) if dev.type == "cuda" else None
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        barrier(info)
+
+    def step(times: dict | None):
+        marks = [time.perf_counter()]
+        for m in range(args.phase_accum):
+            if amp is not None:
+                with amp:
+                    loss = lm_loss(model, batch)
+            else:
+                loss = lm_loss(model, batch)
+            (loss / args.phase_accum).backward()
+        sync()
+        marks.append(time.perf_counter())
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
+        float(gn)
+        sync()
+        marks.append(time.perf_counter())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        marks.append(time.perf_counter())
+        if times is not None:
+            for k, a, b in zip(("fwd_bwd", "clip", "optimizer"), marks, marks[1:]):
+                times.setdefault(k, []).append(1e3 * (b - a))
+
+    for _ in range(3):
+        step(None)
+    times: dict = {}
+    for _ in range(args.phase_steps):
+        step(times)
+    res = {"world_size": info.world_size, "micro_batch": args.micro_batch, "accum": args.phase_accum,
+           **{k + "_ms": statistics.median(v) for k, v in times.items()}}
+    if args.trace and info.rank == 0:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            step(None)
+        ka = prof.key_averages()
+        print(ka.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+        if dev.type == "cuda":
+            print(ka.table(sort_by="self_cuda_time_total", row_limit=25), flush=True)
+    elif args.trace:
+        step(None)  # the other ranks take part in the traced step's collectives
+    return res
+
+
 # ------------------------------------------------------------------ driver
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def run_phases(args) -> int:
+    """--phases: the step's parts with 1 process and with each N of --gpus (FSDP2)."""
+    counts = [int(c) for c in args.gpus.split(",")] if args.gpus else [1, 2]
+    fwd = ["--phase-worker", "--preset", args.preset, "--attention", args.attention, "--seq-len", str(args.seq_len),
+           "--micro-batch", str(args.micro_batch), "--phase-steps", str(args.phase_steps),
+           "--phase-accum", str(args.phase_accum)] + (["--cpu"] if args.cpu else []) + \
+          (["--trace"] if args.trace else [])
+    rows = []
+    for n in counts:
+        if n > 1:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr",
+                   "127.0.0.1", "--master_port", str(free_port()), str(Path(__file__).resolve())] + fwd
+        else:
+            cmd = [sys.executable, str(Path(__file__).resolve())] + fwd
+        proc = subprocess.run(cmd, env=_env(), timeout=args.timeout, capture_output=True, text=True)
+        print(proc.stdout, flush=True)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("PHASES ")]
+        if not line:
+            print(proc.stderr[-4000:])
+            continue
+        rows.append(json.loads(line[-1][len("PHASES "):]))
+    print(f"| N | micro-batch x accum | forward+backward ms | clip ms | optimizer ms |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['world_size']} | {r['micro_batch']} x {r['accum']} | {r['fwd_bwd_ms']:.1f} | {r['clip_ms']:.1f} | "
+              f"{r['optimizer_ms']:.1f} |")
+    return 0 if len(rows) == len(counts) else 1
 
 
 def main() -> int:
@@ -146,11 +256,20 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per forward")
     ap.add_argument("--global-batch", type=int, default=None, help="default: micro-batch x largest N")
+    ap.add_argument("--no-noise-ref", dest="noise_ref", action="store_false",
+                    help="skip the 1-process run with the whole batch in one micro-batch (the rounding-noise "
+                         "reference for the loss comparison)")
     ap.add_argument("--compare-steps", type=int, default=50, help="loss compared over the first K steps")
     ap.add_argument("--data", default=None, help="prepared data directory (default: embedded corpus, bytes)")
     ap.add_argument("--timeout", type=float, default=580.0, help="seconds per launched run")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--check-muon", action="store_true", help="(inside torchrun) only the Muon check")
+    ap.add_argument("--phases", action="store_true",
+                    help="time the parts of a step (forward+backward, clip, optimizer) with 1 and N processes")
+    ap.add_argument("--phase-steps", type=int, default=8)
+    ap.add_argument("--phase-accum", type=int, default=1, help="micro-batches per step in --phases")
+    ap.add_argument("--trace", action="store_true", help="with --phases: torch.profiler top operators")
+    ap.add_argument("--phase-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.check_muon:
@@ -168,6 +287,16 @@ def main() -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+    if args.phase_worker:
+        res = profile_phases(args)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("PHASES " + json.dumps(res), flush=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    if args.phases:
+        return run_phases(args)
 
     import torch
 
@@ -201,12 +330,17 @@ def main() -> int:
                "device": "cpu (gloo)" if args.cpu else torch.cuda.get_device_name(0), "runs": []}
     base_losses = None
     base_tps = None
-    for n in counts:
-        run_dir = out / f"fsdp_{n}"
-        accum = global_batch // (n * args.micro_batch)
+    plan = [(n, args.micro_batch, global_batch // (n * args.micro_batch), f"fsdp_{n}") for n in counts]
+    if args.noise_ref and global_batch > args.micro_batch:
+        # The same global batch in one micro-batch on one process: only the order of the
+        # floating-point sums changes, so its distance from the base run is the rounding noise
+        # against which the N-process runs' losses are judged.
+        plan.insert(1, (1, global_batch, 1, "one_microbatch"))
+    for n, micro, accum, name in plan:
+        run_dir = out / name
         cli = ["train", "--preset", args.preset, "--attention", args.attention, "--steps", str(args.steps),
                "--out", str(run_dir), "--data", data, "--seq-len", str(args.seq_len),
-               "--batch-size", str(args.micro_batch), "--grad-accum", str(accum), "--no-progress",
+               "--batch-size", str(micro), "--grad-accum", str(accum), "--no-progress",
                "--parallel", "fsdp" if n > 1 else "none", "--device", "cpu" if args.cpu else "cuda",
                "eval_every=0", "ckpt_every=0", "warmup=10", "log_every=1"]
         if args.preset != "tiny":
@@ -217,17 +351,17 @@ def main() -> int:
         wall = time.time() - t0
         if proc.returncode != 0:
             print(proc.stdout[-3000:], proc.stderr[-5000:], sep="\n")
-            results["runs"].append({"n": n, "error": proc.stderr[-2000:]})
+            results["runs"].append({"n": n, "run": name, "error": proc.stderr[-2000:]})
             continue
         lines = [r for r in read_metrics(run_dir) if "loss" in r]
         losses = [r["loss"] for r in lines]
         skip = min(5, len(lines) - 1)
         tps = statistics.median(r["tokens_per_s"] for r in lines[skip:])
-        row = {"n": n, "tokens_per_s": tps, "tokens_per_s_per_gpu": tps / n, "wall_s": wall,
-               "final_loss": losses[-1], "losses": losses}
-        if n == 1:
+        row = {"n": n, "run": name, "micro_batch": micro, "grad_accum": accum, "tokens_per_s": tps,
+               "tokens_per_s_per_gpu": tps / n, "wall_s": wall, "final_loss": losses[-1], "losses": losses}
+        if base_losses is None:
             base_losses, base_tps = losses, tps
-        if base_tps:
+        if base_tps and name != "one_microbatch":
             row["scaling_efficiency"] = (tps / n) / base_tps
         if base_losses:
             k = min(args.compare_steps, len(losses), len(base_losses))
@@ -247,14 +381,16 @@ def main() -> int:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     table = [f"FSDP2 {args.preset} {args.attention}, L={args.seq_len}, global batch {global_batch}, "
              f"{results['device']}", "",
-             "| N | tokens/s | tokens/s per GPU | scaling eff. | max |loss - loss(1)|, first K steps |",
-             "|---|---|---|---|---|"]
+             "| N | micro-batch x accum | tokens/s | tokens/s per GPU | scaling eff. | "
+             "max abs(loss - loss(1)), first K steps |",
+             "|---|---|---|---|---|---|"]
     for r in results["runs"]:
+        shape = f"{r.get('micro_batch', '?')} x {r.get('grad_accum', '?')}"
         if "error" in r:
-            table.append(f"| {r['n']} | failed | | | |")
+            table.append(f"| {r['n']} | {shape} | failed | | | |")
             continue
         eff = f"{100 * r['scaling_efficiency']:.1f}%" if "scaling_efficiency" in r else "-"
-        table.append(f"| {r['n']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_gpu']:,.0f} | {eff} | "
+        table.append(f"| {r['n']} | {shape} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_gpu']:,.0f} | {eff} | "
                      f"{r.get('max_abs_loss_diff_first_k', 0):.2e} (K={r.get('compare_k', '-')}) |")
     mc = results.get("muon_check")
     if mc and "error" not in mc:
