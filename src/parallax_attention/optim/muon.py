@@ -112,37 +112,110 @@ def _dtype_name(dtype) -> str | None:
     raise ValueError(f"ns_dtype must be a torch dtype, its name, or None; got {dtype!r}")
 
 
-def _orthogonalise_round_robin(updates: list[Tensor], steps, coefficients, eps, dtype) -> list[Tensor]:
-    """Full-matrix Newton-Schulz for FSDP2 shards, each matrix computed by one rank only.
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (same storage: in-place ops on it update the DTensor), else ``t``."""
+    return t.to_local() if _is_dtensor(t) else t
 
-    Every rank gathers the full momentum updates (one all-gather per matrix), rank
-    ``i % world`` orthogonalises matrix i, the results are broadcast from their
-    owners, and each rank keeps its own shard. Same result as every rank doing
-    all matrices (:func:`_orthogonalise`), with 1/world of the Newton-Schulz work.
-    """
+
+def _row_sharded(p: Tensor) -> bool:
+    """FSDP2's layout: a 1-D mesh, rows split in chunks of ceil(n / world), the last ones short or empty."""
+    from torch.distributed.tensor import Shard
+
+    if p.device_mesh.ndim != 1 or len(p.placements) != 1:
+        return False
+    pl = p.placements[0]
+    if type(pl) is not Shard or pl.dim != 0:
+        return False
+    world, me = p.device_mesh.size(), p.device_mesh.get_local_rank()
+    chunk = -(-p.shape[0] // world)
+    return p.to_local().shape == (max(0, min(chunk, p.shape[0] - me * chunk)), p.shape[1])
+
+
+def _all_gather_flat(send: Tensor, pg) -> Tensor:
+    """(world, numel) from every rank's equally long 1-D ``send``; one collective."""
     import torch.distributed as dist
-    from torch.distributed.tensor import DTensor, Replicate
 
-    mesh = updates[0].device_mesh
-    if mesh.ndim != 1:  # HSDP / multi-dim meshes: the simple redundant path
-        return [_orthogonalise(u, steps, coefficients, eps, dtype) for u in updates]
+    out = send.new_empty(dist.get_world_size(pg), send.numel())
+    if dist.get_backend(pg) == "nccl":
+        dist.all_gather_into_tensor(out, send, group=pg)
+    else:  # gloo has no all_gather_into_tensor
+        dist.all_gather(list(out.unbind(0)), send, group=pg)
+    return out
+
+
+# Matrices are gathered in buckets of at most this many elements (256 MB in bf16), so the
+# transient full copies stay small next to the model while each bucket is one collective.
+GATHER_BUCKET_NUMEL = 128 * 2**20
+
+
+def _orthogonalise_row_sharded(shapes: list[torch.Size], shards: list[Tensor], mesh, steps, coefficients, eps,
+                               dtype, mode: str) -> list[Tensor]:
+    """Full-matrix Newton-Schulz for row shards laid out as FSDP2 lays them out; returns each rank's rows.
+
+    Per bucket of matrices: one all-gather of every rank's (padded) rows, in the Newton-Schulz
+    working dtype (its first step is that cast, so gathering after it changes nothing). With
+    ``mode="round_robin"`` each matrix is then orthogonalised by one rank, matrices dealt out so
+    the ranks' Newton-Schulz flops balance, and a second all-gather hands the results back; with
+    ``"redundant"`` every rank orthogonalises every matrix and the second collective is skipped.
+    """
     pg = mesh.get_group()
-    world, me = dist.get_world_size(pg), dist.get_rank(pg)
-    fulls = [u.full_tensor() for u in updates]
-    for i, full in enumerate(fulls):
-        if i % world == me:
-            fulls[i] = zeropower_via_newtonschulz(full, steps, coefficients, eps, dtype).contiguous()
-    # NCCL overlaps the broadcasts on its stream; on gloo (CPU) they simply run in turn.
-    overlap = dist.get_backend(pg) == "nccl"
-    works = [dist.broadcast(full, src=dist.get_global_rank(pg, i % world), group=pg, async_op=overlap)
-             for i, full in enumerate(fulls)]
-    for w in works:
-        if w is not None:
-            w.wait()
-    out = []
-    for u, full in zip(updates, fulls):
-        rep = DTensor.from_local(full, mesh, [Replicate()], run_check=False)
-        out.append(rep.redistribute(mesh, u.placements))
+    world, me = mesh.size(), mesh.get_local_rank()
+    work_dtype = dtype or shards[0].dtype
+    out: list[Tensor | None] = [None] * len(shards)
+
+    def rows_of(i: int, rank: int) -> tuple[int, int]:
+        chunk = -(-shapes[i][0] // world)
+        lo = min(rank * chunk, shapes[i][0])
+        return lo, min(lo + chunk, shapes[i][0])
+
+    buckets, cur, cur_numel = [], [], 0
+    for i, shape in enumerate(shapes):
+        if cur and cur_numel + shape.numel() > GATHER_BUCKET_NUMEL:
+            buckets.append(cur)
+            cur, cur_numel = [], 0
+        cur.append(i)
+        cur_numel += shape.numel()
+    if cur:
+        buckets.append(cur)
+
+    for bucket in buckets:
+        chunks = [-(-shapes[i][0] // world) for i in bucket]
+        send = torch.cat([
+            torch.nn.functional.pad(shards[i].to(work_dtype), (0, 0, 0, c - shards[i].shape[0])).flatten()
+            for i, c in zip(bucket, chunks)
+        ])
+        gathered = _all_gather_flat(send, pg)
+        fulls, off = {}, 0
+        for i, c in zip(bucket, chunks):
+            n, m = shapes[i]
+            fulls[i] = gathered[:, off:off + c * m].reshape(world * c, m)[:n]
+            off += c * m
+        if mode == "redundant":
+            for i in bucket:
+                lo, hi = rows_of(i, me)
+                out[i] = zeropower_via_newtonschulz(fulls[i], steps, coefficients, eps, None)[lo:hi]
+            continue
+        # Deal matrices to ranks, largest Newton-Schulz cost first, each to the least-loaded rank;
+        # the same on every rank because it only uses the shapes.
+        load = [0.0] * world
+        owner = {}
+        for i in sorted(bucket, key=lambda j: (-shapes[j].numel() * min(shapes[j]), j)):
+            r = min(range(world), key=lambda k: (load[k], k))
+            owner[i] = r
+            load[r] += shapes[i].numel() * min(shapes[i])
+        sizes = [sum(shapes[i].numel() for i in bucket if owner[i] == r) for r in range(world)]
+        mine = [zeropower_via_newtonschulz(fulls[i], steps, coefficients, eps, None).flatten()
+                for i in bucket if owner[i] == me]
+        send = torch.cat(mine) if mine else fulls[bucket[0]].new_empty(0)
+        send = torch.nn.functional.pad(send, (0, max(sizes) - send.numel()))
+        results = _all_gather_flat(send, pg)
+        offsets = [0] * world
+        for i in bucket:
+            r = owner[i]
+            full = results[r, offsets[r]:offsets[r] + shapes[i].numel()].view(shapes[i])
+            offsets[r] += shapes[i].numel()
+            lo, hi = rows_of(i, me)
+            out[i] = full[lo:hi]
     return out
 
 
@@ -226,34 +299,48 @@ class MuonAdamW(torch.optim.Optimizer):
         lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
         ns_dtype = getattr(torch, group["ns_dtype"]) if group["ns_dtype"] else None
         ns = (group["ns_steps"], group["ns_coefficients"], 1e-7, ns_dtype)
-        params, updates = [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            g = p.grad
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(g)
-            buf = state["momentum_buffer"]
-            # buf = mu*buf + (1-mu)*g; Nesterov looks one step ahead along it.
-            buf.lerp_(g, 1 - mu)
-            params.append(p)
-            updates.append(g.lerp(buf, mu) if group["nesterov"] else buf)
-        if updates and _is_dtensor(updates[0]) and group.get("distributed_ns", "round_robin") == "round_robin":
-            updates = _orthogonalise_round_robin(updates, *ns)
-        else:
-            updates = [_orthogonalise(u, *ns) for u in updates]
-        for p, update in zip(params, updates):
-            p.mul_(1 - lr * wd)
-            p.add_(update, alpha=-adjusted_lr(lr, p.shape, group["adjust_lr"]))
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        for p in params:
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+        # Element-wise work runs on the local shards with foreach kernels: under FSDP2 a DTensor
+        # op costs far more host time than the kernel it launches.
+        grads = [_local(p.grad) for p in params]
+        bufs = [_local(self.state[p]["momentum_buffer"]) for p in params]
+        # buf = mu*buf + (1-mu)*g; Nesterov looks one step ahead along it.
+        torch._foreach_lerp_(bufs, grads, 1 - mu)
+        updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
+        if not _is_dtensor(params[0]):
+            updates = [zeropower_via_newtonschulz(u, *ns) for u in updates]
+        elif all(_is_dtensor(p) and _row_sharded(p) and p.device_mesh == params[0].device_mesh for p in params):
+            updates = _orthogonalise_row_sharded([p.shape for p in params], updates, params[0].device_mesh, *ns,
+                                                 mode=group.get("distributed_ns", "round_robin"))
+        else:  # other layouts: gather each matrix through DTensor
+            from torch.distributed.tensor import DTensor
+
+            updates = [_local(_orthogonalise(DTensor.from_local(u, p.device_mesh, p.placements, run_check=False,
+                                                                shape=p.shape, stride=p.stride()), *ns))
+                       for u, p in zip(updates, params)]
+        local_params = [_local(p) for p in params]
+        torch._foreach_mul_(local_params, 1 - lr * wd)
+        # One add per distinct learning-rate scale (one per matrix shape class), each exactly p + alpha * u.
+        by_alpha: dict[float, list[int]] = {}
+        for i, p in enumerate(params):
+            by_alpha.setdefault(-adjusted_lr(lr, p.shape, group["adjust_lr"]), []).append(i)
+        for alpha, idx in by_alpha.items():
+            torch._foreach_add_([local_params[i] for i in idx],
+                                [updates[i].to(local_params[i].dtype) for i in idx], alpha=alpha)
 
     def _adamw_group(self, group) -> None:
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            g = p.grad
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        steps = []
+        for p in params:
             state = self.state[p]
             if "step" not in state:
                 # A tensor step (as torch's AdamW keeps it) round-trips through
@@ -264,15 +351,19 @@ class MuonAdamW(torch.optim.Optimizer):
             # Out of place: Optimizer.load_state_dict does not copy "step", so an
             # in-place += would also advance the optimizer it was loaded from.
             state["step"] = state["step"] + 1
-            t = float(state["step"])
-            m, v = state["exp_avg"], state["exp_avg_sq"]
-            p.mul_(1 - lr * wd)
-            m.lerp_(g, 1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            bc1 = 1 - beta1**t
-            bc2 = 1 - beta2**t
-            denom = (v.sqrt() / math.sqrt(bc2)).add_(eps)
-            p.addcdiv_(m, denom, value=-lr / bc1)
+            steps.append(float(state["step"]))
+        ps = [_local(p) for p in params]
+        gs = [_local(p.grad) for p in params]
+        ms = [_local(self.state[p]["exp_avg"]) for p in params]
+        vs = [_local(self.state[p]["exp_avg_sq"]) for p in params]
+        torch._foreach_mul_(ps, 1 - lr * wd)
+        torch._foreach_lerp_(ms, gs, 1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, [math.sqrt(1 - beta2**t) for t in steps])
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(ps, ms, denom, [-lr / (1 - beta1**t) for t in steps])
 
 
 # Parameter roles. Name fragments of the hidden matrices that Muon takes; the

@@ -91,6 +91,33 @@ def all_reduce_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return x
 
 
+def clip_grad_norm_(parameters, max_norm: float) -> float:
+    """``torch.nn.utils.clip_grad_norm_`` (2-norm); returns the total norm before clipping.
+
+    Under FSDP2 every gradient is a DTensor sharded over one mesh: the squared norms of the
+    local shards are summed with one all-reduce and the shards scaled in place, instead of
+    torch's per-DTensor path, whose host time is several times the kernels'.
+    """
+    params = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in params]
+    if not grads:
+        return 0.0
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = grads[0].device_mesh if isinstance(grads[0], DTensor) else None
+    if mesh is None or mesh.ndim != 1 or not all(
+            isinstance(g, DTensor) and g.device_mesh == mesh and all(type(pl) is Shard for pl in g.placements)
+            for g in grads):
+        total = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return float(total.full_tensor() if isinstance(total, DTensor) else total)
+    local = [g.to_local() for g in grads]
+    squares = torch.stack([n.float() for n in torch._foreach_norm(local)]).square().sum()
+    dist.all_reduce(squares, group=mesh.get_group())
+    total = squares.sqrt()
+    torch._foreach_mul_(local, (max_norm / (total + 1e-6)).clamp(max=1.0))
+    return float(total)
+
+
 def _block_lists(model: nn.Module) -> list[nn.Module]:
     """Transformer blocks: children of every ModuleList (``model.layers`` in our models)."""
     blocks = []

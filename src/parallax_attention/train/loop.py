@@ -21,7 +21,8 @@ from ..eval.perplexity import evaluate_loss, lm_loss
 from ..optim import Schedule, apply_schedule, build_optimizer
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .distributed import all_reduce_mean, barrier, init_distributed, shutdown, unwrap, wrap_model
+from .distributed import (all_reduce_mean, barrier, clip_grad_norm_, init_distributed, shutdown, unwrap,
+                          wrap_model)
 
 EXIT_OK, EXIT_NONFINITE = 0, 3
 
@@ -271,9 +272,7 @@ def _train(cfg: TrainConfig, info) -> dict:
         loss_val = all_reduce_mean(loss_sum / cfg.grad_accum, info).item()
         grad_norm = float("nan")
         if math.isfinite(loss_val) and cfg.grad_clip > 0:
-            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
-            grad_norm = float(gn)
+            grad_norm = clip_grad_norm_(model.parameters(), cfg.grad_clip)
         if not (math.isfinite(loss_val) and (cfg.grad_clip <= 0 or math.isfinite(grad_norm))):
             # Stop before the update so the parameters (and the checkpoints on disk) stay good.
             optimizer.zero_grad(set_to_none=True)
