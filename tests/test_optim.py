@@ -41,7 +41,40 @@ def test_newton_schulz_singular_values_in_band(shape, dtype):
 
 def test_newton_schulz_validates_input():
     with pytest.raises(ValueError, match="2-D"):
-        zeropower_via_newtonschulz(torch.randn(3, 4, 5))
+        zeropower_via_newtonschulz(torch.randn(3, 4, 5, 6))
+    with pytest.raises(ValueError, match="2-D"):
+        zeropower_via_newtonschulz(torch.randn(5))
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_newton_schulz_stack_equals_each_matrix(shape):
+    # A stack is orthogonalised matrix by matrix: its own norm for each, no mixing across the batch.
+    g = torch.Generator().manual_seed(3)
+    mats = torch.randn(5, *shape, generator=g, dtype=torch.float64) * torch.tensor([1e-3, 1, 10, 1e2, 1e3],
+                                                                                      dtype=torch.float64)[:, None, None]
+    stacked = zeropower_via_newtonschulz(mats, dtype=None)
+    for m, x in zip(mats, stacked):
+        torch.testing.assert_close(x, zeropower_via_newtonschulz(m, dtype=None), rtol=1e-12, atol=1e-12)
+
+
+def test_muon_steps_same_shape_matrices_like_one_at_a_time():
+    # Same-shape matrices are stepped as one batched Newton-Schulz; the update equals stepping each alone.
+    torch.manual_seed(4)
+    w0 = [torch.randn(32, 48) for _ in range(3)] + [torch.randn(48, 32)]
+    together = [nn.Parameter(w.clone()) for w in w0]
+    alone = [nn.Parameter(w.clone()) for w in w0]
+    kw = dict(lr=0.02, weight_decay=0.1, ns_dtype=torch.float64)
+    opt_together = MuonAdamW([dict(kind="muon", params=together)], **kw)
+    opts_alone = [MuonAdamW([dict(kind="muon", params=[p])], **kw) for p in alone]
+    for _ in range(2):
+        grads = [torch.randn_like(w) for w in w0]
+        for p, q, g in zip(together, alone, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt_together.step()
+        for o in opts_alone:
+            o.step()
+    for p, q in zip(together, alone):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
 
 
 def test_adjusted_lr_both_rules():

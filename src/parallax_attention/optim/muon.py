@@ -36,27 +36,55 @@ def zeropower_via_newtonschulz(
 
     The coefficients maximise the slope at zero rather than converge, so the
     singular values of the result land roughly in [0.5, 1.5] instead of at 1
-    (Keller Jordan's Muon). ``dtype`` is the working precision (bf16 as in the
-    reference; ``None`` keeps ``g``'s dtype). Returns a tensor of ``g``'s dtype.
+    (Keller Jordan's Muon). ``g`` is one matrix, or a stack (batch, n, m) of
+    same-shape matrices, each orthogonalised on its own with batched products
+    (one launch per product for the whole stack). ``dtype`` is the working
+    precision (bf16 as in the reference; ``None`` keeps ``g``'s dtype).
+    Returns a tensor of ``g``'s dtype.
     """
-    if g.ndim != 2:
-        raise ValueError(f"g must be a 2-D matrix, got shape {tuple(g.shape)}")
+    if g.ndim not in (2, 3):
+        raise ValueError(f"g must be a 2-D matrix or a 3-D stack of matrices, got shape {tuple(g.shape)}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     a, b, c = coefficients
     x = g.to(dtype) if dtype is not None else g.clone()
-    transposed = g.size(0) > g.size(1)
+    transposed = g.size(-2) > g.size(-1)
     if transposed:  # iterate on the short side: X X^T is then the small Gram matrix
-        x = x.T
+        x = x.mT
     # Frobenius norm >= spectral norm, so this puts every singular value in (0, 1].
-    x = x / x.norm().clamp(min=eps)
-    for _ in range(steps):
-        gram = x @ x.T
-        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
-        x = torch.addmm(x, poly, x, beta=a)
+    if x.ndim == 2:
+        x = x / x.norm().clamp(min=eps)
+        for _ in range(steps):
+            gram = x @ x.T
+            poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+            x = torch.addmm(x, poly, x, beta=a)
+    else:
+        x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+        for _ in range(steps):
+            gram = x @ x.mT
+            poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+            x = torch.baddbmm(x, poly, x, beta=a)
     if transposed:
-        x = x.T
+        x = x.mT
     return x.to(g.dtype)
+
+
+def _newtonschulz_grouped(mats: list[Tensor], steps, coefficients, eps, dtype) -> list[Tensor]:
+    """:func:`zeropower_via_newtonschulz` of each matrix, same-shape matrices stacked into one batch."""
+    groups: dict[tuple, list[int]] = {}
+    for i, m in enumerate(mats):
+        groups.setdefault((tuple(m.shape), m.dtype), []).append(i)
+    out: list[Tensor | None] = [None] * len(mats)
+    for idx in groups.values():
+        if len(idx) == 1:
+            out[idx[0]] = zeropower_via_newtonschulz(mats[idx[0]], steps, coefficients, eps, dtype)
+            continue
+        work = dtype or mats[idx[0]].dtype
+        stacked = zeropower_via_newtonschulz(torch.stack([mats[i].to(work) for i in idx]), steps, coefficients,
+                                             eps, None)
+        for i, x in zip(idx, stacked.unbind(0)):
+            out[i] = x.to(mats[i].dtype)
+    return out
 
 
 def adjusted_lr(lr: float, shape: torch.Size | tuple[int, ...], adjustment: str) -> float:
@@ -191,9 +219,10 @@ def _orthogonalise_row_sharded(shapes: list[torch.Size], shards: list[Tensor], m
             fulls[i] = gathered[:, off:off + c * m].reshape(world * c, m)[:n]
             off += c * m
         if mode == "redundant":
-            for i in bucket:
+            for i, x in zip(bucket, _newtonschulz_grouped([fulls[i] for i in bucket], steps, coefficients, eps,
+                                                          None)):
                 lo, hi = rows_of(i, me)
-                out[i] = zeropower_via_newtonschulz(fulls[i], steps, coefficients, eps, None)[lo:hi]
+                out[i] = x[lo:hi]
             continue
         # Deal matrices to ranks, largest Newton-Schulz cost first, each to the least-loaded rank;
         # the same on every rank because it only uses the shapes.
@@ -204,8 +233,8 @@ def _orthogonalise_row_sharded(shapes: list[torch.Size], shards: list[Tensor], m
             owner[i] = r
             load[r] += shapes[i].numel() * min(shapes[i])
         sizes = [sum(shapes[i].numel() for i in bucket if owner[i] == r) for r in range(world)]
-        mine = [zeropower_via_newtonschulz(fulls[i], steps, coefficients, eps, None).flatten()
-                for i in bucket if owner[i] == me]
+        mine = [x.flatten() for x in _newtonschulz_grouped([fulls[i] for i in bucket if owner[i] == me],
+                                                           steps, coefficients, eps, None)]
         send = torch.cat(mine) if mine else fulls[bucket[0]].new_empty(0)
         send = torch.nn.functional.pad(send, (0, max(sizes) - send.numel()))
         results = _all_gather_flat(send, pg)
@@ -313,7 +342,7 @@ class MuonAdamW(torch.optim.Optimizer):
         torch._foreach_lerp_(bufs, grads, 1 - mu)
         updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
         if not _is_dtensor(params[0]):
-            updates = [zeropower_via_newtonschulz(u, *ns) for u in updates]
+            updates = _newtonschulz_grouped(updates, *ns)
         elif all(_is_dtensor(p) and _row_sharded(p) and p.device_mesh == params[0].device_mesh for p in params):
             updates = _orthogonalise_row_sharded([p.shape for p in params], updates, params[0].device_mesh, *ns,
                                                  mode=group.get("distributed_ns", "round_robin"))
