@@ -164,7 +164,7 @@ def profile_phases(args) -> dict:
     dev = info.device
     vocab = 151936 if args.preset != "tiny" else 256
     torch.manual_seed(0)
-    model = wrap_model(build_model(cfg, vocab, dev), parallel, info, args.fsdp_param_dtype)
+    model = wrap_model(build_model(cfg, vocab, dev), parallel, info)
     opt = build_optimizer(unwrap(model), "muon")
     gen = torch.Generator(device="cpu").manual_seed(info.rank)
     batch = torch.randint(0, vocab, (args.micro_batch, args.seq_len + 1), generator=gen).to(dev)
@@ -231,7 +231,7 @@ def run_phases(args) -> int:
     counts = [int(c) for c in args.gpus.split(",")] if args.gpus else [1, 2]
     fwd = ["--phase-worker", "--preset", args.preset, "--attention", args.attention, "--seq-len", str(args.seq_len),
            "--micro-batch", str(args.micro_batch), "--phase-steps", str(args.phase_steps),
-           "--phase-accum", str(args.phase_accum), "--fsdp-param-dtype", args.fsdp_param_dtype]
+           "--phase-accum", str(args.phase_accum)]
     fwd += (["--cpu"] if args.cpu else []) + (["--trace"] if args.trace else [])
     rows = []
     for n in counts:
@@ -247,7 +247,7 @@ def run_phases(args) -> int:
             print(proc.stderr[-4000:])
             continue
         rows.append(json.loads(line[-1][len("PHASES "):]))
-    print(f"{args.preset} {args.attention}, L={args.seq_len}, FSDP2 block parameters in {args.fsdp_param_dtype}\n")
+    print(f"{args.preset} {args.attention}, L={args.seq_len}\n")
     print("| N | micro-batch x accum | forward+backward ms | clip ms | optimizer ms |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['world_size']} | {r['micro_batch']} x {r['accum']} | {r['fwd_bwd_ms']:.1f} | {r['clip_ms']:.1f} | "
@@ -278,8 +278,6 @@ def main() -> int:
                     help="time the parts of a step (forward+backward, clip, optimizer) with 1 and N processes")
     ap.add_argument("--phase-steps", type=int, default=8)
     ap.add_argument("--phase-accum", type=int, default=1, help="micro-batches per step in --phases")
-    ap.add_argument("--fsdp-param-dtype", default="fp32", choices=("fp32", "bf16"),
-                    help="FSDP2 blocks' gather/compute dtype (train's fsdp_param_dtype)")
     ap.add_argument("--trace", action="store_true", help="with --phases: torch.profiler top operators")
     ap.add_argument("--phase-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -357,8 +355,7 @@ def main() -> int:
                "--out", str(run_dir), "--data", data, "--seq-len", str(args.seq_len),
                "--batch-size", str(micro), "--grad-accum", str(accum), "--no-progress",
                "--parallel", "fsdp" if n > 1 else "none", "--device", "cpu" if args.cpu else "cuda",
-               "eval_every=0", "ckpt_every=0", "warmup=10", "log_every=1",
-               f"fsdp_param_dtype={args.fsdp_param_dtype}"]
+               "eval_every=0", "ckpt_every=0", "warmup=10", "log_every=1"]
         if args.preset != "tiny":
             cli.append("model.vocab_size=151936")  # the preset's real embedding size
         t0 = time.time()

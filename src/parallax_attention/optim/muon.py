@@ -343,7 +343,7 @@ class MuonAdamW(torch.optim.Optimizer):
         updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
         if not _is_dtensor(params[0]):
             updates = _newtonschulz_grouped(updates, *ns)
-        elif all(_is_dtensor(p) and _row_sharded(p) and p.device_mesh == params[0].device_mesh for p in params):
+        elif self._all_row_sharded(params):
             updates = _orthogonalise_row_sharded([p.shape for p in params], updates, params[0].device_mesh, *ns,
                                                  mode=group.get("distributed_ns", "round_robin"))
         else:  # other layouts: gather each matrix through DTensor
@@ -361,6 +361,15 @@ class MuonAdamW(torch.optim.Optimizer):
         for alpha, idx in by_alpha.items():
             torch._foreach_add_([local_params[i] for i in idx],
                                 [updates[i].to(local_params[i].dtype) for i in idx], alpha=alpha)
+
+    def _all_row_sharded(self, params: list[Tensor]) -> bool:
+        # Layouts do not change between steps; checking DTensor properties costs host time each step.
+        key = tuple(id(p) for p in params)
+        cache = self.__dict__.setdefault("_layout_cache", {})
+        if key not in cache:
+            cache[key] = all(_is_dtensor(p) and _row_sharded(p) and p.device_mesh == params[0].device_mesh
+                             for p in params)
+        return cache[key]
 
     def _adamw_group(self, group) -> None:
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]

@@ -55,10 +55,6 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; or "bf16" / "fp32"
     parallel: str = "none"
-    # FSDP2 only: the dtype the transformer blocks' parameters are all-gathered and computed in
-    # (fp32 master weights and fp32 gradient reduction either way). "bf16" halves the gathers and
-    # skips autocast's per-use weight casts; embeddings and the head stay fp32.
-    fsdp_param_dtype: str = "fp32"
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -70,7 +66,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         choices = {"attention": ("parallax", "softmax"), "optimizer": ("muon", "adamw"),
                    "schedule": ("wsd", "cosine", "constant"), "parallel": ("none", "ddp", "fsdp"),
-                   "dtype": ("auto", "bf16", "fp32"), "fsdp_param_dtype": ("fp32", "bf16"), "tokenizer": ("bytes", "bpe"),
+                   "dtype": ("auto", "bf16", "fp32"), "tokenizer": ("bytes", "bpe"),
                    "adjust_lr": ("original", "match_rms_adamw", "none")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

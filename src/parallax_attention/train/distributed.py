@@ -127,13 +127,11 @@ def _block_lists(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def wrap_model(model: nn.Module, parallel: str, info: DistInfo, fsdp_param_dtype: str = "fp32") -> nn.Module:
+def wrap_model(model: nn.Module, parallel: str, info: DistInfo) -> nn.Module:
     """DDP, or FSDP2 (``fully_shard`` per block, then the root), or the model itself.
 
-    Under FSDP2 the last block keeps its gathered parameters from forward to backward (its
-    backward starts at once, so resharding would only gather them again), and
-    ``fsdp_param_dtype="bf16"`` gathers and computes the blocks in bf16. The blocks' inputs are
-    not cast, so the residual stream keeps the dtype it has without FSDP.
+    Under FSDP2 the last block keeps its gathered parameters from forward to backward: its
+    backward starts at once, so resharding would only gather them again.
     """
     if parallel == "none":
         return model
@@ -144,18 +142,12 @@ def wrap_model(model: nn.Module, parallel: str, info: DistInfo, fsdp_param_dtype
         return DDP(model, device_ids=ids)
     if parallel == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import fully_shard
 
-        if fsdp_param_dtype not in ("fp32", "bf16"):
-            raise ValueError(f"fsdp_param_dtype must be 'fp32' or 'bf16', got {fsdp_param_dtype!r}")
         mesh = init_device_mesh(info.device.type, (info.world_size,))
-        block_kw = {}
-        if fsdp_param_dtype == "bf16":
-            block_kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                                         cast_forward_inputs=False)
         blocks = _block_lists(model)
         for i, block in enumerate(blocks):
-            fully_shard(block, mesh=mesh, reshard_after_forward=i < len(blocks) - 1, **block_kw)
+            fully_shard(block, mesh=mesh, reshard_after_forward=i < len(blocks) - 1)
         fully_shard(model, mesh=mesh)
         return model
     raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")

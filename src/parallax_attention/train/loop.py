@@ -166,10 +166,6 @@ def _train(cfg: TrainConfig, info) -> dict:
     barrier(info)
     device = info.device
     autocast_dtype = _autocast_dtype(cfg, device)
-    if cfg.parallel == "fsdp" and cfg.fsdp_param_dtype == "bf16" and autocast_dtype != torch.bfloat16:
-        # The blocks' inputs are not cast (the residual stream keeps its dtype), so their
-        # bf16 weights need autocast to meet fp32 activations.
-        raise ValueError("fsdp_param_dtype: 'bf16' needs bf16 autocast (dtype=bf16, or dtype=auto on a GPU)")
     _seed_everything(cfg.seed)
     data_dir = resolve_data(cfg, info)
     manifest = read_manifest(data_dir)
@@ -180,7 +176,7 @@ def _train(cfg: TrainConfig, info) -> dict:
 
     model = build_model(cfg, manifest["vocab_size"], device)
     n_params = sum(p.numel() for p in model.parameters())
-    model = wrap_model(model, cfg.parallel, info, cfg.fsdp_param_dtype)
+    model = wrap_model(model, cfg.parallel, info)
     optimizer = build_optimizer(unwrap(model), cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                 adamw_lr=cfg.adamw_lr, adjust_lr=cfg.adjust_lr, momentum=cfg.momentum,
                                 betas=(cfg.beta1, cfg.beta2))
