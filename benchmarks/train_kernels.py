@@ -612,6 +612,7 @@ def main():
                          "(kernel fwd, dq, dkv or dkv_tma; cfg comma-separated ints), on --sweep-shape; "
                          "'dkv_kernel': the descriptor dk/dv kernel against the pointer one; 'dkv_stacked': "
                          "stacked q/r tiles in it against separate ones")
+    ap.add_argument("--ab-rounds", type=int, default=3, help="interleaved rounds per --ab variant")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("train_kernels.py needs a CUDA GPU")
@@ -652,7 +653,7 @@ def main():
         save()
     if args.ab:
         shape = tuple(int(x) for x in args.sweep_shape.split(","))
-        result["ab"] = {spec: run_config_ab(log, spec, shape) for spec in args.ab}
+        result["ab"] = {spec: run_config_ab(log, spec, shape, args.ab_rounds) for spec in args.ab}
         save()
     if args.tma_ab:
         result["tma_ab"] = run_tma_ab(log)
