@@ -79,17 +79,18 @@ def test_two_processes_match_one_and_resume_in_one(data_dir, tmp_path, mode):
         assert a > 1.0 and abs(a - b) < 1e-4 * a, (gn_one, gn_two)
 
 
-def test_muon_under_fsdp2_orthogonalises_full_matrices():
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_muon_under_fsdp2_orthogonalises_full_matrices(nproc):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), str(ROOT / "benchmarks" / "multi_gpu.py"), "--check-muon", "--cpu"]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("MUON_CHECK ")][-1].split(" ", 1)[1])
-    assert res["world_size"] == 2
+    assert res["world_size"] == nproc
     assert res["max_rel_err_fsdp"] < 1e-4
     assert all(set(p["rel_err_by_mode"]) == {"round_robin", "redundant", "round_robin, small buckets"}
                for p in res["params"])
-    # 75 rows split unevenly; the one-row matrix leaves rank 1 an empty shard.
+    # 75 rows split unevenly over 2 ranks, 40 over 3; the one-row matrix leaves the other ranks empty shards.
     assert sorted(p["shape"][0] for p in res["params"]) == [1, 40, 75]
     # The check can tell the right update from orthogonalising each shard separately.
     assert res["min_rel_err_shardwise"] > 0.1

@@ -176,25 +176,52 @@ def _all_gather_flat(send: Tensor, pg) -> Tensor:
 GATHER_BUCKET_NUMEL = 128 * 2**20
 
 
+def _deal(bucket: list[int], shapes: list[torch.Size], world: int) -> dict[int, int]:
+    """Owner rank of each matrix: largest Newton-Schulz cost first, each to the least-loaded rank.
+
+    Uses only the shapes, so every rank computes the same deal.
+    """
+    load = [0.0] * world
+    owner = {}
+    for i in sorted(bucket, key=lambda j: (-shapes[j].numel() * min(shapes[j]), j)):
+        r = min(range(world), key=lambda k: (load[k], k))
+        owner[i] = r
+        load[r] += shapes[i].numel() * min(shapes[i])
+    return owner
+
+
+def _all_to_all_flat(send: Tensor, send_sizes: list[int], recv_sizes: list[int], pg) -> Tensor:
+    import torch.distributed as dist
+
+    out = send.new_empty(sum(recv_sizes))
+    dist.all_to_all_single(out, send, recv_sizes, send_sizes, group=pg)
+    return out
+
+
 def _orthogonalise_row_sharded(shapes: list[torch.Size], shards: list[Tensor], mesh, steps, coefficients, eps,
                                dtype, mode: str) -> list[Tensor]:
     """Full-matrix Newton-Schulz for row shards laid out as FSDP2 lays them out; returns each rank's rows.
 
-    Per bucket of matrices: one all-gather of every rank's (padded) rows, in the Newton-Schulz
-    working dtype (its first step is that cast, so gathering after it changes nothing). With
-    ``mode="round_robin"`` each matrix is then orthogonalised by one rank, matrices dealt out so
-    the ranks' Newton-Schulz flops balance, and a second all-gather hands the results back; with
-    ``"redundant"`` every rank orthogonalises every matrix and the second collective is skipped.
+    Rows travel in the Newton-Schulz working dtype (its first step is that cast, so moving
+    them after it changes nothing), padded to the shard size, one collective per bucket and
+    direction. ``mode="round_robin"``: each matrix has one owner rank (matrices dealt so the
+    ranks' Newton-Schulz flops balance); an all-to-all brings every rank's rows of a matrix to
+    its owner, the owner orthogonalises, and a second all-to-all returns each rank its rows,
+    so a rank moves about 2/world of the bucket, not twice all of it. ``"redundant"``: one
+    all-gather and every rank orthogonalises every matrix.
     """
     pg = mesh.get_group()
     world, me = mesh.size(), mesh.get_local_rank()
     work_dtype = dtype or shards[0].dtype
     out: list[Tensor | None] = [None] * len(shards)
+    chunk = [-(-shape[0] // world) for shape in shapes]
+
+    def padded(i: int, rows: Tensor) -> Tensor:
+        return torch.nn.functional.pad(rows.to(work_dtype), (0, 0, 0, chunk[i] - rows.shape[0])).flatten()
 
     def rows_of(i: int, rank: int) -> tuple[int, int]:
-        chunk = -(-shapes[i][0] // world)
-        lo = min(rank * chunk, shapes[i][0])
-        return lo, min(lo + chunk, shapes[i][0])
+        lo = min(rank * chunk[i], shapes[i][0])
+        return lo, min(lo + chunk[i], shapes[i][0])
 
     buckets, cur, cur_numel = [], [], 0
     for i, shape in enumerate(shapes):
@@ -207,44 +234,39 @@ def _orthogonalise_row_sharded(shapes: list[torch.Size], shards: list[Tensor], m
         buckets.append(cur)
 
     for bucket in buckets:
-        chunks = [-(-shapes[i][0] // world) for i in bucket]
-        send = torch.cat([
-            torch.nn.functional.pad(shards[i].to(work_dtype), (0, 0, 0, c - shards[i].shape[0])).flatten()
-            for i, c in zip(bucket, chunks)
-        ])
-        gathered = _all_gather_flat(send, pg)
-        fulls, off = {}, 0
-        for i, c in zip(bucket, chunks):
-            n, m = shapes[i]
-            fulls[i] = gathered[:, off:off + c * m].reshape(world * c, m)[:n]
-            off += c * m
         if mode == "redundant":
-            for i, x in zip(bucket, _newtonschulz_grouped([fulls[i] for i in bucket], steps, coefficients, eps,
-                                                          None)):
+            gathered = _all_gather_flat(torch.cat([padded(i, shards[i]) for i in bucket]), pg)
+            fulls, off = [], 0
+            for i in bucket:
+                size = chunk[i] * shapes[i][1]
+                fulls.append(gathered[:, off:off + size].reshape(world * chunk[i], shapes[i][1])[:shapes[i][0]])
+                off += size
+            for i, x in zip(bucket, _newtonschulz_grouped(fulls, steps, coefficients, eps, None)):
                 lo, hi = rows_of(i, me)
                 out[i] = x[lo:hi]
             continue
-        # Deal matrices to ranks, largest Newton-Schulz cost first, each to the least-loaded rank;
-        # the same on every rank because it only uses the shapes.
-        load = [0.0] * world
-        owner = {}
-        for i in sorted(bucket, key=lambda j: (-shapes[j].numel() * min(shapes[j]), j)):
-            r = min(range(world), key=lambda k: (load[k], k))
-            owner[i] = r
-            load[r] += shapes[i].numel() * min(shapes[i])
-        sizes = [sum(shapes[i].numel() for i in bucket if owner[i] == r) for r in range(world)]
-        mine = [x.flatten() for x in _newtonschulz_grouped([fulls[i] for i in bucket if owner[i] == me],
-                                                           steps, coefficients, eps, None)]
-        send = torch.cat(mine) if mine else fulls[bucket[0]].new_empty(0)
-        send = torch.nn.functional.pad(send, (0, max(sizes) - send.numel()))
-        results = _all_gather_flat(send, pg)
-        offsets = [0] * world
-        for i in bucket:
-            r = owner[i]
-            full = results[r, offsets[r]:offsets[r] + shapes[i].numel()].view(shapes[i])
-            offsets[r] += shapes[i].numel()
-            lo, hi = rows_of(i, me)
-            out[i] = full[lo:hi]
+        owner = _deal(bucket, shapes, world)
+        by_owner = [[i for i in bucket if owner[i] == r] for r in range(world)]
+        # Padded rows of every owned matrix: the same count from every rank.
+        seg = [sum(chunk[i] * shapes[i][1] for i in by_owner[r]) for r in range(world)]
+        send = torch.cat([padded(i, shards[i]) for r in range(world) for i in by_owner[r]])
+        recv = _all_to_all_flat(send, seg, [seg[me]] * world, pg).view(world, seg[me])
+        fulls, off = [], 0
+        for i in by_owner[me]:
+            size = chunk[i] * shapes[i][1]
+            fulls.append(recv[:, off:off + size].reshape(world * chunk[i], shapes[i][1])[:shapes[i][0]])
+            off += size
+        results = _newtonschulz_grouped(fulls, steps, coefficients, eps, None)
+        back = [padded(i, x[slice(*rows_of(i, r))]) for r in range(world) for i, x in zip(by_owner[me], results)]
+        send = torch.cat(back) if back else recv.new_empty(0)
+        recv = _all_to_all_flat(send, [seg[me]] * world, seg, pg)
+        off = 0
+        for r in range(world):
+            for i in by_owner[r]:
+                size = chunk[i] * shapes[i][1]
+                lo, hi = rows_of(i, me)
+                out[i] = recv[off:off + size].view(chunk[i], shapes[i][1])[:hi - lo]
+                off += size
     return out
 
 
