@@ -1,6 +1,8 @@
 """FSDP2 + Muon across several GPUs (or CPU processes with gloo): scaling, loss agreement, Muon check.
 
-    PYTHONPATH=src python benchmarks/multi_gpu.py --gpus 1,2,4,8          # device: 0.6b, bf16, L=4096
+    PYTHONPATH=src python benchmarks/multi_gpu.py --gpus 1,2,4,8 --micro-batch 4 --global-batch 32
+    PYTHONPATH=src python benchmarks/multi_gpu.py --gpus 1 ... --out A; ... --gpus 1,4 --reuse A/results.json
+    PYTHONPATH=src python benchmarks/multi_gpu.py --phases --gpus 1,2     # time of each part of a step
     PYTHONPATH=src python benchmarks/multi_gpu.py --cpu --smoke           # 1 and 2 gloo processes, tiny
     torchrun --nproc_per_node 2 benchmarks/multi_gpu.py --check-muon      # only the Muon check
 
@@ -9,7 +11,10 @@ For every N in --gpus it launches `plx train --parallel fsdp` with N processes
 gradient accumulation makes up the rest), then reports tokens/s per GPU
 (median over steps after the warm-up), scaling efficiency against the
 1-process run, and the largest loss difference from the 1-process run over
-the first 50 steps. Last, with the largest N, one Muon update under FSDP2 is
+the first 50 steps; a 1-process run with the batch cut into other micro-batches gives the
+rounding noise to judge that difference by (--no-noise-ref skips it). --reuse takes runs of the
+same shape from an earlier results.json, so a long 1-GPU baseline can come from another call.
+Last, with the largest N, one Muon update under FSDP2 is
 compared with a single-process computation of the same update (full-matrix
 Newton-Schulz), and with the wrong, shard-wise orthogonalisation for contrast.
 Prints a table last; writes results.json and table.md to --out (default $OUT or .).
@@ -269,6 +274,9 @@ def main() -> int:
     ap.add_argument("--no-noise-ref", dest="noise_ref", action="store_false",
                     help="skip the 1-process run with the whole batch in one micro-batch (the rounding-noise "
                          "reference for the loss comparison)")
+    ap.add_argument("--reuse", default=None, metavar="RESULTS_JSON",
+                    help="take runs of the same shape from an earlier results.json instead of running them "
+                         "again (e.g. the long 1-GPU baseline measured in another call)")
     ap.add_argument("--compare-steps", type=int, default=50, help="loss compared over the first K steps")
     ap.add_argument("--data", default=None, help="prepared data directory (default: embedded corpus, bytes)")
     ap.add_argument("--timeout", type=float, default=580.0, help="seconds per launched run")
@@ -336,7 +344,8 @@ def main() -> int:
             prepare("embedded", Path(data), tokenizer="bytes", progress=False,
                     max_bytes=2_000_000 if args.smoke else None)
 
-    results = {"preset": args.preset, "seq_len": args.seq_len, "global_batch": global_batch,
+    results = {"preset": args.preset, "attention": args.attention, "seq_len": args.seq_len,
+               "global_batch": global_batch, "steps": args.steps,
                "device": "cpu (gloo)" if args.cpu else torch.cuda.get_device_name(0), "runs": []}
     base_losses = None
     base_tps = None
@@ -349,8 +358,26 @@ def main() -> int:
             plan.insert(1, (1, args.micro_batch // 2, 2 * plan[0][2], "noise_ref"))
         else:
             plan.insert(1, (1, global_batch, 1, "noise_ref"))
+    reused = {}
+    if args.reuse:
+        prev = json.loads(Path(args.reuse).read_text())
+        prev_steps = prev.get("steps", max((len(r.get("losses", [])) for r in prev["runs"]), default=0))
+        same = all(prev.get(k) == results[k] for k in ("preset", "seq_len", "global_batch", "device")) and \
+            prev_steps == args.steps and prev.get("attention", "parallax") == args.attention
+        if not same:
+            raise SystemExit(f"--reuse {args.reuse}: its preset, attention, seq_len, global batch, steps or device "
+                             f"differ from this run's")
+        reused = {(r["n"], r["micro_batch"], r["grad_accum"]): r for r in prev["runs"] if "error" not in r}
     for n, micro, accum, name in plan:
         run_dir = out / name
+        if (n, micro, accum) in reused:
+            row = dict(reused[(n, micro, accum)], reused_from=str(args.reuse))
+            print(f"[{n} process(es)] {micro} x {accum}: taken from {args.reuse}", flush=True)
+            losses, tps = row["losses"], row["tokens_per_s"]
+            if base_losses is None:
+                base_losses, base_tps = losses, tps
+            results["runs"].append(row)
+            continue
         cli = ["train", "--preset", args.preset, "--attention", args.attention, "--steps", str(args.steps),
                "--out", str(run_dir), "--data", data, "--seq-len", str(args.seq_len),
                "--batch-size", str(micro), "--grad-accum", str(accum), "--no-progress",
@@ -391,7 +418,9 @@ def main() -> int:
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("MUON_CHECK ")]
         results["muon_check"] = json.loads(line[-1][len("MUON_CHECK "):]) if line else {"error": proc.stderr[-2000:]}
 
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, out / "results.json")
     table = [f"FSDP2 {args.preset} {args.attention}, L={args.seq_len}, global batch {global_batch}, "
              f"{results['device']}", "",
              "| N | micro-batch x accum | tokens/s | tokens/s per GPU | scaling eff. | "
