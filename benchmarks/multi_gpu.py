@@ -169,7 +169,7 @@ def profile_phases(args) -> dict:
     dev = info.device
     vocab = 151936 if args.preset != "tiny" else 256
     torch.manual_seed(0)
-    model = wrap_model(build_model(cfg, vocab, dev), parallel, info)
+    model = wrap_model(build_model(cfg, vocab, dev), parallel, info, not args.no_reshard)
     opt = build_optimizer(unwrap(model), "muon")
     gen = torch.Generator(device="cpu").manual_seed(info.rank)
     batch = torch.randint(0, vocab, (args.micro_batch, args.seq_len + 1), generator=gen).to(dev)
@@ -237,7 +237,8 @@ def run_phases(args) -> int:
     fwd = ["--phase-worker", "--preset", args.preset, "--attention", args.attention, "--seq-len", str(args.seq_len),
            "--micro-batch", str(args.micro_batch), "--phase-steps", str(args.phase_steps),
            "--phase-accum", str(args.phase_accum)]
-    fwd += (["--cpu"] if args.cpu else []) + (["--trace"] if args.trace else [])
+    fwd += (["--cpu"] if args.cpu else []) + (["--trace"] if args.trace else []) + \
+        (["--no-reshard"] if args.no_reshard else [])
     rows = []
     for n in counts:
         if n > 1:
@@ -252,7 +253,7 @@ def run_phases(args) -> int:
             print(proc.stderr[-4000:])
             continue
         rows.append(json.loads(line[-1][len("PHASES "):]))
-    print(f"{args.preset} {args.attention}, L={args.seq_len}\n")
+    print(f"{args.preset} {args.attention}, L={args.seq_len}, FSDP2 reshard after forward: {not args.no_reshard}\n")
     print("| N | micro-batch x accum | forward+backward ms | clip ms | optimizer ms |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['world_size']} | {r['micro_batch']} x {r['accum']} | {r['fwd_bwd_ms']:.1f} | {r['clip_ms']:.1f} | "
@@ -286,6 +287,9 @@ def main() -> int:
                     help="time the parts of a step (forward+backward, clip, optimizer) with 1 and N processes")
     ap.add_argument("--phase-steps", type=int, default=8)
     ap.add_argument("--phase-accum", type=int, default=1, help="micro-batches per step in --phases")
+    ap.add_argument("--no-reshard", action="store_true",
+                    help="FSDP2 blocks keep their gathered parameters from forward to backward "
+                         "(train's fsdp_reshard_after_forward=false)")
     ap.add_argument("--trace", action="store_true", help="with --phases: torch.profiler top operators")
     ap.add_argument("--phase-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -382,7 +386,8 @@ def main() -> int:
                "--out", str(run_dir), "--data", data, "--seq-len", str(args.seq_len),
                "--batch-size", str(micro), "--grad-accum", str(accum), "--no-progress",
                "--parallel", "fsdp" if n > 1 else "none", "--device", "cpu" if args.cpu else "cuda",
-               "eval_every=0", "ckpt_every=0", "warmup=10", "log_every=1"]
+               "eval_every=0", "ckpt_every=0", "warmup=10", "log_every=1",
+               f"fsdp_reshard_after_forward={str(not args.no_reshard).lower()}"]
         if args.preset != "tiny":
             cli.append("model.vocab_size=151936")  # the preset's real embedding size
         t0 = time.time()

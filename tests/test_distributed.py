@@ -45,8 +45,9 @@ ARGS = ["--seq-len", "32", "--batch-size", "2", "--steps", "3", "--no-progress",
         "model.num_hidden_layers=1", "warmup=1", "eval_every=0", "ckpt_every=3"]
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp_keep_gathered"])
 def test_two_processes_match_one_and_resume_in_one(data_dir, tmp_path, mode):
+    extra = ["fsdp_reshard_after_forward=false"] if mode == "fsdp_keep_gathered" else []
     # One process with the same global batch: micro-batch 2 x accumulation 4.
     one_proc = [f"data={data_dir}", "seq_len=32", "batch_size=2", "steps=3", "progress=false", "grad_accum=4",
                 "model.num_hidden_layers=1", "warmup=1", "eval_every=0", "ckpt_every=3"]
@@ -54,7 +55,8 @@ def test_two_processes_match_one_and_resume_in_one(data_dir, tmp_path, mode):
     # Two processes (micro-batch 2 x accumulation 2 each), interrupted after step 2 ...
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "parallax_attention.cli", "train", "--data", str(data_dir),
-           "--out", str(tmp_path / mode), "--parallel", mode, "--device", "cpu", "--stop-after", "2", *ARGS]
+           "--out", str(tmp_path / mode), "--parallel", mode.split("_")[0], "--device", "cpu", "--stop-after", "2",
+           *ARGS, *extra]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     from parallax_attention.train import checkpoint as ckpt

@@ -55,6 +55,9 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; or "bf16" / "fp32"
     parallel: str = "none"
+    # FSDP2: free each block's gathered parameters after its forward (less memory; gathered again
+    # for the backward) or keep them until the backward (one all-gather per block and micro-batch)
+    fsdp_reshard_after_forward: bool = True
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -127,11 +127,12 @@ def _block_lists(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def wrap_model(model: nn.Module, parallel: str, info: DistInfo) -> nn.Module:
+def wrap_model(model: nn.Module, parallel: str, info: DistInfo, reshard_after_forward: bool = True) -> nn.Module:
     """DDP, or FSDP2 (``fully_shard`` per block, then the root), or the model itself.
 
-    Under FSDP2 the last block keeps its gathered parameters from forward to backward: its
-    backward starts at once, so resharding would only gather them again.
+    Under FSDP2 ``reshard_after_forward`` frees each block's gathered parameters after its
+    forward; the last block keeps them either way, since its backward starts at once and
+    resharding would only gather them again.
     """
     if parallel == "none":
         return model
@@ -147,7 +148,7 @@ def wrap_model(model: nn.Module, parallel: str, info: DistInfo) -> nn.Module:
         mesh = init_device_mesh(info.device.type, (info.world_size,))
         blocks = _block_lists(model)
         for i, block in enumerate(blocks):
-            fully_shard(block, mesh=mesh, reshard_after_forward=i < len(blocks) - 1)
+            fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
         fully_shard(model, mesh=mesh)
         return model
     raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")

@@ -176,7 +176,7 @@ def _train(cfg: TrainConfig, info) -> dict:
 
     model = build_model(cfg, manifest["vocab_size"], device)
     n_params = sum(p.numel() for p in model.parameters())
-    model = wrap_model(model, cfg.parallel, info)
+    model = wrap_model(model, cfg.parallel, info, cfg.fsdp_reshard_after_forward)
     optimizer = build_optimizer(unwrap(model), cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                 adamw_lr=cfg.adamw_lr, adjust_lr=cfg.adjust_lr, momentum=cfg.momentum,
                                 betas=(cfg.beta1, cfg.beta2))
