@@ -390,6 +390,9 @@ def main() -> int:
                f"fsdp_reshard_after_forward={str(not args.no_reshard).lower()}"]
         if args.preset != "tiny":
             cli.append("model.vocab_size=151936")  # the preset's real embedding size
+        if name == "noise_ref" and args.compare_steps < args.steps:
+            # Only its losses over the compared steps count; the schedule still spans --steps.
+            cli += ["--stop-after", str(args.compare_steps)]
         t0 = time.time()
         print(f"[{n} process(es)] plx {' '.join(cli)}", flush=True)
         proc = launch(n, cli, args.timeout)
