@@ -27,6 +27,16 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 
+def _wgmma_forms(ptx: str) -> str:
+    """The kernel's wgmma instructions by shape and where A comes from: "m64n32k16 RS x 8" means
+    8 instructions of that shape reading A from registers (SS: both operands from shared memory)."""
+    counts = {}
+    for m in re.finditer(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)[^{]*\{[^}]*\},\s*(\{|%rd)", ptx):
+        key = f"{m.group(1)} {'RS' if m.group(2) == '{' else 'SS'}"
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{k} x {v}" for k, v in sorted(counts.items())) or "-"
+
+
 def _install_compiler(results):
     import triton
     from triton.backends.compiler import GPUTarget
@@ -52,6 +62,7 @@ def _install_compiler(results):
         try:
             report = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
                                     text=True).stdout
+            sass = subprocess.run([cuobjdump, "--dump-sass", f.name], capture_output=True, text=True).stdout
         finally:
             os.unlink(f.name)
         regs = re.search(r"REG:(\d+)", report)
@@ -59,8 +70,11 @@ def _install_compiler(results):
         results.append(dict(kernel=self.fn.__name__, warps=options.num_warps, stages=options.num_stages,
                             regs=int(regs.group(1)) if regs else None,
                             spill_bytes=int(stack.group(1)) if stack else None,
+                            # local-memory loads and stores in the machine code: where the spills are paid
+                            spill_ops=(len(re.findall(r"\bLDL\b", sass)), len(re.findall(r"\bSTL\b", sass))),
                             smem=kernel.metadata.shared,
-                            warp_specialized=kernel.asm["ttgir"].count("ttg.warp_specialize") > 0))
+                            warp_specialized=kernel.asm["ttgir"].count("ttg.warp_specialize") > 0,
+                            wgmma=_wgmma_forms(kernel.asm["ptx"])))
         return kernel
 
     jit.JITFunction.run = compile_only
@@ -72,7 +86,9 @@ def main():
     ap.add_argument("--non-causal", action="store_true")
     ap.add_argument("--dkv-config", default=None,
                     help="descriptor dk/dv kernel: BLOCK_M,BLOCK_N,warps,stages,warp_specialize (0/1)")
-    ap.add_argument("--dkv-stacked", action="store_true", help="the descriptor dk/dv kernel with stacked q/r tiles")
+    ap.add_argument("--kv-regs", type=int, default=0, help="dk/dv kernel: 1 holds k in registers, 2 k and v")
+    ap.add_argument("--dq-regs", type=int, default=0, help="dq/dr kernel: 1 holds q in registers, 2 q and r, 3 also dO")
+    ap.add_argument("--fwd-regs", type=int, default=0, help="forward kernel: 1 holds q in registers, 2 q and r")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("sm90_registers.py compiles for the GPU: unset TRITON_INTERPRET")
@@ -85,7 +101,9 @@ def main():
         "fwd" in tr.TMA_KERNELS and not meta["VARLEN"] and (keys is None or keys >= tr.TMA_MIN_KEYS))
     tr._dkv_tma_usable = lambda tensors, d: d in (16, 32, 64, 128)  # noqa: E731
     tr._with_scratch = lambda launch: launch()  # noqa: E731
-    tr.DKV_TMA_STACKED = args.dkv_stacked
+    tr.DKV_KV_REGS = args.kv_regs
+    tr.DQ_A_REGS = args.dq_regs
+    tr.FWD_A_REGS = args.fwd_regs
     if args.dkv_config:
         c = [int(x) for x in args.dkv_config.split(",")]
         tr.DKV_TMA_CONFIG = {k: (c[0], c[1], c[2], c[3], bool(c[4])) for k in tr.DKV_TMA_CONFIG}
@@ -99,11 +117,13 @@ def main():
     tr.bwd(q, q, q, k, k, q, q, lse, lse, None, None, L, L, causal, d ** -0.5, -1, -1)
 
     print(f"sm_90a, shape B,Hq,Hkv,L,D = {args.shape}, causal={causal}")
-    print("| kernel | warps | stages | registers | stack (spill) bytes | shared memory (bytes) | warp-specialized |")
-    print("|---|---|---|---|---|---|---|")
+    print("| kernel | warps | stages | registers | stack (spill) bytes | LDL / STL in SASS | shared memory (bytes) | "
+          "warp-specialized | wgmma in the PTX (shape, A from registers RS or shared memory SS) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['kernel']} | {r['warps']} | {r['stages']} | {r['regs']} | {r['spill_bytes']} | {r['smem']} | "
-              f"{'yes' if r['warp_specialized'] else 'no'} |")
+        print(f"| {r['kernel']} | {r['warps']} | {r['stages']} | {r['regs']} | {r['spill_bytes']} | "
+              f"{r['spill_ops'][0]} / {r['spill_ops'][1]} | {r['smem']} | "
+              f"{'yes' if r['warp_specialized'] else 'no'} | {r['wgmma']} |")
 
 
 if __name__ == "__main__":

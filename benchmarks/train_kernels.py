@@ -399,49 +399,74 @@ def _set_dkv_tma(setting):
     tr.DKV_TMA = setting
 
 
-def _set_dkv_stacked(setting):
+_DKV_CONFIG_DEFAULT: dict = {}
+
+
+def _set_regs(fwd=0, dq=0, dkv=0, dkv_stages=None):
+    """Register A operands per kernel (FWD_A_REGS, DQ_A_REGS, DKV_KV_REGS) and, optionally, the
+    pipeline stages of the dk/dv kernel's configurations; all zeros and None is the default."""
     from parallax_attention.ops.triton import train as tr
-    tr.DKV_TMA_STACKED = setting
+    if not _DKV_CONFIG_DEFAULT:
+        _DKV_CONFIG_DEFAULT.update(tr.DKV_TMA_CONFIG)
+    tr.FWD_A_REGS, tr.DQ_A_REGS, tr.DKV_KV_REGS = fwd, dq, dkv
+    tr.DKV_TMA_CONFIG = {key: c[:3] + (dkv_stages or c[3],) + c[4:] for key, c in _DKV_CONFIG_DEFAULT.items()}
 
 
-# --ab NAME: variants of the whole forward+backward, each (label, setter of its setting)
+# --ab NAME: variants of the whole forward+backward, each (label, setter of its setting); the last
+# one is the default, set again when the comparison ends
 VARIANT_AB = {
     "dkv_kernel": [("descriptors", lambda: _set_dkv_tma(None)), ("pointers", lambda: _set_dkv_tma(False))],
-    # stacked q/r tiles in the descriptor kernel (the q/r copy included) against the default
-    "dkv_stacked": [("stacked", lambda: _set_dkv_stacked(True)), ("separate", lambda: _set_dkv_stacked(False))],
+    # loop-invariant A operands in registers (RS wgmma) against shared memory, see train.FWD_A_REGS
+    "a_regs": [("fwd q,r; dq q,r; dkv k, 2 stages", lambda: _set_regs(2, 2, 1, 2)),
+               ("fwd q,r; dq q,r,dO; dkv k", lambda: _set_regs(2, 3, 1)),
+               ("shared memory", lambda: _set_regs())],
+    "fwd_regs": [("q,r", lambda: _set_regs(fwd=2)), ("q", lambda: _set_regs(fwd=1)), ("shared", lambda: _set_regs())],
+    "dq_regs": [("q,r,dO", lambda: _set_regs(dq=3)), ("q,r", lambda: _set_regs(dq=2)),
+                ("shared", lambda: _set_regs())],
+    "dkv_regs": [("k, 2 stages", lambda: _set_regs(dkv=1, dkv_stages=2)), ("k", lambda: _set_regs(dkv=1)),
+                 ("k,v, 2 stages", lambda: _set_regs(dkv=2, dkv_stages=2)), ("shared", lambda: _set_regs())],
 }
 
 
 def run_variant_ab(log, name, shape, rounds=3):
-    """Forward+backward of the variants VARIANT_AB[name] ("dkv_kernel": the descriptor dk/dv kernel
-    against the pointer one; "dkv_stacked": stacked q/r tiles against separate ones), interleaved,
-    after checking that the variants' gradients agree (norm-relative, to bf16 rounding)."""
+    """Forward and forward+backward of the variants VARIANT_AB[name], interleaved round by round,
+    after checking that the variants' outputs and gradients agree (norm-relative, to bf16 rounding)."""
     b, h, hkv, L, d = shape
     torch.manual_seed(0)
     q, r, k, v, do = _qrkvdo(b, h, hkv, L, d)
 
     def fb():
         parallax_attn(q, r, k, v, causal=True, backend="triton").backward(do)
+    def fwd():
+        with torch.no_grad():
+            parallax_attn(q, r, k, v, causal=True, backend="triton")
     grads = {}
     for label, setter in VARIANT_AB[name]:
         setter()
         for x in (q, r, k, v):
             x.grad = None
+        with torch.no_grad():
+            o = parallax_attn(q, r, k, v, causal=True, backend="triton")
         fb()
-        grads[label] = [x.grad.clone() for x in (q, r, k, v)]
+        grads[label] = [o] + [x.grad.clone() for x in (q, r, k, v)]
     first = VARIANT_AB[name][0][0]
     diffs = {label: [float("%.2e" % rel(a, g)) for a, g in zip(gs, grads[first])] for label, gs in grads.items()}
     times = {label: [] for label, _ in VARIANT_AB[name]}
+    times_fwd = {label: [] for label, _ in VARIANT_AB[name]}
     for _ in range(rounds):
         for label, setter in VARIANT_AB[name]:
             setter()
             times[label].append(bench_ms(fb, grad_to_none=[q, r, k, v]))
+            times_fwd[label].append(bench_ms(fwd))
     VARIANT_AB[name][-1][1]()
     _set_dkv_tma(None)
-    out = {label: dict(ms=sorted(t)[len(t) // 2], all=t, grad_diff_to_first=diffs[label]) for label, t in times.items()}
+    med = lambda t: sorted(t)[len(t) // 2]  # noqa: E731
+    out = {label: dict(ms=med(t), all=t, fwd_ms=med(times_fwd[label]), fwd_all=times_fwd[label],
+                       diff_to_first=diffs[label]) for label, t in times.items()}
     for label, t in out.items():
-        log(f"ab {name} {shape} {label}: median {t['ms']:.3f} ms of {['%.3f' % x for x in t['all']]}; "
-            f"dq, dr, dk, dv against {first}: {t['grad_diff_to_first']}")
+        log(f"ab {name} {shape} {label}: f+b median {t['ms']:.3f} ms of {['%.3f' % x for x in t['all']]}; "
+            f"fwd median {t['fwd_ms']:.3f} ms of {['%.3f' % x for x in t['fwd_all']]}; "
+            f"o, dq, dr, dk, dv against {first}: {t['diff_to_first']}")
     return out
 
 
@@ -610,8 +635,9 @@ def main():
     ap.add_argument("--ab", action="append", default=[],
                     help="interleaved forward+backward A/B of launch configurations, 'kernel=cfg;cfg' "
                          "(kernel fwd, dq, dkv or dkv_tma; cfg comma-separated ints), on --sweep-shape; "
-                         "'dkv_kernel': the descriptor dk/dv kernel against the pointer one; 'dkv_stacked': "
-                         "stacked q/r tiles in it against separate ones")
+                         "or a name of VARIANT_AB: 'dkv_kernel' (the descriptor dk/dv kernel against the pointer "
+                         "one), 'a_regs', 'fwd_regs', 'dq_regs', 'dkv_regs' (register A operands, see "
+                         "train.FWD_A_REGS)")
     ap.add_argument("--ab-rounds", type=int, default=3, help="interleaved rounds per --ab variant")
     args = ap.parse_args()
     if not torch.cuda.is_available():

@@ -317,30 +317,6 @@ def test_dkv_descriptor_kernel(case, ws, monkeypatch):
         assert _rel(a, p) < 1e-3
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3], CASES[6], (2, 64, 64, 4, 2, 16, True, (-1, -1))],
-                         ids=["causal", "gqa_lq_lt_lk", "mqa_lq_gt_lk", "two_sided", "d16_aligned_rows"])
-def test_dkv_descriptor_kernel_stacked(case, monkeypatch):
-    # DKV_TMA_STACKED: q and r copied into one tensor and read as one [q rows; r rows] tile (one
-    # score product split in two, one dk product of twice the depth): same results as separate tiles
-    b, lq, lk, hq, hkv, d, causal, window = case
-    gen = torch.Generator().manual_seed(49)
-    q, r, k, v, do = _make(b, lq, lk, hq, hkv, d, torch.float16, gen=gen)
-    f = lambda *x: parallax_attn(*x, causal=causal, window_size=window, backend="triton")  # noqa: E731
-    launches = []
-    real = train_mod._with_scratch
-    monkeypatch.setattr(train_mod, "_with_scratch", lambda launch: launches.append(1) or real(launch))
-    monkeypatch.setattr(train_mod, "DKV_TMA_STACKED", True)
-    stacked = _fwd_bwd(f, (q, r, k, v), do)
-    assert launches, "the descriptor kernel did not run"
-    monkeypatch.setattr(train_mod, "DKV_TMA_STACKED", False)
-    separate = _fwd_bwd(f, (q, r, k, v), do)
-    ref = _fwd_bwd(lambda *x: parallax_attn_reference(*x, causal=causal, window_size=window),
-                   [x.double() for x in (q, r, k, v)], do.double())
-    _compare(stacked, ref, TOL[torch.float16])
-    for a, s_ in zip(stacked[3:], separate[3:]):
-        assert _rel(a, s_) < 1e-3
-
-
 @pytest.mark.parametrize("hq, hkv, L, d, ws", [(2, 2, 64, 128, True), (2, 2, 45, 128, False), (4, 2, 64, 128, False),
                                                (2, 2, 64, 64, False)],
                          ids=["mha", "mha_rows_not_multiple_of_4", "gqa", "mha_d64"])
@@ -361,8 +337,39 @@ def test_dkv_descriptor_warp_specialization_choice(hq, hkv, L, d, ws, monkeypatc
     assert launches[0]["STATS_TMA"] is (L % 4 == 0)
 
 
-@pytest.mark.parametrize("stacked", [False, True], ids=["separate_qr", "stacked_qr"])
-def test_dkv_descriptor_kernel_varlen(stacked, monkeypatch):
+# The most each kernel can hold in registers (FWD_A_REGS / DQ_A_REGS / DKV_KV_REGS).
+A_REGS_ON = {"FWD_A_REGS": 2, "DQ_A_REGS": 3, "DKV_KV_REGS": 2}
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3], CASES[6], (2, 64, 64, 4, 2, 16, True, (-1, -1))],
+                         ids=["causal", "gqa_lq_lt_lk", "mqa_lq_gt_lk", "two_sided", "d16_aligned_rows"])
+def test_register_a_operands(case, monkeypatch):
+    # Loop-invariant tiles kept in registers through a tl.where on their row mask (rows past a
+    # sequence become zeros): same results as the tiles staged in shared memory, and the reference
+    b, lq, lk, hq, hkv, d, causal, window = case
+    gen = torch.Generator().manual_seed(49)
+    q, r, k, v, do = _make(b, lq, lk, hq, hkv, d, torch.float16, gen=gen)
+    f = lambda *x: parallax_attn(*x, causal=causal, window_size=window, backend="triton")  # noqa: E731
+    seen = []
+    real = train_mod._launch_dkv_tma
+    monkeypatch.setattr(train_mod, "_launch_dkv_tma", lambda *a, **kw: seen.append(train_mod.DKV_KV_REGS)
+                        or real(*a, **kw))
+    for name, on in A_REGS_ON.items():
+        monkeypatch.setattr(train_mod, name, on)
+    registers = _fwd_bwd(f, (q, r, k, v), do)
+    assert seen == [2], "the descriptor dk/dv kernel did not run with k and v in registers"
+    for name in A_REGS_ON:
+        monkeypatch.setattr(train_mod, name, 0)
+    shared = _fwd_bwd(f, (q, r, k, v), do)
+    ref = _fwd_bwd(lambda *x: parallax_attn_reference(*x, causal=causal, window_size=window),
+                   [x.double() for x in (q, r, k, v)], do.double())
+    _compare(registers, ref, TOL[torch.float16])
+    for a, s_ in zip(registers, shared):
+        assert _rel(a, s_) < 1e-3
+
+
+@pytest.mark.parametrize("a_regs", [False, True], ids=["shared_a", "register_a"])
+def test_dkv_descriptor_kernel_varlen(a_regs, monkeypatch):
     gen = torch.Generator().manual_seed(46)
     lens_q, lens_k = [17, 0, 40, 23], [17, 4, 40, 9]
     hq, hkv, d = 4, 2, 32
@@ -375,11 +382,13 @@ def test_dkv_descriptor_kernel_varlen(stacked, monkeypatch):
     monkeypatch.setattr(train_mod, "_launch_dkv_tma", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     f = lambda *x: parallax_attn_varlen(*x, cu_q, cu_k, max(lens_q), max(lens_k), causal=True,  # noqa: E731
                                         backend="triton")
-    monkeypatch.setattr(train_mod, "DKV_TMA_STACKED", stacked)
+    for name, on in A_REGS_ON.items():
+        monkeypatch.setattr(train_mod, name, on if a_regs else 0)
     ours = _fwd_bwd(f, (q, r, k, v), do)
     assert calls
     monkeypatch.setattr(train_mod, "DKV_TMA", False)
-    monkeypatch.setattr(train_mod, "DKV_TMA_STACKED", False)
+    for name in A_REGS_ON:
+        monkeypatch.setattr(train_mod, name, 0)
     pointers = _fwd_bwd(f, (q, r, k, v), do)
     for a, p in zip(ours, pointers):
         assert torch.isfinite(a).all()

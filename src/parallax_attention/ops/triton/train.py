@@ -214,7 +214,7 @@ def _fwd_kernel(
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PREC: tl.constexpr,
-    TMA: tl.constexpr = False,
+    TMA: tl.constexpr = False, A_REGS: tl.constexpr = 0,
 ):
     pid_bh = tl.program_id(0)
     # heaviest row blocks (most keys under a causal mask) first
@@ -237,6 +237,12 @@ def _fwd_kernel(
     q_off = b * stride_qb + (qs + offs_m[:, None]) * stride_ql + h * stride_qh + offs_d[None, :]
     q = tl.load(Q + q_off, mask=io_mask, other=0.0)
     r = tl.load(R + q_off, mask=io_mask, other=0.0)
+    # A_REGS (note above FWD_A_REGS): an element-wise op keeps the loaded tile in registers, so the
+    # score products read it as a register A operand instead of from shared memory
+    if A_REGS >= 1:
+        q = tl.where(io_mask, q, tl.zeros_like(q))
+    if A_REGS >= 2:
+        r = tl.where(io_mask, r, tl.zeros_like(r))
     kv_base = b * stride_kb + ks * stride_kl + hk * stride_kh
     Kp = K + kv_base
     Vp = V + kv_base
@@ -308,7 +314,7 @@ def _bwd_dq_kernel(
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PREC: tl.constexpr,
-    TMA: tl.constexpr = False,
+    TMA: tl.constexpr = False, A_REGS: tl.constexpr = 0,
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -335,6 +341,13 @@ def _bwd_dq_kernel(
     vb = tl.load(VB + q_off, mask=io_mask, other=0.0).to(tl.float32)
     delta = tl.sum(do.to(tl.float32) * o, 1)
     beta = tl.sum(do.to(tl.float32) * vb, 1)
+    # A_REGS: as in the forward (note above FWD_A_REGS)
+    if A_REGS >= 1:
+        q = tl.where(io_mask, q, tl.zeros_like(q))
+    if A_REGS >= 2:
+        r = tl.where(io_mask, r, tl.zeros_like(r))
+    if A_REGS >= 3:
+        do = tl.where(io_mask, do, tl.zeros_like(do))
     s_off = b * stride_sb + h * stride_sh + qs + offs_m
     tl.store(DELTA + s_off, delta, mask=row_mask)
     tl.store(BETA + s_off, beta, mask=row_mask)
@@ -484,13 +497,12 @@ def _bwd_dkv_tma_kernel(
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PREC: tl.constexpr,
-    WS: tl.constexpr, STATS_TMA: tl.constexpr, QR=None, STACKED: tl.constexpr = False,
+    WS: tl.constexpr, STATS_TMA: tl.constexpr, KV_REGS: tl.constexpr = 0,
 ):
     """dk/dv with every tile read through 2-D tensor descriptors made on the device.
 
-    STACKED: q and r also come as one tensor QR, (B, 2, L, H, D) dense or (2, total, H, D) varlen,
-    read as one [q rows; r rows] tile: the two score products become one with twice the columns
-    and the two dk products one with twice the depth (see DKV_TMA_STACKED).
+    KV_REGS (see the note above FWD_A_REGS): 1 keeps the k tile in registers as the A operand of
+    the two score products, 2 also v for v dO^T; 0 leaves them in shared memory.
 
     q, r, dO (and k, v) are viewed as (rows, heads * D) matrices and the row statistics as one flat
     vector, so a tile is one TMA copy: no address registers and no per-element load masks, which
@@ -516,13 +528,6 @@ def _bwd_dkv_tma_kernel(
     v_desc = tl.make_tensor_descriptor(V, [rows_k, HKV * D], [HKV * D, 1], [BLOCK_N, D])
     q_desc = tl.make_tensor_descriptor(Q, [rows_q, HQ * D], [HQ * D, 1], [BLOCK_M, D])
     r_desc = tl.make_tensor_descriptor(R, [rows_q, HQ * D], [HQ * D, 1], [BLOCK_M, D])
-    if STACKED:
-        if VARLEN:
-            qr_desc = tl.make_tensor_descriptor(QR, [2, rows_q, HQ * D], [rows_q * HQ * D, HQ * D, 1], [2, BLOCK_M, D])
-        else:
-            # the sequence is its own dimension here: rows past it are zero-filled, not read
-            qr_desc = tl.make_tensor_descriptor(QR, [2 * (rows_q // seqlen_q), seqlen_q, HQ * D],
-                                                [seqlen_q * HQ * D, HQ * D, 1], [2, BLOCK_M, D])
     do_desc = tl.make_tensor_descriptor(DO, [rows_q, HQ * D], [HQ * D, 1], [BLOCK_M, D])
     lse_desc = tl.make_tensor_descriptor(LSE, [rows_q * HQ], [1], [BLOCK_M])
     tb_desc = tl.make_tensor_descriptor(TB, [rows_q * HQ], [1], [BLOCK_M])
@@ -530,6 +535,12 @@ def _bwd_dkv_tma_kernel(
     beta_desc = tl.make_tensor_descriptor(BETA, [rows_q * HQ], [1], [BLOCK_M])
     k = k_desc.load([k_row0 + n0, hk * D])
     v = v_desc.load([k_row0 + n0, hk * D])
+    if KV_REGS:
+        # keys past the sequence become zeros instead of the next rows: they are masked out anyway
+        in_seq = (offs_n < lk)[:, None]
+        k = tl.where(in_seq, k, tl.zeros_like(k))
+        if KV_REGS == 2:
+            v = tl.where(in_seq, v, tl.zeros_like(v))
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     start, a, c, end = _query_ranges(n0, lq, lk, shift, left, right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
@@ -555,28 +566,13 @@ def _bwd_dkv_tma_kernel(
             tb = tl.load(TB + s_ptr, mask=s_in, other=0.0)
             delta = tl.load(DELTA + s_ptr, mask=s_in, other=0.0)
             beta = tl.load(BETA + s_ptr, mask=s_in, other=0.0)
-        if STACKED:
-            if VARLEN:
-                qr = qr_desc.load([0, q_row0 + m0, h * D]).reshape(2 * BLOCK_M, D)
-            else:
-                qr = qr_desc.load([2 * b32, m0, h * D]).reshape(2 * BLOCK_M, D)
-            # columns [0, BLOCK_M) of the product are k q^T, the rest k r^T: splitting them moves no data
-            stt = tl.dot(k, tl.trans(qr), input_precision=PREC).reshape(BLOCK_N, 2, BLOCK_M)
-            st, tt = tl.split(tl.permute(stt, (0, 2, 1)))
-            st = st * scale_log2
-        else:
-            q = q_desc.load([q_row0 + m0, h * D])
-            r = r_desc.load([q_row0 + m0, h * D])
-            st = tl.dot(k, tl.trans(q), input_precision=PREC) * scale_log2
-            tt = tl.dot(k, tl.trans(r), input_precision=PREC)
+        q = q_desc.load([q_row0 + m0, h * D])
+        r = r_desc.load([q_row0 + m0, h * D])
+        st = tl.dot(k, tl.trans(q), input_precision=PREC) * scale_log2
+        tt = tl.dot(k, tl.trans(r), input_precision=PREC)
         vis = _visible(offs_m, offs_n, shift, lk, left, right, HAS_LEFT, HAS_RIGHT) & (offs_m < lq)[:, None]
         st = tl.where(tl.trans(vis), st, float("-inf"))
-        if STACKED:
-            dv, ds1, pa = _dkv_weights(dv, v, do, st, tt, lse2, tb, delta, beta, scale, PREC)
-            dsp = tl.permute(tl.join(ds1.to(qr.dtype), (-pa).to(qr.dtype)), (0, 2, 1)).reshape(BLOCK_N, 2 * BLOCK_M)
-            dk = tl.dot(dsp, qr, dk, input_precision=PREC)
-        else:
-            dk, dv, ds1, pa = _dkv_step(dk, dv, v, q, r, do, st, tt, lse2, tb, delta, beta, scale, PREC)
+        dk, dv, ds1, pa = _dkv_step(dk, dv, v, q, r, do, st, tt, lse2, tb, delta, beta, scale, PREC)
     kv_mask = (offs_n < lk)[:, None]
     kv_off = b * stride_kb + (ks + offs_n[:, None]) * stride_kl + hk * stride_kh + offs_d[None, :]
     tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -641,15 +637,19 @@ DKV_TMA_CONFIG = {(64, "mha"): (64, 128, 8, 3, False), (64, "gqa"): (64, 128, 8,
                   (128, "mha"): (32, 128, 4, 3, True), (128, "gqa"): (32, 128, 8, 3, False)}
 
 
-# Stacked q/r in the descriptor dk/dv kernel (STACKED): the backward copies q and r into one
-# (B, 2, L, H, D) tensor (varlen: (2, total, H, D)) and the kernel reads [q rows; r rows] as one
-# tile, so its two score products with 32 query columns become one with 64 (m64n32k16 wgmmas read
-# about 24 cycles of shared memory per 16 cycles of math; m64n64k16 balance) and the two dk
-# products one with K = 64. Compiled for sm_90a (B=4 H=16 D=128): 249 registers, no spills, no data
-# movement for the split, 4 MMA chains per step against 6; no warp specialization (the compiler's
-# pass fails on the reshape), so MHA loses that when this is on. Off until measured on the GPU
-# (`benchmarks/train_kernels.py --ab dkv_stacked`, which includes the copy's cost).
-DKV_TMA_STACKED = False
+# Loop-invariant A operands held in registers. Triton stages an operand that comes straight from
+# a load in shared memory, so the score products (q k^T and r k^T in the forward and dq/dr, k q^T
+# and k r^T in dk/dv, and the dO v^T products) run as wgmmas reading both operands from shared
+# memory, 32 or 64 columns wide: m64n32k16 reads about 3 KB of shared memory per 64K flops. A
+# tile that has been through an element-wise op (a tl.where on its row mask) stays in registers
+# and the product reads only B from shared memory (RS wgmma, 1 KB). Compiled for sm_90a at
+# B=4 H=16 L=4096 D=128 (benchmarks/sm90_registers.py): forward with q and r in registers 48
+# spill bytes against 88 today; dq/dr with q and r 252 registers, no spills (q, r, dO: 8 bytes);
+# dk/dv with k 16 bytes at 2 stages, 40 at 3. Off until timed on the GPU:
+# `benchmarks/train_kernels.py --ab a_regs` (and fwd_regs, dq_regs, dkv_regs one kernel at a time).
+FWD_A_REGS = 0  # 1: q in registers, 2: q and r
+DQ_A_REGS = 0  # 1: q, 2: q and r, 3: q, r and dO
+DKV_KV_REGS = 0  # 1: k, 2: k and v
 
 
 def dkv_tma_key(d: int, group: int):
@@ -792,19 +792,16 @@ def _launch_dkv_tma(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, 
     # (every BLOCK_M here is a multiple of 4 too); warp specialization needs those descriptor reads
     stats_tma = not meta["VARLEN"] and max_q % 4 == 0
     tuned = not interpret and os.environ.get("PARALLAX_TRAIN_AUTOTUNE") == "1"
-    stacked = DKV_TMA_STACKED and not tuned and max_q > 0
     key = dkv_tma_key(meta["D"], meta["G"])
     bm, bn, w, st, ws = DKV_TMA_CONFIG[key]
-    if ws and (stacked or not stats_tma):
+    if ws and not stats_tma:
         bm, bn, w, st, ws = DKV_TMA_CONFIG[(key[0], "gqa")]
         ws = False
     stats_tma = stats_tma and bm % 4 == 0
-    launch = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, WS=ws)
+    launch = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, WS=ws, KV_REGS=DKV_KV_REGS)
     if interpret:
         bm, bn = INTERPRET_BLOCKS["dkv"]
-        launch = dict(BLOCK_M=bm, BLOCK_N=bn, WS=ws)
-    if stacked:
-        launch.update(QR=torch.stack((q, r), 0 if meta["VARLEN"] else 1), STACKED=True)
+        launch = dict(BLOCK_M=bm, BLOCK_N=bn, WS=ws, KV_REGS=DKV_KV_REGS)
     rows_q = q.shape[0] * q.shape[1] if not meta["VARLEN"] else q.shape[0]
     rows_k = k.shape[0] * k.shape[1] if not meta["VARLEN"] else k.shape[0]
     args = (q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg, *sk, *ss, max_q, max_k,
@@ -875,8 +872,8 @@ def fwd(q, r, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: flo
     meta = dict(HQ=hq, G=hq // hkv, D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), VARLEN=varlen,
                 HAS_LEFT=has_left, HAS_RIGHT=has_right, PREC=_prec(q.dtype))
     _launch(_fwd_tuned, _fwd_kernel, "fwd",
-            lambda m: (batch * hq, triton.cdiv(max_q, m["BLOCK_M"])), head, tail, meta, ((k, "N"), (v, "N")),
-            keys=max_k)
+            lambda m: (batch * hq, triton.cdiv(max_q, m["BLOCK_M"])), head, tail, dict(meta, A_REGS=FWD_A_REGS),
+            ((k, "N"), (v, "N")), keys=max_k)
     return out, vbar, lse, tbar
 
 
@@ -904,7 +901,7 @@ def bwd(dout, q, r, k, v, out, vbar, lse, tbar, cu_q, cu_k, max_q: int, max_k: i
                            batch, hq, hkv, sq, sk, ss, max_q, max_k, scale, left, right, key, meta)
     head = (q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg, cu_k_arg)
     _launch(_dq_tuned, _bwd_dq_kernel, "dq", lambda m: (batch * hq, triton.cdiv(max_q, m["BLOCK_M"])),
-            head, tail, dict(HQ=hq, **meta), ((k, "N"), (v, "N")))
+            head, tail, dict(HQ=hq, A_REGS=DQ_A_REGS, **meta), ((k, "N"), (v, "N")))
     if k.numel() == 0:
         return dq, dr, dk, dv
     if _dkv_tma_usable((q, r, k, v, dout, lse, tbar, delta, beta), d):
