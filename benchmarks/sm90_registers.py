@@ -89,6 +89,8 @@ def main():
     ap.add_argument("--kv-regs", type=int, default=0, help="dk/dv kernel: 1 holds k in registers, 2 k and v")
     ap.add_argument("--dq-regs", type=int, default=0, help="dq/dr kernel: 1 holds q in registers, 2 q and r, 3 also dO")
     ap.add_argument("--fwd-regs", type=int, default=0, help="forward kernel: 1 holds q in registers, 2 q and r")
+    ap.add_argument("--fwd-config", default=None, help="forward kernel: BLOCK_M,BLOCK_N,warps,stages")
+    ap.add_argument("--dq-config", default=None, help="dq/dr kernel: BLOCK_M,BLOCK_N,warps,stages")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("sm90_registers.py compiles for the GPU: unset TRITON_INTERPRET")
@@ -104,6 +106,9 @@ def main():
     tr.DKV_KV_REGS = args.kv_regs
     tr.DQ_A_REGS = args.dq_regs
     tr.FWD_A_REGS = args.fwd_regs
+    for name, cfg in (("fwd", args.fwd_config), ("dq", args.dq_config)):
+        if cfg:
+            tr.FIXED[name] = {**tr.FIXED[name], 128: tuple(int(x) for x in cfg.split(","))}
     if args.dkv_config:
         c = [int(x) for x in args.dkv_config.split(",")]
         tr.DKV_TMA_CONFIG = {k: (c[0], c[1], c[2], c[3], bool(c[4])) for k in tr.DKV_TMA_CONFIG}

@@ -399,17 +399,19 @@ def _set_dkv_tma(setting):
     tr.DKV_TMA = setting
 
 
-_DKV_CONFIG_DEFAULT: dict = {}
+_DEFAULTS: dict = {}
 
 
-def _set_regs(fwd=0, dq=0, dkv=0, dkv_stages=None):
+def _set_regs(fwd=0, dq=0, dkv=0, dkv_stages=None, fwd_config=None):
     """Register A operands per kernel (FWD_A_REGS, DQ_A_REGS, DKV_KV_REGS) and, optionally, the
-    pipeline stages of the dk/dv kernel's configurations; all zeros and None is the default."""
+    pipeline stages of the dk/dv kernel's configurations and the forward's D=128 configuration;
+    all zeros and None is the default."""
     from parallax_attention.ops.triton import train as tr
-    if not _DKV_CONFIG_DEFAULT:
-        _DKV_CONFIG_DEFAULT.update(tr.DKV_TMA_CONFIG)
+    if not _DEFAULTS:
+        _DEFAULTS.update(dkv=dict(tr.DKV_TMA_CONFIG), fwd=dict(tr.FIXED["fwd"]))
     tr.FWD_A_REGS, tr.DQ_A_REGS, tr.DKV_KV_REGS = fwd, dq, dkv
-    tr.DKV_TMA_CONFIG = {key: c[:3] + (dkv_stages or c[3],) + c[4:] for key, c in _DKV_CONFIG_DEFAULT.items()}
+    tr.DKV_TMA_CONFIG = {key: c[:3] + (dkv_stages or c[3],) + c[4:] for key, c in _DEFAULTS["dkv"].items()}
+    tr.FIXED["fwd"] = {**_DEFAULTS["fwd"], **({128: fwd_config} if fwd_config else {})}
 
 
 # --ab NAME: variants of the whole forward+backward, each (label, setter of its setting); the last
@@ -420,7 +422,10 @@ VARIANT_AB = {
     "a_regs": [("fwd q,r; dq q,r; dkv k, 2 stages", lambda: _set_regs(2, 2, 1, 2)),
                ("fwd q,r; dq q,r,dO; dkv k", lambda: _set_regs(2, 3, 1)),
                ("shared memory", lambda: _set_regs())],
-    "fwd_regs": [("q,r", lambda: _set_regs(fwd=2)), ("q", lambda: _set_regs(fwd=1)), ("shared", lambda: _set_regs())],
+    "fwd_regs": [("q,r", lambda: _set_regs(fwd=2)), ("q", lambda: _set_regs(fwd=1)),
+                 # 32-key tiles: no spills with q, r in registers (128 x 64: 48 spill bytes)
+                 ("q,r, 128x32 tiles", lambda: _set_regs(fwd=2, fwd_config=(128, 32, 8, 3))),
+                 ("shared", lambda: _set_regs())],
     "dq_regs": [("q,r,dO", lambda: _set_regs(dq=3)), ("q,r", lambda: _set_regs(dq=2)),
                 ("shared", lambda: _set_regs())],
     "dkv_regs": [("k, 2 stages", lambda: _set_regs(dkv=1, dkv_stages=2)), ("k", lambda: _set_regs(dkv=1)),
