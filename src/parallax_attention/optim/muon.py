@@ -281,8 +281,11 @@ class MuonAdamW(torch.optim.Optimizer):
     ``initial_weight_decay`` so a schedule can scale them.
 
     Under FSDP2 a Muon group's ``distributed_ns`` picks how the full matrices
-    are orthogonalised: ``"round_robin"`` (default; each matrix on one rank,
-    then broadcast) or ``"redundant"`` (every rank does every matrix).
+    are orthogonalised: ``"round_robin"`` (default; each matrix on one owner
+    rank, rows moved there and back with all-to-alls) or ``"redundant"``
+    (one all-gather, every rank does every matrix); see
+    :func:`_orthogonalise_row_sharded`. Element-wise updates run on the local
+    shards with foreach kernels.
     """
 
     def __init__(
