@@ -66,8 +66,17 @@ def init_distributed(parallel: str = "none", device: str = "auto") -> DistInfo:
     return info
 
 
-def shutdown(info: DistInfo) -> None:
+def shutdown(info: DistInfo, finished: bool = True) -> None:
+    """Leave the process group. ``finished``: every rank got here normally, so they meet first.
+
+    Without that meeting a gloo group destroyed while a peer still uses its connections now and
+    then aborts the peer after the run has finished ("terminate called without an active
+    exception"). After an error there is no meeting: the other ranks may be inside another
+    collective, and the teardown is what makes theirs fail instead of hang.
+    """
     if info.initialized_here and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -154,9 +154,12 @@ def train(cfg: TrainConfig) -> dict:
     cfg.validate()
     info = init_distributed(cfg.parallel, cfg.device)
     try:
-        return _train(cfg, info)
-    finally:
-        shutdown(info)
+        summary = _train(cfg, info)
+    except BaseException:
+        shutdown(info, finished=False)
+        raise
+    shutdown(info)
+    return summary
 
 
 def _train(cfg: TrainConfig, info) -> dict:
