@@ -80,13 +80,15 @@ def check_muon(device_type: str, seed: int = 0) -> dict:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     dev = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
 
-    # Odd shapes: 75 rows do not split evenly over ranks (FSDP2 pads the last shard), and the
-    # one-row matrix leaves every rank but the first with an empty shard.
+    # Odd shapes: 75 rows do not split evenly over ranks (FSDP2 pads the last shard), the
+    # one-row matrix leaves every rank but the first with an empty shard, and the two 40 x 40
+    # matrices go through one batched Newton-Schulz where one rank owns both (3 ranks).
     def make():
         torch.manual_seed(seed)
         m = nn.Sequential(nn.Linear(48, 75, bias=False), nn.Tanh(), nn.Linear(75, 40, bias=False), nn.Tanh(),
+                          nn.Linear(40, 40, bias=False), nn.Tanh(), nn.Linear(40, 40, bias=False), nn.Tanh(),
                           nn.Linear(40, 1, bias=False))
-        for layer in (m[0], m[2], m[4]):
+        for layer in m[::2]:
             layer.weight.data.normal_(0, 0.2)
         return m.to(dev)
 
@@ -113,8 +115,8 @@ def check_muon(device_type: str, seed: int = 0) -> dict:
     for mode in ("round_robin", "redundant", "round_robin, small buckets"):
         muon_module.GATHER_BUCKET_NUMEL = 1 if "small" in mode else bucket_default
         sharded = make()
-        for i in (0, 2, 4):
-            fully_shard(sharded[i], mesh=mesh)
+        for layer in sharded[::2]:
+            fully_shard(layer, mesh=mesh)
         fully_shard(sharded, mesh=mesh)
         opt_sh = MuonAdamW([dict(kind="muon", params=list(sharded.parameters()))],
                            distributed_ns=mode.split(",")[0], **kw)
