@@ -100,6 +100,7 @@ def all_reduce_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return x
 
 
+@torch.no_grad()  # also DTensor.to_local's fast path: with grad mode on it is an autograd op
 def clip_grad_norm_(parameters, max_norm: float) -> float:
     """``torch.nn.utils.clip_grad_norm_`` (2-norm); returns the total norm before clipping.
 
