@@ -210,7 +210,8 @@ def profile_phases(args) -> dict:
     for _ in range(args.phase_steps):
         step(times)
     res = {"world_size": info.world_size, "micro_batch": args.micro_batch, "accum": args.phase_accum,
-           **{k + "_ms": statistics.median(v) for k, v in times.items()}}
+           **{k + "_ms": statistics.median(v) for k, v in times.items()},
+           "peak_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None}
     if args.trace and info.rank == 0:
         from torch.profiler import ProfilerActivity, profile
 
@@ -256,10 +257,12 @@ def run_phases(args) -> int:
             continue
         rows.append(json.loads(line[-1][len("PHASES "):]))
     print(f"{args.preset} {args.attention}, L={args.seq_len}, FSDP2 reshard after forward: {not args.no_reshard}\n")
-    print("| N | micro-batch x accum | forward+backward ms | clip ms | optimizer ms |\n|---|---|---|---|---|")
+    print("| N | micro-batch x accum | forward+backward ms | clip ms | optimizer ms | peak memory per GPU (GiB) |\n"
+          "|---|---|---|---|---|---|")
     for r in rows:
+        peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
         print(f"| {r['world_size']} | {r['micro_batch']} x {r['accum']} | {r['fwd_bwd_ms']:.1f} | {r['clip_ms']:.1f} | "
-              f"{r['optimizer_ms']:.1f} |")
+              f"{r['optimizer_ms']:.1f} | {peak} |")
     return 0 if len(rows) == len(counts) else 1
 
 
