@@ -112,12 +112,15 @@ def check_muon(device_type: str, seed: int = 0) -> dict:
 
     modes = {}
     bucket_default = muon_module.GATHER_BUCKET_NUMEL
-    for mode in ("round_robin", "redundant", "round_robin, small buckets"):
+    # "hybrid mesh": a (1, world) mesh, i.e. HSDP placements (Replicate, Shard(0)), which take the
+    # one-matrix-at-a-time DTensor path.
+    hybrid = init_device_mesh(device_type, (1, world), mesh_dim_names=("replicate", "shard"))
+    for mode in ("round_robin", "redundant", "round_robin, small buckets", "round_robin, hybrid mesh"):
         muon_module.GATHER_BUCKET_NUMEL = 1 if "small" in mode else bucket_default
         sharded = make()
         for layer in sharded[::2]:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(sharded, mesh=mesh)
+            fully_shard(layer, mesh=hybrid if "hybrid" in mode else mesh)
+        fully_shard(sharded, mesh=hybrid if "hybrid" in mode else mesh)
         opt_sh = MuonAdamW([dict(kind="muon", params=list(sharded.parameters()))],
                            distributed_ns=mode.split(",")[0], **kw)
         xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]

@@ -366,16 +366,17 @@ class MuonAdamW(torch.optim.Optimizer):
         # buf = mu*buf + (1-mu)*g; Nesterov looks one step ahead along it.
         torch._foreach_lerp_(bufs, grads, 1 - mu)
         updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
-        if not _is_dtensor(params[0]):
+        if not any(_is_dtensor(p) for p in params):
             updates = _newtonschulz_grouped(updates, *ns)
         elif self._all_row_sharded(params):
             updates = _orthogonalise_row_sharded([p.shape for p in params], updates, params[0].device_mesh, *ns,
                                                  mode=group.get("distributed_ns", "round_robin"))
-        else:  # other layouts: gather each matrix through DTensor
+        else:  # other layouts, or sharded and plain matrices mixed: one matrix at a time
             from torch.distributed.tensor import DTensor
 
             updates = [_local(_orthogonalise(DTensor.from_local(u, p.device_mesh, p.placements, run_check=False,
                                                                 shape=p.shape, stride=p.stride()), *ns))
+                       if _is_dtensor(p) else zeropower_via_newtonschulz(u, *ns)
                        for u, p in zip(updates, params)]
         local_params = [_local(p) for p in params]
         torch._foreach_mul_(local_params, 1 - lr * wd)
