@@ -15,17 +15,47 @@ pytest.importorskip("triton")
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "sm90_registers.py"
 
 
-def test_reports_each_kernel():
+ROW = re.compile(r"^\| (_\w+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) / (\d+) \| (\d+) \| (yes|no) \| (.*) \|$",
+                 re.M)
+
+
+def _report(*args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, str(SCRIPT), "--shape", "1,4,2,256,64"], env=env, capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run([sys.executable, str(SCRIPT), "--shape", "1,4,2,256,64", *args], env=env,
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = {m.group(1): m.groups()[1:] for m in
-            re.finditer(r"^\| (_\w+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (yes|no) \|$", out.stdout, re.M)}
+    rows = {m.group(1): m.groups()[1:] for m in ROW.finditer(out.stdout)}
     assert set(rows) == {"_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkv_tma_kernel"}, out.stdout
-    for warps, stages, regs, stack, smem, _ in rows.values():
-        # a compiled kernel: registers within the hardware's per-thread limit, shared memory used
+    return rows
+
+
+def _wgmma(cell: str) -> dict:
+    """'m64n64k16 RS x 16, m64n64k16 SS x 16' -> {('m64n64k16', 'RS'): 16, ...}"""
+    out = {}
+    for part in cell.split(", "):
+        shape, src, _, n = part.split()
+        out[(shape, src)] = int(n)
+    return out
+
+
+def test_reports_each_kernel():
+    for warps, stages, regs, stack, ldl, stl, smem, _, wgmma in _report().values():
+        # a compiled kernel: registers within the hardware's per-thread limit, shared memory used,
+        # warp-group MMAs in the PTX, spill loads and stores only with a spill frame
         assert 0 < int(regs) <= 255 and int(smem) > 0
+        assert sum(_wgmma(wgmma).values()) > 0
+        assert (int(ldl) + int(stl) > 0) <= (int(stack) > 0)
+
+
+def test_register_a_switches_turn_score_products_rs():
+    # With q, r in registers the forward's score products read A from registers: no SS wgmma left
+    # of their shape; dk/dv with k in registers trades SS products for RS ones of the same shape.
+    base, regs = _report(), _report("--fwd-regs", "2", "--kv-regs", "1")
+    fwd_base, fwd_regs = _wgmma(base["_fwd_kernel"][-1]), _wgmma(regs["_fwd_kernel"][-1])
+    assert fwd_base.get(("m64n64k16", "SS"), 0) > 0 and fwd_regs.get(("m64n64k16", "SS"), 0) == 0
+    assert sum(fwd_base.values()) == sum(fwd_regs.values())
+    dkv_base, dkv_regs = _wgmma(base["_bwd_dkv_tma_kernel"][-1]), _wgmma(regs["_bwd_dkv_tma_kernel"][-1])
+    assert dkv_regs.get(("m64n64k16", "SS"), 0) < dkv_base.get(("m64n64k16", "SS"), 0)
 
 
 def test_refuses_the_interpreter():
