@@ -37,7 +37,29 @@ def _wgmma_forms(ptx: str) -> str:
     return ", ".join(f"{k} x {v}" for k, v in sorted(counts.items())) or "-"
 
 
-def _install_compiler(results):
+def _loop_spills(sass: str) -> tuple[int, int]:
+    """LDL and STL inside the loops that issue warp-group MMAs (HGMMA): the spills paid on every
+    tile, as opposed to those of the prologue and epilogue. A loop is a backward branch's address
+    range; the shortest ranges holding an HGMMA are taken first and any range overlapping one
+    already taken is left out (out-of-line barrier-wait stubs branch back across whole loops)."""
+    instrs = [(int(m.group(1), 16), m.group(2))
+              for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    ranges = []
+    for addr, ins in instrs:
+        m = re.search(r"\bBRA\s+0x([0-9a-f]+)", ins)
+        if m and int(m.group(1), 16) < addr:
+            body = [x for a, x in instrs if int(m.group(1), 16) <= a <= addr]
+            if any("HGMMA" in x for x in body):
+                ranges.append((int(m.group(1), 16), addr, body))
+    inner = []
+    for r in sorted(ranges, key=lambda r: r[1] - r[0]):
+        if all(r[1] < o[0] or o[1] < r[0] for o in inner):
+            inner.append(r)
+    count = lambda op: sum(len(re.findall(rf"\b{op}\b", x)) for _, _, body in inner for x in body)  # noqa: E731
+    return count("LDL"), count("STL")
+
+
+def _install_compiler(results, dump_dir=None):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -63,6 +85,11 @@ def _install_compiler(results):
             report = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
                                     text=True).stdout
             sass = subprocess.run([cuobjdump, "--dump-sass", f.name], capture_output=True, text=True).stdout
+            if dump_dir:
+                os.makedirs(dump_dir, exist_ok=True)
+                for ext, text in (("sass", sass), ("ptx", kernel.asm["ptx"]), ("ttgir", kernel.asm["ttgir"])):
+                    with open(os.path.join(dump_dir, f"{self.fn.__name__}.{ext}"), "w") as out:
+                        out.write(text)
         finally:
             os.unlink(f.name)
         regs = re.search(r"REG:(\d+)", report)
@@ -72,6 +99,7 @@ def _install_compiler(results):
                             spill_bytes=int(stack.group(1)) if stack else None,
                             # local-memory loads and stores in the machine code: where the spills are paid
                             spill_ops=(len(re.findall(r"\bLDL\b", sass)), len(re.findall(r"\bSTL\b", sass))),
+                            loop_spill_ops=_loop_spills(sass),
                             smem=kernel.metadata.shared,
                             warp_specialized=kernel.asm["ttgir"].count("ttg.warp_specialize") > 0,
                             wgmma=_wgmma_forms(kernel.asm["ptx"])))
@@ -91,13 +119,14 @@ def main():
     ap.add_argument("--fwd-regs", type=int, default=0, help="forward kernel: 1 holds q in registers, 2 q and r")
     ap.add_argument("--fwd-config", default=None, help="forward kernel: BLOCK_M,BLOCK_N,warps,stages")
     ap.add_argument("--dq-config", default=None, help="dq/dr kernel: BLOCK_M,BLOCK_N,warps,stages")
+    ap.add_argument("--dump", default=None, metavar="DIR", help="also write each kernel's SASS, PTX and TTGIR there")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("sm90_registers.py compiles for the GPU: unset TRITON_INTERPRET")
 
     from parallax_attention.ops.triton import train as tr
     results = []
-    _install_compiler(results)
+    _install_compiler(results, args.dump)
     # take the GPU's decisions on a machine without one
     tr._use_tma = lambda meta, tensors, keys=None: (  # noqa: E731
         "fwd" in tr.TMA_KERNELS and not meta["VARLEN"] and (keys is None or keys >= tr.TMA_MIN_KEYS))
@@ -122,13 +151,13 @@ def main():
     tr.bwd(q, q, q, k, k, q, q, lse, lse, None, None, L, L, causal, d ** -0.5, -1, -1)
 
     print(f"sm_90a, shape B,Hq,Hkv,L,D = {args.shape}, causal={causal}")
-    print("| kernel | warps | stages | registers | stack (spill) bytes | LDL / STL in SASS | shared memory (bytes) | "
-          "warp-specialized | wgmma in the PTX (shape, A from registers RS or shared memory SS) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| kernel | warps | stages | registers | stack (spill) bytes | LDL / STL in SASS | LDL / STL in MMA loops | "
+          "shared memory (bytes) | warp-specialized | wgmma in the PTX (shape, A from registers RS or shared memory SS) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['kernel']} | {r['warps']} | {r['stages']} | {r['regs']} | {r['spill_bytes']} | "
-              f"{r['spill_ops'][0]} / {r['spill_ops'][1]} | {r['smem']} | "
-              f"{'yes' if r['warp_specialized'] else 'no'} | {r['wgmma']} |")
+              f"{r['spill_ops'][0]} / {r['spill_ops'][1]} | {r['loop_spill_ops'][0]} / {r['loop_spill_ops'][1]} | "
+              f"{r['smem']} | {'yes' if r['warp_specialized'] else 'no'} | {r['wgmma']} |")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ pytest.importorskip("triton")
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "sm90_registers.py"
 
 
-ROW = re.compile(r"^\| (_\w+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) / (\d+) \| (\d+) \| (yes|no) \| (.*) \|$",
-                 re.M)
+ROW = re.compile(r"^\| (_\w+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) / (\d+) \| (\d+) / (\d+) \| (\d+) \| "
+                 r"(yes|no) \| (.*) \|$", re.M)
 
 
 def _report(*args):
@@ -39,12 +39,14 @@ def _wgmma(cell: str) -> dict:
 
 
 def test_reports_each_kernel():
-    for warps, stages, regs, stack, ldl, stl, smem, _, wgmma in _report().values():
+    for warps, stages, regs, stack, ldl, stl, loop_ldl, loop_stl, smem, _, wgmma in _report().values():
         # a compiled kernel: registers within the hardware's per-thread limit, shared memory used,
-        # warp-group MMAs in the PTX, spill loads and stores only with a spill frame
+        # warp-group MMAs in the PTX, spill loads and stores only with a spill frame, and those in
+        # the MMA loops a part of all of them
         assert 0 < int(regs) <= 255 and int(smem) > 0
         assert sum(_wgmma(wgmma).values()) > 0
         assert (int(ldl) + int(stl) > 0) <= (int(stack) > 0)
+        assert int(loop_ldl) <= int(ldl) and int(loop_stl) <= int(stl)
 
 
 def test_register_a_switches_turn_score_products_rs():
