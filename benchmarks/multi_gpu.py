@@ -49,14 +49,18 @@ def _env() -> dict:
     return env
 
 
+def python(nproc: int) -> list[str]:
+    """The interpreter, under torchrun with nproc local processes when nproc > 1."""
+    if nproc == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+
+
 def launch(nproc: int, args: list[str], timeout: float) -> subprocess.CompletedProcess:
     """`python -m parallax_attention.cli ARGS` in nproc processes (torchrun when nproc > 1)."""
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "parallax_attention.cli"]
-    else:
-        cmd = [sys.executable, "-m", "parallax_attention.cli"]
-    return subprocess.run(cmd + args, env=_env(), timeout=timeout, capture_output=True, text=True)
+    return subprocess.run(python(nproc) + ["-m", "parallax_attention.cli"] + args, env=_env(), timeout=timeout,
+                          capture_output=True, text=True)
 
 
 # ------------------------------------------------------------------ Muon check (runs inside torchrun)
@@ -240,19 +244,15 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def run_phases(args) -> int:
     """--phases: the step's parts with 1 process and with each N of --gpus (FSDP2)."""
     counts = [int(c) for c in args.gpus.split(",")] if args.gpus else [1, 2]
-    fwd = ["--phase-worker", "--preset", args.preset, "--attention", args.attention, "--seq-len", str(args.seq_len),
-           "--micro-batch", str(args.micro_batch), "--phase-steps", str(args.phase_steps),
-           "--phase-accum", str(args.phase_accum)]
-    fwd += (["--cpu"] if args.cpu else []) + (["--trace"] if args.trace else []) + \
+    worker = ["--phase-worker", "--preset", args.preset, "--attention", args.attention, "--seq-len",
+              str(args.seq_len), "--micro-batch", str(args.micro_batch), "--phase-steps", str(args.phase_steps),
+              "--phase-accum", str(args.phase_accum)]
+    worker += (["--cpu"] if args.cpu else []) + (["--trace"] if args.trace else []) + \
         (["--no-reshard"] if args.no_reshard else [])
     rows = []
     for n in counts:
-        if n > 1:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr",
-                   "127.0.0.1", "--master_port", str(free_port()), str(Path(__file__).resolve())] + fwd
-        else:
-            cmd = [sys.executable, str(Path(__file__).resolve())] + fwd
-        proc = subprocess.run(cmd, env=_env(), timeout=args.timeout, capture_output=True, text=True)
+        proc = subprocess.run(python(n) + [str(Path(__file__).resolve())] + worker, env=_env(), timeout=args.timeout,
+                              capture_output=True, text=True)
         print(proc.stdout, flush=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("PHASES ")]
         if not line:
@@ -427,9 +427,7 @@ def main() -> int:
 
     nmax = max(counts)
     if nmax > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nmax),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(Path(__file__).resolve()),
-               "--check-muon"] + (["--cpu"] if args.cpu else [])
+        cmd = python(nmax) + [str(Path(__file__).resolve()), "--check-muon"] + (["--cpu"] if args.cpu else [])
         proc = subprocess.run(cmd, env=_env(), timeout=args.timeout, capture_output=True, text=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("MUON_CHECK ")]
         results["muon_check"] = json.loads(line[-1][len("MUON_CHECK "):]) if line else {"error": proc.stderr[-2000:]}

@@ -168,7 +168,6 @@ def _train(cfg: TrainConfig, info) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     barrier(info)
     device = info.device
-    autocast_dtype = _autocast_dtype(cfg, device)
     _seed_everything(cfg.seed)
     data_dir = resolve_data(cfg, info)
     manifest = read_manifest(data_dir)
@@ -186,6 +185,7 @@ def _train(cfg: TrainConfig, info) -> dict:
     schedule = Schedule(cfg.schedule, total=cfg.steps, warmup=min(cfg.warmup, cfg.steps),
                         decay_frac=cfg.decay_frac, min_ratio=cfg.min_lr_ratio, wd_gamma=cfg.wd_gamma)
     sampler = WindowSampler(len(train_data), seed=cfg.seed)
+    autocast_dtype = _autocast_dtype(cfg, device)
     micro = cfg.batch_size
     global_batch = micro * cfg.grad_accum * info.world_size
     eval_bs = cfg.eval_batch_size or micro
