@@ -442,16 +442,16 @@ def run_variant_ab(log, name, shape, rounds=3):
 
     def fb():
         parallax_attn(q, r, k, v, causal=True, backend="triton").backward(do)
+
     def fwd():
         with torch.no_grad():
-            parallax_attn(q, r, k, v, causal=True, backend="triton")
+            return parallax_attn(q, r, k, v, causal=True, backend="triton")
     grads = {}
     for label, setter in VARIANT_AB[name]:
         setter()
         for x in (q, r, k, v):
             x.grad = None
-        with torch.no_grad():
-            o = parallax_attn(q, r, k, v, causal=True, backend="triton")
+        o = fwd()
         fb()
         grads[label] = [o] + [x.grad.clone() for x in (q, r, k, v)]
     first = VARIANT_AB[name][0][0]
