@@ -2,11 +2,14 @@
 
 Compiles the kernels that `parallax_attn` would launch for one shape for sm_90a (CUDA
 capability 9.0) on any machine, using Triton's compiler and the ptxas it ships, and prints
-what ptxas reports. Nothing runs: this answers "does this tiling spill, does Triton's warp
-specialization apply, does it fit in shared memory" before spending GPU time.
+what ptxas reports, with the spill loads/stores in the SASS (all of them, and those inside the
+MMA loops) and the wgmma instructions by shape and operand source (A from registers or shared
+memory). Nothing runs: this answers "does this tiling spill, and where; does Triton's warp
+specialization apply; does it fit in shared memory" before spending GPU time.
 
     python benchmarks/sm90_registers.py                       # B=4 H=16 L=4096 D=128, causal
     python benchmarks/sm90_registers.py --shape 1,16,8,4096,128 --dkv-config 32,128,4,3,1
+    python benchmarks/sm90_registers.py --fwd-regs 2 --dq-regs 2 --kv-regs 1 --dump DIR   # register A operands
 
 Use the Triton version the GPU machine runs: register allocation changes between releases.
 The launch path is taken over by patching triton.runtime.jit.JITFunction.run (Triton 3.x
