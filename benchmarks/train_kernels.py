@@ -418,6 +418,13 @@ def _set_regs(fwd=0, dq=0, dkv=0, dkv_stages=None, fwd_config=None):
 # one is the default, set again when the comparison ends
 VARIANT_AB = {
     "dkv_kernel": [("descriptors", lambda: _set_dkv_tma(None)), ("pointers", lambda: _set_dkv_tma(False))],
+    # Triton's warp specialization of the MHA D=128 dk/dv loop (unsafe, see train.DKV_TMA_CONFIG)
+    "dkv_ws": [("MHA D=128 dk/dv warp specialized", lambda: _set_dkv_launch(mha128=(32, 128, 4, 3, True))),
+               ("8 warps", lambda: _set_dkv_launch())],
+    # k in registers in the 8-warp dk/dv loop (without warp specialization)
+    "dkv_kregs": [("k in registers", lambda: _set_dkv_launch(kv_regs=1)),
+                  ("k in registers, 2 stages", lambda: _set_dkv_launch(kv_regs=1, stages=2)),
+                  ("shared", lambda: _set_dkv_launch())],
     # loop-invariant A operands in registers (RS wgmma) against shared memory, see train.FWD_A_REGS
     "a_regs": [("fwd q,r; dq q,r; dkv k, 2 stages", lambda: _set_regs(2, 2, 1, 2)),
                ("fwd q,r; dq q,r,dO; dkv k", lambda: _set_regs(2, 3, 1)),
@@ -456,22 +463,127 @@ def run_variant_ab(log, name, shape, rounds=3):
         grads[label] = [o] + [x.grad.clone() for x in (q, r, k, v)]
     first = VARIANT_AB[name][0][0]
     diffs = {label: [float("%.2e" % rel(a, g)) for a, g in zip(gs, grads[first])] for label, gs in grads.items()}
+    nonfinite = {label: [int((~torch.isfinite(t)).sum()) for t in gs] for label, gs in grads.items()}
+    for label, gs in grads.items():
+        for tname, t in zip(("o", "dq", "dr", "dk", "dv"), gs):
+            if not torch.isfinite(t).all():
+                log(f"ab {name} {shape} {label}: non-finite {tname} at (first, last, count) per dim "
+                    f"{json.dumps(_nonfinite_where(t))}")
     times = {label: [] for label, _ in VARIANT_AB[name]}
     times_fwd = {label: [] for label, _ in VARIANT_AB[name]}
+    # a race shows after a timing loop more often than in a lone pass, so each round checks too
+    failed = {label: 0 for label, _ in VARIANT_AB[name]}
     for _ in range(rounds):
         for label, setter in VARIANT_AB[name]:
             setter()
             times[label].append(bench_ms(fb, grad_to_none=[q, r, k, v]))
             times_fwd[label].append(bench_ms(fwd))
+            for x in (q, r, k, v):
+                x.grad = None
+            fb()
+            failed[label] += not all(torch.isfinite(x.grad).all() for x in (q, r, k, v))
     VARIANT_AB[name][-1][1]()
     _set_dkv_tma(None)
     med = lambda t: sorted(t)[len(t) // 2]  # noqa: E731
     out = {label: dict(ms=med(t), all=t, fwd_ms=med(times_fwd[label]), fwd_all=times_fwd[label],
-                       diff_to_first=diffs[label]) for label, t in times.items()}
+                       diff_to_first=diffs[label], nonfinite=nonfinite[label], rounds_nonfinite=failed[label])
+           for label, t in times.items()}
     for label, t in out.items():
         log(f"ab {name} {shape} {label}: f+b median {t['ms']:.3f} ms of {['%.3f' % x for x in t['all']]}; "
             f"fwd median {t['fwd_ms']:.3f} ms of {['%.3f' % x for x in t['fwd_all']]}; "
-            f"o, dq, dr, dk, dv against {first}: {t['diff_to_first']}")
+            f"o, dq, dr, dk, dv against {first}: {t['diff_to_first']}, non-finite elements {t['nonfinite']}; "
+            f"rounds with non-finite gradients {t['rounds_nonfinite']}/{rounds}")
+    return out
+
+
+def _set_dkv_launch(tma=None, mha128=None, kv_regs=0, stages=None):
+    """The dk/dv kernel (None: descriptors where they apply, False: pointers), optionally the
+    descriptor kernel's MHA D=128 launch, its register k/v (DKV_KV_REGS) and its pipeline stages;
+    no arguments restore the defaults."""
+    from parallax_attention.ops.triton import train as tr
+    if not _DEFAULTS:
+        _DEFAULTS.update(dkv=dict(tr.DKV_TMA_CONFIG), fwd=dict(tr.FIXED["fwd"]))
+    tr.DKV_TMA = tma
+    tr.DKV_KV_REGS = kv_regs
+    cfg = {**_DEFAULTS["dkv"], **({(128, "mha"): mha128} if mha128 else {})}
+    tr.DKV_TMA_CONFIG = {key: c[:3] + (stages or c[3],) + c[4:] for key, c in cfg.items()}
+
+
+# --repeat N: the dk/dv launches whose results are compared run against run
+REPEAT_VARIANTS = [("descriptors, default launch", lambda: _set_dkv_launch()),
+                   ("pointers", lambda: _set_dkv_launch(tma=False)),
+                   ("descriptors, MHA D=128 warp specialized (unsafe)",
+                    lambda: _set_dkv_launch(mha128=(32, 128, 4, 3, True)))]
+
+
+def _poison(like, copies=4):
+    """Hand the caching allocator blocks full of NaN in the sizes the next pass allocates, so an
+    element a kernel fails to write shows up as non-finite instead of as last run's value."""
+    blocks = [torch.full_like(t, float("nan")) for t in like for _ in range(copies)]
+    blocks += [torch.full((t.shape[0], t.shape[2], t.shape[1]), float("nan"), device=t.device)
+               for t in like[:1] for _ in range(4 * copies)]
+    del blocks
+
+
+def _nonfinite_where(t):
+    """(batch, position, head) ranges of t's non-finite elements, for the log."""
+    bad = (~torch.isfinite(t)).any(-1).nonzero()
+    if not len(bad):
+        return None
+    return {n: [int(bad[:, i].min()), int(bad[:, i].max()), len(bad[:, i].unique())]
+            for i, n in enumerate(("batch", "position", "head"))}
+
+
+def run_repeat_check(log, shape, n):
+    """The default backward is deterministic: n forward+backward passes over the same inputs, with
+    gradients freshly allocated each time, must give bitwise-equal and finite o, dq, dr, dk, dv.
+    Run for each dk/dv launch of REPEAT_VARIANTS; every other pass follows a timing loop (where a
+    race inside a kernel shows most) and an extra no-grad forward. Reports the runs that differ
+    from the first and the non-finite elements per tensor."""
+    b, h, hkv, L, d = shape
+    torch.manual_seed(0)
+    q, r, k, v, do = _qrkvdo(b, h, hkv, L, d)
+    names = ("o", "dq", "dr", "dk", "dv")
+    out = {}
+
+    def fb():
+        parallax_attn(q, r, k, v, causal=True, backend="triton").backward(do)
+    for label, setter in REPEAT_VARIANTS:
+        setter()
+        first, differ, nonfinite, maxdiff = None, {x: 0 for x in names}, {x: 0 for x in names}, {x: 0.0 for x in names}
+        where = {}
+        for i in range(n):
+            for x in (q, r, k, v):
+                x.grad = None
+            if i % 2:
+                bench_ms(fb, grad_to_none=[q, r, k, v])
+            _poison((q, k))
+            if i % 2:
+                with torch.no_grad():
+                    parallax_attn(q, r, k, v, causal=True, backend="triton")
+            o = parallax_attn(q, r, k, v, causal=True, backend="triton")
+            o.backward(do)
+            got = [o.detach()] + [x.grad for x in (q, r, k, v)]
+            for name, t in zip(names, got):
+                bad = int((~torch.isfinite(t)).sum())
+                nonfinite[name] += bad
+                if bad and name not in where:
+                    where[name] = dict(run=i, elements=bad, at=_nonfinite_where(t))
+            if first is None:
+                first = [t.clone() for t in got]
+                continue
+            for name, t, f in zip(names, got, first):
+                if not torch.equal(t, f):
+                    differ[name] += 1
+                    dd = (t.float() - f.float()).abs().nan_to_num(float("inf")).max().item()
+                    maxdiff[name] = max(maxdiff[name], dd)
+        ok = not any(differ.values()) and not any(nonfinite.values())
+        out[label] = dict(ok=ok, runs=n, runs_differing=differ, nonfinite=nonfinite, max_abs_diff=maxdiff,
+                          first_nonfinite=where)
+        log(f"repeat {shape} {label}: {'ok' if ok else 'FAILED'} {n} runs; differing from the first "
+            f"{json.dumps(differ)}; non-finite elements {json.dumps(nonfinite)}; max abs diff {json.dumps(maxdiff)}"
+            + (f"; first non-finite {json.dumps(where)}" if where else ""))
+    _set_dkv_launch()
     return out
 
 
@@ -644,11 +756,14 @@ def main():
                          "one), 'a_regs', 'fwd_regs', 'dq_regs', 'dkv_regs' (register A operands, see "
                          "train.FWD_A_REGS)")
     ap.add_argument("--ab-rounds", type=int, default=3, help="interleaved rounds per --ab variant")
+    ap.add_argument("--repeat", type=int, default=0, metavar="N",
+                    help="N forward+backward runs per dk/dv launch on each --repeat-shapes shape: bitwise equal, finite")
+    ap.add_argument("--repeat-shapes", default="4,16,16,4096,128", help="B,Hq,Hkv,L,D shapes for --repeat, ';'-separated")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("train_kernels.py needs a CUDA GPU")
     if not (args.check or args.bench or args.overhead or args.tma_ab or args.sweep or args.ab or args.check_autotune
-            or args.profile):
+            or args.profile or args.repeat):
         args.check = args.bench = True
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "train_kernels.log"), "a")
@@ -679,6 +794,10 @@ def main():
         with open(tmp, "w") as f:
             json.dump(result, f, indent=1)
         os.replace(tmp, json_path)
+    if args.repeat:
+        result["repeat"] = {sh: run_repeat_check(log, tuple(int(x) for x in sh.split(",")), args.repeat)
+                            for sh in args.repeat_shapes.split(";")}
+        save()
     if args.check_autotune:
         result["autotune_check"] = run_autotune_check(log)
         save()

@@ -317,13 +317,17 @@ def test_dkv_descriptor_kernel(case, ws, monkeypatch):
         assert _rel(a, p) < 1e-3
 
 
-@pytest.mark.parametrize("hq, hkv, L, d, ws", [(2, 2, 64, 128, True), (2, 2, 45, 128, False), (4, 2, 64, 128, False),
-                                               (2, 2, 64, 64, False)],
-                         ids=["mha", "mha_rows_not_multiple_of_4", "gqa", "mha_d64"])
-def test_dkv_descriptor_warp_specialization_choice(hq, hkv, L, d, ws, monkeypatch):
-    # MHA at D = 128 takes the warp-specialized configuration where the row statistics can be read
-    # through descriptors (lengths a multiple of 4); otherwise, under GQA and at D <= 64 (64-row
-    # steps, no warp specialization measured there), the 8-warp loop runs
+@pytest.mark.parametrize("hq, hkv, L, d, ws_config, ws", [(2, 2, 64, 128, False, False), (2, 2, 64, 128, True, True),
+                                                          (2, 2, 45, 128, True, False), (4, 2, 64, 128, False, False),
+                                                          (2, 2, 64, 64, False, False)],
+                         ids=["mha", "mha_ws_config", "mha_ws_config_rows_not_multiple_of_4", "gqa", "mha_d64"])
+def test_dkv_descriptor_warp_specialization_choice(hq, hkv, L, d, ws_config, ws, monkeypatch):
+    # Warp specialization raced on the GPU (NaN in dk/dv), so no default launch asks for it; a
+    # configuration that does gets it only where the row statistics can be read through
+    # descriptors (lengths a multiple of 4), else the 8-warp loop runs
+    assert not any(c[4] for c in train_mod.DKV_TMA_CONFIG.values())
+    if ws_config:
+        monkeypatch.setitem(train_mod.DKV_TMA_CONFIG, (128, "mha"), (32, 128, 4, 3, True))
     launches = []
 
     class Recorder:

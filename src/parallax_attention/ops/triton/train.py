@@ -624,17 +624,18 @@ FIXED = {
 # used for 2-byte dtypes and power-of-two head dims up to 128 on Hopper or newer (DKV_TMA None:
 # there; False: never, the pointer kernel above runs instead).
 # Measured on the H200 (bf16, L=4096, kernel alone): 2.02 against the pointer kernel's 2.25 ms at
-# B=4 H=16, 0.48 against 0.75 ms at B=1 H=16/8 (the GQA group walked in one loop). Triton's Hopper
-# warp specialization (4 warps: a TMA producer and two consumer warpgroups) was faster for MHA in
-# interleaved forward+backward A/Bs (4.516 against 4.591 ms at B=4 H=16 L=4096, 8.316 against 8.492
-# at L=8192, 15.831 against 16.253 at L=16384) and not for GQA (8.657 against 8.619 at B=4 32/8,
-# noise at B=1 16/8), so MHA takes it where the row statistics can be read through descriptors
-# (dense, lengths a multiple of 4) and the rest the 8-warp loop. Head dims up to 64 take 64 query
-# rows per step (no spills there): 2.82 against the pointer kernel's 2.90 ms forward+backward at
-# B=4 H=16 L=4096 D=64, where 32 rows took 3.05.
+# B=4 H=16, 0.48 against 0.75 ms at B=1 H=16/8 (the GQA group walked in one loop). Head dims up to
+# 64 take 64 query rows per step (no spills there): 2.82 against the pointer kernel's 2.90 ms
+# forward+backward at B=4 H=16 L=4096 D=64, where 32 rows took 3.05.
+# Triton 3.6's Hopper warp specialization (WS: 4 warps, a TMA producer and two consumer warpgroups)
+# is 1-3% faster for MHA (4.641 against 4.687 ms at B=4 H=16 L=4096, 16.19 against 16.63 at
+# L=16384) but not safe: its dk/dv came out with NaN in 1 of 10 passes that followed a timing loop
+# (always in the first key row of a tile, so the tile of k loaded before the loop is overwritten
+# or read early), and in every pass with k held in registers (KV_REGS=1). No configuration here
+# turns it on; `benchmarks/train_kernels.py --ab dkv_ws` repeats the measurement and the check.
 DKV_TMA = None
 DKV_TMA_CONFIG = {(64, "mha"): (64, 128, 8, 3, False), (64, "gqa"): (64, 128, 8, 3, False),
-                  (128, "mha"): (32, 128, 4, 3, True), (128, "gqa"): (32, 128, 8, 3, False)}
+                  (128, "mha"): (32, 128, 8, 3, False), (128, "gqa"): (32, 128, 8, 3, False)}
 
 
 # Loop-invariant A operands held in registers. Triton stages an operand that comes straight from
