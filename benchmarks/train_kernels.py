@@ -553,10 +553,10 @@ def run_repeat_check(log, shape, n):
         first, differ, nonfinite, maxdiff = None, {x: 0 for x in names}, {x: 0 for x in names}, {x: 0.0 for x in names}
         where = {}
         for i in range(n):
-            for x in (q, r, k, v):
-                x.grad = None
             if i % 2:
                 bench_ms(fb, grad_to_none=[q, r, k, v])
+            for x in (q, r, k, v):  # after the timing loop, which leaves its last gradients
+                x.grad = None
             _poison((q, k))
             if i % 2:
                 with torch.no_grad():
