@@ -9,7 +9,7 @@ specialization apply; does it fit in shared memory" before spending GPU time.
 
     python benchmarks/sm90_registers.py                       # B=4 H=16 L=4096 D=128, causal
     python benchmarks/sm90_registers.py --shape 1,16,8,4096,128 --dkv-config 32,128,4,3,1
-    python benchmarks/sm90_registers.py --fwd-regs 2 --dq-regs 2 --kv-regs 1 --dump DIR   # register A operands
+    python benchmarks/sm90_registers.py --dump DIR     # also each kernel's SASS, PTX and TTGIR
 
 Use the Triton version the GPU machine runs: register allocation changes between releases.
 The launch path is taken over by patching triton.runtime.jit.JITFunction.run (Triton 3.x
@@ -117,9 +117,6 @@ def main():
     ap.add_argument("--non-causal", action="store_true")
     ap.add_argument("--dkv-config", default=None,
                     help="descriptor dk/dv kernel: BLOCK_M,BLOCK_N,warps,stages,warp_specialize (0/1)")
-    ap.add_argument("--kv-regs", type=int, default=0, help="dk/dv kernel: 1 holds k in registers, 2 k and v")
-    ap.add_argument("--dq-regs", type=int, default=0, help="dq/dr kernel: 1 holds q in registers, 2 q and r, 3 also dO")
-    ap.add_argument("--fwd-regs", type=int, default=0, help="forward kernel: 1 holds q in registers, 2 q and r")
     ap.add_argument("--fwd-config", default=None, help="forward kernel: BLOCK_M,BLOCK_N,warps,stages")
     ap.add_argument("--dq-config", default=None, help="dq/dr kernel: BLOCK_M,BLOCK_N,warps,stages")
     ap.add_argument("--dump", default=None, metavar="DIR", help="also write each kernel's SASS, PTX and TTGIR there")
@@ -135,9 +132,6 @@ def main():
         "fwd" in tr.TMA_KERNELS and not meta["VARLEN"] and (keys is None or keys >= tr.TMA_MIN_KEYS))
     tr._dkv_tma_usable = lambda tensors, d: d in (16, 32, 64, 128)  # noqa: E731
     tr._with_scratch = lambda launch: launch()  # noqa: E731
-    tr.DKV_KV_REGS = args.kv_regs
-    tr.DQ_A_REGS = args.dq_regs
-    tr.FWD_A_REGS = args.fwd_regs
     for name, cfg in (("fwd", args.fwd_config), ("dq", args.dq_config)):
         if cfg:
             tr.FIXED[name] = {**tr.FIXED[name], 128: tuple(int(x) for x in cfg.split(","))}

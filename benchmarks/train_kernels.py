@@ -394,49 +394,26 @@ def run_config_ab(log, spec, shape, rounds=3):
     return out
 
 
-def _set_dkv_tma(setting):
-    from parallax_attention.ops.triton import train as tr
-    tr.DKV_TMA = setting
-
-
 _DEFAULTS: dict = {}
 
 
-def _set_regs(fwd=0, dq=0, dkv=0, dkv_stages=None, fwd_config=None):
-    """Register A operands per kernel (FWD_A_REGS, DQ_A_REGS, DKV_KV_REGS) and, optionally, the
-    pipeline stages of the dk/dv kernel's configurations and the forward's D=128 configuration;
-    all zeros and None is the default."""
+def _set_dkv_launch(tma=None, mha128=None):
+    """The dk/dv kernel (None: descriptors where they apply, False: pointers) and, optionally, the
+    descriptor kernel's MHA D=128 launch; no arguments restore the defaults."""
     from parallax_attention.ops.triton import train as tr
     if not _DEFAULTS:
-        _DEFAULTS.update(dkv=dict(tr.DKV_TMA_CONFIG), fwd=dict(tr.FIXED["fwd"]))
-    tr.FWD_A_REGS, tr.DQ_A_REGS, tr.DKV_KV_REGS = fwd, dq, dkv
-    tr.DKV_TMA_CONFIG = {key: c[:3] + (dkv_stages or c[3],) + c[4:] for key, c in _DEFAULTS["dkv"].items()}
-    tr.FIXED["fwd"] = {**_DEFAULTS["fwd"], **({128: fwd_config} if fwd_config else {})}
+        _DEFAULTS.update(dkv=dict(tr.DKV_TMA_CONFIG))
+    tr.DKV_TMA = tma
+    tr.DKV_TMA_CONFIG = {**_DEFAULTS["dkv"], **({(128, "mha"): mha128} if mha128 else {})}
 
 
 # --ab NAME: variants of the whole forward+backward, each (label, setter of its setting); the last
 # one is the default, set again when the comparison ends
 VARIANT_AB = {
-    "dkv_kernel": [("descriptors", lambda: _set_dkv_tma(None)), ("pointers", lambda: _set_dkv_tma(False))],
+    "dkv_kernel": [("descriptors", lambda: _set_dkv_launch()), ("pointers", lambda: _set_dkv_launch(tma=False))],
     # Triton's warp specialization of the MHA D=128 dk/dv loop (unsafe, see train.DKV_TMA_CONFIG)
     "dkv_ws": [("MHA D=128 dk/dv warp specialized", lambda: _set_dkv_launch(mha128=(32, 128, 4, 3, True))),
                ("8 warps", lambda: _set_dkv_launch())],
-    # k in registers in the 8-warp dk/dv loop (without warp specialization)
-    "dkv_kregs": [("k in registers", lambda: _set_dkv_launch(kv_regs=1)),
-                  ("k in registers, 2 stages", lambda: _set_dkv_launch(kv_regs=1, stages=2)),
-                  ("shared", lambda: _set_dkv_launch())],
-    # loop-invariant A operands in registers (RS wgmma) against shared memory, see train.FWD_A_REGS
-    "a_regs": [("fwd q,r; dq q,r; dkv k, 2 stages", lambda: _set_regs(2, 2, 1, 2)),
-               ("fwd q,r; dq q,r,dO; dkv k", lambda: _set_regs(2, 3, 1)),
-               ("shared memory", lambda: _set_regs())],
-    "fwd_regs": [("q,r", lambda: _set_regs(fwd=2)), ("q", lambda: _set_regs(fwd=1)),
-                 # 32-key tiles: no spills with q, r in registers (128 x 64: 48 spill bytes)
-                 ("q,r, 128x32 tiles", lambda: _set_regs(fwd=2, fwd_config=(128, 32, 8, 3))),
-                 ("shared", lambda: _set_regs())],
-    "dq_regs": [("q,r,dO", lambda: _set_regs(dq=3)), ("q,r", lambda: _set_regs(dq=2)),
-                ("shared", lambda: _set_regs())],
-    "dkv_regs": [("k, 2 stages", lambda: _set_regs(dkv=1, dkv_stages=2)), ("k", lambda: _set_regs(dkv=1)),
-                 ("k,v, 2 stages", lambda: _set_regs(dkv=2, dkv_stages=2)), ("shared", lambda: _set_regs())],
 }
 
 
@@ -483,7 +460,7 @@ def run_variant_ab(log, name, shape, rounds=3):
             fb()
             failed[label] += not all(torch.isfinite(x.grad).all() for x in (q, r, k, v))
     VARIANT_AB[name][-1][1]()
-    _set_dkv_tma(None)
+    _set_dkv_launch()
     med = lambda t: sorted(t)[len(t) // 2]  # noqa: E731
     out = {label: dict(ms=med(t), all=t, fwd_ms=med(times_fwd[label]), fwd_all=times_fwd[label],
                        diff_to_first=diffs[label], nonfinite=nonfinite[label], rounds_nonfinite=failed[label])
@@ -494,19 +471,6 @@ def run_variant_ab(log, name, shape, rounds=3):
             f"o, dq, dr, dk, dv against {first}: {t['diff_to_first']}, non-finite elements {t['nonfinite']}; "
             f"rounds with non-finite gradients {t['rounds_nonfinite']}/{rounds}")
     return out
-
-
-def _set_dkv_launch(tma=None, mha128=None, kv_regs=0, stages=None):
-    """The dk/dv kernel (None: descriptors where they apply, False: pointers), optionally the
-    descriptor kernel's MHA D=128 launch, its register k/v (DKV_KV_REGS) and its pipeline stages;
-    no arguments restore the defaults."""
-    from parallax_attention.ops.triton import train as tr
-    if not _DEFAULTS:
-        _DEFAULTS.update(dkv=dict(tr.DKV_TMA_CONFIG), fwd=dict(tr.FIXED["fwd"]))
-    tr.DKV_TMA = tma
-    tr.DKV_KV_REGS = kv_regs
-    cfg = {**_DEFAULTS["dkv"], **({(128, "mha"): mha128} if mha128 else {})}
-    tr.DKV_TMA_CONFIG = {key: c[:3] + (stages or c[3],) + c[4:] for key, c in cfg.items()}
 
 
 # --repeat N: the dk/dv launches whose results are compared run against run
@@ -753,8 +717,8 @@ def main():
                     help="interleaved forward+backward A/B of launch configurations, 'kernel=cfg;cfg' "
                          "(kernel fwd, dq, dkv or dkv_tma; cfg comma-separated ints), on --sweep-shape; "
                          "or a name of VARIANT_AB: 'dkv_kernel' (the descriptor dk/dv kernel against the pointer "
-                         "one), 'a_regs', 'fwd_regs', 'dq_regs', 'dkv_regs' (register A operands, see "
-                         "train.FWD_A_REGS)")
+                         "one), 'dkv_ws' (warp specialization of the MHA dk/dv loop, unsafe: see "
+                         "train.DKV_TMA_CONFIG)")
     ap.add_argument("--ab-rounds", type=int, default=3, help="interleaved rounds per --ab variant")
     ap.add_argument("--repeat", type=int, default=0, metavar="N",
                     help="N forward+backward runs per dk/dv launch on each --repeat-shapes shape: bitwise equal, finite")

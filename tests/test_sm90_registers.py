@@ -49,17 +49,6 @@ def test_reports_each_kernel():
         assert int(loop_ldl) <= int(ldl) and int(loop_stl) <= int(stl)
 
 
-def test_register_a_switches_turn_score_products_rs():
-    # With q, r in registers the forward's score products read A from registers: no SS wgmma left
-    # of their shape; dk/dv with k in registers trades SS products for RS ones of the same shape.
-    base, regs = _report(), _report("--fwd-regs", "2", "--kv-regs", "1")
-    fwd_base, fwd_regs = _wgmma(base["_fwd_kernel"][-1]), _wgmma(regs["_fwd_kernel"][-1])
-    assert fwd_base.get(("m64n64k16", "SS"), 0) > 0 and fwd_regs.get(("m64n64k16", "SS"), 0) == 0
-    assert sum(fwd_base.values()) == sum(fwd_regs.values())
-    dkv_base, dkv_regs = _wgmma(base["_bwd_dkv_tma_kernel"][-1]), _wgmma(regs["_bwd_dkv_tma_kernel"][-1])
-    assert dkv_regs.get(("m64n64k16", "SS"), 0) < dkv_base.get(("m64n64k16", "SS"), 0)
-
-
 def test_refuses_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=120)

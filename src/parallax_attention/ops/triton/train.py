@@ -214,7 +214,7 @@ def _fwd_kernel(
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PREC: tl.constexpr,
-    TMA: tl.constexpr = False, A_REGS: tl.constexpr = 0,
+    TMA: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     # heaviest row blocks (most keys under a causal mask) first
@@ -237,12 +237,6 @@ def _fwd_kernel(
     q_off = b * stride_qb + (qs + offs_m[:, None]) * stride_ql + h * stride_qh + offs_d[None, :]
     q = tl.load(Q + q_off, mask=io_mask, other=0.0)
     r = tl.load(R + q_off, mask=io_mask, other=0.0)
-    # A_REGS (note above FWD_A_REGS): an element-wise op keeps the loaded tile in registers, so the
-    # score products read it as a register A operand instead of from shared memory
-    if A_REGS >= 1:
-        q = tl.where(io_mask, q, tl.zeros_like(q))
-    if A_REGS >= 2:
-        r = tl.where(io_mask, r, tl.zeros_like(r))
     kv_base = b * stride_kb + ks * stride_kl + hk * stride_kh
     Kp = K + kv_base
     Vp = V + kv_base
@@ -314,7 +308,7 @@ def _bwd_dq_kernel(
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PREC: tl.constexpr,
-    TMA: tl.constexpr = False, A_REGS: tl.constexpr = 0,
+    TMA: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -341,13 +335,6 @@ def _bwd_dq_kernel(
     vb = tl.load(VB + q_off, mask=io_mask, other=0.0).to(tl.float32)
     delta = tl.sum(do.to(tl.float32) * o, 1)
     beta = tl.sum(do.to(tl.float32) * vb, 1)
-    # A_REGS: as in the forward (note above FWD_A_REGS)
-    if A_REGS >= 1:
-        q = tl.where(io_mask, q, tl.zeros_like(q))
-    if A_REGS >= 2:
-        r = tl.where(io_mask, r, tl.zeros_like(r))
-    if A_REGS >= 3:
-        do = tl.where(io_mask, do, tl.zeros_like(do))
     s_off = b * stride_sb + h * stride_sh + qs + offs_m
     tl.store(DELTA + s_off, delta, mask=row_mask)
     tl.store(BETA + s_off, beta, mask=row_mask)
@@ -497,12 +484,9 @@ def _bwd_dkv_tma_kernel(
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PREC: tl.constexpr,
-    WS: tl.constexpr, STATS_TMA: tl.constexpr, KV_REGS: tl.constexpr = 0,
+    WS: tl.constexpr, STATS_TMA: tl.constexpr,
 ):
     """dk/dv with every tile read through 2-D tensor descriptors made on the device.
-
-    KV_REGS (see the note above FWD_A_REGS): 1 keeps the k tile in registers as the A operand of
-    the two score products, 2 also v for v dO^T; 0 leaves them in shared memory.
 
     q, r, dO (and k, v) are viewed as (rows, heads * D) matrices and the row statistics as one flat
     vector, so a tile is one TMA copy: no address registers and no per-element load masks, which
@@ -535,12 +519,6 @@ def _bwd_dkv_tma_kernel(
     beta_desc = tl.make_tensor_descriptor(BETA, [rows_q * HQ], [1], [BLOCK_M])
     k = k_desc.load([k_row0 + n0, hk * D])
     v = v_desc.load([k_row0 + n0, hk * D])
-    if KV_REGS:
-        # keys past the sequence become zeros instead of the next rows: they are masked out anyway
-        in_seq = (offs_n < lk)[:, None]
-        k = tl.where(in_seq, k, tl.zeros_like(k))
-        if KV_REGS == 2:
-            v = tl.where(in_seq, v, tl.zeros_like(v))
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     start, a, c, end = _query_ranges(n0, lq, lk, shift, left, right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
@@ -629,28 +607,14 @@ FIXED = {
 # forward+backward at B=4 H=16 L=4096 D=64, where 32 rows took 3.05.
 # Triton 3.6's Hopper warp specialization (WS: 4 warps, a TMA producer and two consumer warpgroups)
 # is 1-3% faster for MHA (4.641 against 4.687 ms at B=4 H=16 L=4096, 16.19 against 16.63 at
-# L=16384) but not safe: its dk/dv came out with NaN in 1 of 10 passes that followed a timing loop
-# (always in the first key row of a tile, so the tile of k loaded before the loop is overwritten
-# or read early), and in every pass with k held in registers (KV_REGS=1). No configuration here
-# turns it on; `benchmarks/train_kernels.py --ab dkv_ws` repeats the measurement and the check.
+# L=16384) but not safe: its dk came out NaN over one whole 128-key tile of one head in 1 of 10
+# passes after a timing loop and in the first pass of another process (and, with the k tile
+# moved to registers, in the first key row of every tile in every pass): the tiles loaded before
+# the loop race with it. No configuration here turns it on; `benchmarks/train_kernels.py --ab
+# dkv_ws` and `--repeat` repeat the measurement and the check.
 DKV_TMA = None
 DKV_TMA_CONFIG = {(64, "mha"): (64, 128, 8, 3, False), (64, "gqa"): (64, 128, 8, 3, False),
                   (128, "mha"): (32, 128, 8, 3, False), (128, "gqa"): (32, 128, 8, 3, False)}
-
-
-# Loop-invariant A operands held in registers. Triton stages an operand that comes straight from
-# a load in shared memory, so the score products (q k^T and r k^T in the forward and dq/dr, k q^T
-# and k r^T in dk/dv, and the dO v^T products) run as wgmmas reading both operands from shared
-# memory, 32 or 64 columns wide: m64n32k16 reads about 3 KB of shared memory per 64K flops. A
-# tile that has been through an element-wise op (a tl.where on its row mask) stays in registers
-# and the product reads only B from shared memory (RS wgmma, 1 KB). Compiled for sm_90a at
-# B=4 H=16 L=4096 D=128 (benchmarks/sm90_registers.py): forward with q and r in registers 48
-# spill bytes against 88 today; dq/dr with q and r 252 registers, no spills (q, r, dO: 8 bytes);
-# dk/dv with k 16 bytes at 2 stages, 40 at 3. Off until timed on the GPU:
-# `benchmarks/train_kernels.py --ab a_regs` (and fwd_regs, dq_regs, dkv_regs one kernel at a time).
-FWD_A_REGS = 0  # 1: q in registers, 2: q and r
-DQ_A_REGS = 0  # 1: q, 2: q and r, 3: q, r and dO
-DKV_KV_REGS = 0  # 1: k, 2: k and v
 
 
 def dkv_tma_key(d: int, group: int):
@@ -799,10 +763,10 @@ def _launch_dkv_tma(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, 
         bm, bn, w, st, ws = DKV_TMA_CONFIG[(key[0], "gqa")]
         ws = False
     stats_tma = stats_tma and bm % 4 == 0
-    launch = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, WS=ws, KV_REGS=DKV_KV_REGS)
+    launch = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, WS=ws)
     if interpret:
         bm, bn = INTERPRET_BLOCKS["dkv"]
-        launch = dict(BLOCK_M=bm, BLOCK_N=bn, WS=ws, KV_REGS=DKV_KV_REGS)
+        launch = dict(BLOCK_M=bm, BLOCK_N=bn, WS=ws)
     rows_q = q.shape[0] * q.shape[1] if not meta["VARLEN"] else q.shape[0]
     rows_k = k.shape[0] * k.shape[1] if not meta["VARLEN"] else k.shape[0]
     args = (q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg, *sk, *ss, max_q, max_k,
@@ -873,7 +837,7 @@ def fwd(q, r, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: flo
     meta = dict(HQ=hq, G=hq // hkv, D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), VARLEN=varlen,
                 HAS_LEFT=has_left, HAS_RIGHT=has_right, PREC=_prec(q.dtype))
     _launch(_fwd_tuned, _fwd_kernel, "fwd",
-            lambda m: (batch * hq, triton.cdiv(max_q, m["BLOCK_M"])), head, tail, dict(meta, A_REGS=FWD_A_REGS),
+            lambda m: (batch * hq, triton.cdiv(max_q, m["BLOCK_M"])), head, tail, meta,
             ((k, "N"), (v, "N")), keys=max_k)
     return out, vbar, lse, tbar
 
@@ -902,7 +866,7 @@ def bwd(dout, q, r, k, v, out, vbar, lse, tbar, cu_q, cu_k, max_q: int, max_k: i
                            batch, hq, hkv, sq, sk, ss, max_q, max_k, scale, left, right, key, meta)
     head = (q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg, cu_k_arg)
     _launch(_dq_tuned, _bwd_dq_kernel, "dq", lambda m: (batch * hq, triton.cdiv(max_q, m["BLOCK_M"])),
-            head, tail, dict(HQ=hq, A_REGS=DQ_A_REGS, **meta), ((k, "N"), (v, "N")))
+            head, tail, dict(HQ=hq, **meta), ((k, "N"), (v, "N")))
     if k.numel() == 0:
         return dq, dr, dk, dv
     if _dkv_tma_usable((q, r, k, v, dout, lse, tbar, delta, beta), d):
