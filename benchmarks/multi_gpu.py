@@ -325,14 +325,14 @@ def main() -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+    if args.smoke:
+        args.cpu = True
+        args.preset, args.steps, args.seq_len, args.compare_steps = "tiny", 6, 64, 6
     if args.phases:
         return run_phases(args)
 
     import torch
 
-    if args.smoke:
-        args.cpu = True
-        args.preset, args.steps, args.seq_len, args.compare_steps = "tiny", 6, 64, 6
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     n_dev = os.cpu_count() if args.cpu else torch.cuda.device_count()

@@ -97,3 +97,38 @@ def test_muon_under_fsdp2_orthogonalises_full_matrices(nproc):
     assert sorted(p["shape"][0] for p in res["params"]) == [1, 40, 40, 40, 75]
     # The check can tell the right update from orthogonalising each shard separately.
     assert res["min_rel_err_shardwise"] > 0.1
+
+
+def _driver(tmp_path, *args):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "multi_gpu.py"), "--smoke", "--gpus", "1,2", "--out",
+           str(tmp_path), *args]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_scaling_driver_compares_two_processes_with_one(tmp_path):
+    # The benchmark's own bookkeeping, on 1 and 2 gloo processes: both runs finish, the 2-process
+    # losses follow the 1-process run to float32 rounding, the scaling row is computed, and the
+    # Muon check it runs last holds; --reuse then takes the 1-process run from the JSON.
+    _driver(tmp_path / "a", "--no-noise-ref")
+    res = json.loads((tmp_path / "a" / "results.json").read_text())
+    runs = {r["n"]: r for r in res["runs"]}
+    assert set(runs) == {1, 2} and not any("error" in r for r in runs.values())
+    assert len(runs[2]["losses"]) == res["steps"] and runs[2]["compare_k"] == res["steps"]
+    assert runs[2]["max_abs_loss_diff_first_k"] < 1e-4
+    assert runs[2]["scaling_efficiency"] == pytest.approx(runs[2]["tokens_per_s_per_gpu"] / runs[1]["tokens_per_s"])
+    assert res["muon_check"]["world_size"] == 2 and res["muon_check"]["max_rel_err_fsdp"] < 1e-4
+    out = _driver(tmp_path / "b", "--no-noise-ref", "--reuse", str(tmp_path / "a" / "results.json")).stdout
+    assert "taken from" in out
+    reused = json.loads((tmp_path / "b" / "results.json").read_text())["runs"]
+    assert reused[0]["losses"] == runs[1]["losses"] and "reused_from" in reused[0]
+
+
+def test_step_phases_driver(tmp_path):
+    # --phases --smoke times the tiny preset's step parts with 1 and 2 processes (it once ignored
+    # --smoke and built the 0.6b model at L=4096)
+    out = _driver(tmp_path, "--phases", "--no-reshard").stdout
+    assert "tiny parallax, L=64" in out
+    rows = [ln for ln in out.splitlines() if ln.startswith("| 1 |") or ln.startswith("| 2 |")]
+    assert len(rows) == 2
