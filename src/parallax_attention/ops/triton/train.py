@@ -610,7 +610,8 @@ FIXED = {
 # L=16384) but not safe: its dk came out NaN over one whole 128-key tile of one head in 1 of 10
 # passes after a timing loop and in the first pass of another process (and, with the k tile
 # moved to registers, in the first key row of every tile in every pass): the tiles loaded before
-# the loop race with it. No configuration here turns it on; `benchmarks/train_kernels.py --ab
+# the loop race with it (Triton has open reports of wrong results from warp_specialize=True, e.g.
+# triton-lang/triton#8311). No configuration here turns it on; `benchmarks/train_kernels.py --ab
 # dkv_ws` and `--repeat` repeat the measurement and the check.
 DKV_TMA = None
 DKV_TMA_CONFIG = {(64, "mha"): (64, 128, 8, 3, False), (64, "gqa"): (64, 128, 8, 3, False),
