@@ -609,8 +609,8 @@ FIXED = {
 # is 1-3% faster for MHA (4.641 against 4.687 ms at B=4 H=16 L=4096, 16.19 against 16.63 at
 # L=16384) but not safe: its dk came out NaN over one whole 128-key tile of one head in 1 of 10
 # passes after a timing loop and in the first pass of another process (and, with the k tile
-# moved to registers, in the first key row of every tile in every pass): the tiles loaded before
-# the loop race with it (Triton has open reports of wrong results from warp_specialize=True, e.g.
+# moved to registers, in the first key row of every tile in every pass), timing-dependent, so
+# evidently a race in the specialized schedule (Triton has open reports of wrong results from warp_specialize=True, e.g.
 # triton-lang/triton#8311). No configuration here turns it on; `benchmarks/train_kernels.py --ab
 # dkv_ws` and `--repeat` repeat the measurement and the check.
 DKV_TMA = None
