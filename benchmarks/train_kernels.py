@@ -728,8 +728,10 @@ def main():
                          "train.DKV_TMA_CONFIG)")
     ap.add_argument("--ab-rounds", type=int, default=3, help="interleaved rounds per --ab variant")
     ap.add_argument("--repeat", type=int, default=0, metavar="N",
-                    help="N forward+backward runs per dk/dv launch on each --repeat-shapes shape: bitwise equal, finite")
-    ap.add_argument("--repeat-shapes", default="4,16,16,4096,128", help="B,Hq,Hkv,L,D shapes for --repeat, ';'-separated")
+                    help="N forward+backward runs per dk/dv launch on each --repeat-shapes shape: "
+                         "bitwise equal, finite")
+    ap.add_argument("--repeat-shapes", default="4,16,16,4096,128",
+                    help="B,Hq,Hkv,L,D shapes for --repeat, ';'-separated")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("train_kernels.py needs a CUDA GPU")

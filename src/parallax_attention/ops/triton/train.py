@@ -607,12 +607,12 @@ FIXED = {
 # forward+backward at B=4 H=16 L=4096 D=64, where 32 rows took 3.05.
 # Triton 3.6's Hopper warp specialization (WS: 4 warps, a TMA producer and two consumer warpgroups)
 # is 1-3% faster for MHA (4.641 against 4.687 ms at B=4 H=16 L=4096, 16.19 against 16.63 at
-# L=16384) but not safe: its dk came out NaN over one whole 128-key tile of one head in 1 of 10
-# passes after a timing loop and in the first pass of another process (and, with the k tile
+# L=16384) but not safe: its dk/dv came out NaN in 1 of 10 passes after a timing loop and in one
+# pass of each of two 20-pass runs, there over one whole 128-key tile of one head (and, with the k tile
 # moved to registers, in the first key row of every tile in every pass), timing-dependent, so
-# evidently a race in the specialized schedule (Triton has open reports of wrong results from warp_specialize=True, e.g.
-# triton-lang/triton#8311). No configuration here turns it on; `benchmarks/train_kernels.py --ab
-# dkv_ws` and `--repeat` repeat the measurement and the check.
+# evidently a race in the specialized schedule (Triton has open reports of wrong results from
+# warp_specialize=True, e.g. triton-lang/triton#8311). No configuration here turns it on;
+# `benchmarks/train_kernels.py --ab dkv_ws` and `--repeat` repeat the measurement and the check.
 DKV_TMA = None
 DKV_TMA_CONFIG = {(64, "mha"): (64, 128, 8, 3, False), (64, "gqa"): (64, 128, 8, 3, False),
                   (128, "mha"): (32, 128, 8, 3, False), (128, "gqa"): (32, 128, 8, 3, False)}
