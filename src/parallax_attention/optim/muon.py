@@ -69,21 +69,38 @@ def zeropower_via_newtonschulz(
     return x.to(g.dtype)
 
 
+def _shape_runs(idx: list[int], shapes: list) -> list[list[int]]:
+    """``idx`` cut into runs of consecutive same-shape matrices (callers sort by shape first)."""
+    runs: list[list[int]] = []
+    for i in idx:
+        if runs and tuple(shapes[runs[-1][0]]) == tuple(shapes[i]):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def _by_shape(idx, shapes) -> list[int]:
+    """``idx`` ordered so same-shape matrices are adjacent; depends only on the shapes."""
+    return sorted(idx, key=lambda i: (tuple(shapes[i]), i))
+
+
 def _newtonschulz_grouped(mats: list[Tensor], steps, coefficients, eps, dtype) -> list[Tensor]:
-    """:func:`zeropower_via_newtonschulz` of each matrix, same-shape matrices stacked into one batch."""
-    groups: dict[tuple, list[int]] = {}
-    for i, m in enumerate(mats):
-        groups.setdefault((tuple(m.shape), m.dtype), []).append(i)
+    """:func:`zeropower_via_newtonschulz` of each matrix, same-shape matrices stacked into one batch.
+
+    Each group costs a stack and two casts however many matrices it holds: per-matrix copies
+    are what made the optimizer step host-bound.
+    """
+    keys = [(tuple(m.shape), str(m.dtype)) for m in mats]
     out: list[Tensor | None] = [None] * len(mats)
-    for idx in groups.values():
-        if len(idx) == 1:
-            out[idx[0]] = zeropower_via_newtonschulz(mats[idx[0]], steps, coefficients, eps, dtype)
+    for run in _shape_runs(sorted(range(len(mats)), key=lambda i: (keys[i], i)), keys):
+        if len(run) == 1:
+            out[run[0]] = zeropower_via_newtonschulz(mats[run[0]], steps, coefficients, eps, dtype)
             continue
-        work = dtype or mats[idx[0]].dtype
-        stacked = zeropower_via_newtonschulz(torch.stack([mats[i].to(work) for i in idx]), steps, coefficients,
-                                             eps, None)
-        for i, x in zip(idx, stacked.unbind(0)):
-            out[i] = x.to(mats[i].dtype)
+        stacked = torch.stack([mats[i] for i in run])
+        x = zeropower_via_newtonschulz(stacked.to(dtype or stacked.dtype), steps, coefficients, eps, None)
+        for i, xi in zip(run, x.to(stacked.dtype).unbind(0)):
+            out[i] = xi
     return out
 
 
@@ -209,19 +226,43 @@ def _orthogonalise_row_sharded(shapes: list[torch.Size], shards: list[Tensor], m
     its owner, the owner orthogonalises, and a second all-to-all returns each rank its rows,
     so a rank moves about 2/world of the bucket, not twice all of it. ``"redundant"``: one
     all-gather and every rank orthogonalises every matrix.
+
+    Matrices of one shape sit next to each other in every buffer, so packing, unpacking and
+    Newton-Schulz cost a few launches per shape and bucket, not per matrix; the returned rows
+    are views into one buffer in the shards' dtype.
     """
     pg = mesh.get_group()
     world, me = mesh.size(), mesh.get_local_rank()
     work_dtype = dtype or shards[0].dtype
+    out_dtype = shards[0].dtype
     out: list[Tensor | None] = [None] * len(shards)
     chunk = [-(-shape[0] // world) for shape in shapes]
 
-    def padded(i: int, rows: Tensor) -> Tensor:
-        return torch.nn.functional.pad(rows.to(work_dtype), (0, 0, 0, chunk[i] - rows.shape[0])).flatten()
+    def pack(idx: list[int]) -> Tensor:
+        """This rank's rows of matrices ``idx``, each padded to its shard size, as one flat buffer."""
+        parts = [torch.nn.functional.pad(shards[i], (0, 0, 0, chunk[i] - shards[i].shape[0]))
+                 if shards[i].shape[0] != chunk[i] else shards[i] for i in idx]
+        return torch.cat([t.reshape(-1) for t in parts]).to(work_dtype) if parts else \
+            shards[0].new_empty(0, dtype=work_dtype)
 
-    def rows_of(i: int, rank: int) -> tuple[int, int]:
-        lo = min(rank * chunk[i], shapes[i][0])
-        return lo, min(lo + chunk[i], shapes[i][0])
+    def unpack(gathered: Tensor, idx: list[int]):
+        """(world, seg) buffer of every rank's padded rows of ``idx`` -> (run, stacked full matrices)."""
+        off = 0
+        for run in _shape_runs(idx, shapes):
+            rows, cols = shapes[run[0]]
+            size = chunk[run[0]] * cols
+            block = gathered[:, off:off + len(run) * size].view(world, len(run), chunk[run[0]], cols)
+            yield run, block.transpose(0, 1).reshape(len(run), world * chunk[run[0]], cols)[:, :rows]
+            off += len(run) * size
+
+    def orthogonalise(stacked: Tensor) -> Tensor:
+        return zeropower_via_newtonschulz(stacked, steps, coefficients, eps, None)
+
+    def own_rows(run: list[int], x: Tensor) -> None:
+        lo = min(me * chunk[run[0]], shapes[run[0]][0])
+        hi = min(lo + chunk[run[0]], shapes[run[0]][0])
+        for i, xi in zip(run, x[:, lo:hi].to(out_dtype).unbind(0)):
+            out[i] = xi
 
     buckets, cur, cur_numel = [], [], 0
     for i, shape in enumerate(shapes):
@@ -235,36 +276,31 @@ def _orthogonalise_row_sharded(shapes: list[torch.Size], shards: list[Tensor], m
 
     for bucket in buckets:
         if mode == "redundant":
-            gathered = _all_gather_flat(torch.cat([padded(i, shards[i]) for i in bucket]), pg)
-            fulls, off = [], 0
-            for i in bucket:
-                size = chunk[i] * shapes[i][1]
-                fulls.append(gathered[:, off:off + size].reshape(world * chunk[i], shapes[i][1])[:shapes[i][0]])
-                off += size
-            for i, x in zip(bucket, _newtonschulz_grouped(fulls, steps, coefficients, eps, None)):
-                lo, hi = rows_of(i, me)
-                out[i] = x[lo:hi]
+            idx = _by_shape(bucket, shapes)
+            for run, full in unpack(_all_gather_flat(pack(idx), pg), idx):
+                own_rows(run, orthogonalise(full))
             continue
         owner = _deal(bucket, shapes, world)
-        by_owner = [[i for i in bucket if owner[i] == r] for r in range(world)]
+        by_owner = [_by_shape([i for i in bucket if owner[i] == r], shapes) for r in range(world)]
         # Padded rows of every owned matrix: the same count from every rank.
         seg = [sum(chunk[i] * shapes[i][1] for i in by_owner[r]) for r in range(world)]
-        send = torch.cat([padded(i, shards[i]) for r in range(world) for i in by_owner[r]])
+        send = torch.cat([pack(by_owner[r]) for r in range(world)])
         recv = _all_to_all_flat(send, seg, [seg[me]] * world, pg).view(world, seg[me])
-        fulls, off = [], 0
-        for i in by_owner[me]:
-            size = chunk[i] * shapes[i][1]
-            fulls.append(recv[:, off:off + size].reshape(world * chunk[i], shapes[i][1])[:shapes[i][0]])
-            off += size
-        results = _newtonschulz_grouped(fulls, steps, coefficients, eps, None)
-        back = [padded(i, x[slice(*rows_of(i, r))]) for r in range(world) for i, x in zip(by_owner[me], results)]
-        send = torch.cat(back) if back else recv.new_empty(0)
-        recv = _all_to_all_flat(send, [seg[me]] * world, seg, pg)
+        # Back to the ranks: (world, rows of rank r of each owned matrix), padded to the shard size.
+        back = []
+        for run, full in unpack(recv, by_owner[me]):
+            x = orthogonalise(full)
+            pad = world * chunk[run[0]] - x.shape[1]
+            x = torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
+            back.append(x.reshape(len(run), world, -1).transpose(0, 1).reshape(world, -1))
+        send = torch.cat(back, dim=1).reshape(-1) if back else recv.new_empty(0)
+        recv = _all_to_all_flat(send, [seg[me]] * world, seg, pg).to(out_dtype)
         off = 0
         for r in range(world):
             for i in by_owner[r]:
                 size = chunk[i] * shapes[i][1]
-                lo, hi = rows_of(i, me)
+                lo = min(me * chunk[i], shapes[i][0])
+                hi = min(lo + chunk[i], shapes[i][0])
                 out[i] = recv[off:off + size].view(chunk[i], shapes[i][1])[:hi - lo]
                 off += size
     return out
