@@ -178,12 +178,11 @@ def profile_phases(args) -> dict:
     dev = info.device
     vocab = 151936 if args.preset != "tiny" else 256
     torch.manual_seed(0)
-    model = wrap_model(build_model(cfg, vocab, dev), parallel, info, not args.no_reshard, args.fsdp_param_dtype)
+    model = wrap_model(build_model(cfg, vocab, dev), parallel, info, not args.no_reshard)
     opt = build_optimizer(unwrap(model), "muon")
     gen = torch.Generator(device="cpu").manual_seed(info.rank)
     batch = torch.randint(0, vocab, (args.micro_batch, args.seq_len + 1), generator=gen).to(dev)
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16) \
-        if dev.type == "cuda" or args.fsdp_param_dtype == "bf16" else None
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16) if dev.type == "cuda" else None
 
     def sync():
         if dev.type == "cuda":
@@ -249,7 +248,7 @@ def run_phases(args) -> int:
               str(args.seq_len), "--micro-batch", str(args.micro_batch), "--phase-steps", str(args.phase_steps),
               "--phase-accum", str(args.phase_accum)]
     worker += (["--cpu"] if args.cpu else []) + (["--trace"] if args.trace else []) + \
-        (["--no-reshard"] if args.no_reshard else []) + ["--fsdp-param-dtype", args.fsdp_param_dtype]
+        (["--no-reshard"] if args.no_reshard else [])
     rows = []
     for n in counts:
         proc = subprocess.run(python(n) + [str(Path(__file__).resolve())] + worker, env=_env(), timeout=args.timeout,
@@ -260,8 +259,7 @@ def run_phases(args) -> int:
             print(proc.stderr[-4000:])
             continue
         rows.append(json.loads(line[-1][len("PHASES "):]))
-    print(f"{args.preset} {args.attention}, L={args.seq_len}, FSDP2 reshard after forward: {not args.no_reshard}, "
-          f"block parameters in {args.fsdp_param_dtype}\n")
+    print(f"{args.preset} {args.attention}, L={args.seq_len}, FSDP2 reshard after forward: {not args.no_reshard}\n")
     print("| N | micro-batch x accum | forward+backward ms | clip ms | optimizer ms | peak memory per GPU (GiB) |\n"
           "|---|---|---|---|---|---|")
     for r in rows:
@@ -300,8 +298,6 @@ def main() -> int:
     ap.add_argument("--no-reshard", action="store_true",
                     help="FSDP2 blocks keep their gathered parameters from forward to backward "
                          "(train's fsdp_reshard_after_forward=false)")
-    ap.add_argument("--fsdp-param-dtype", default="fp32", choices=("fp32", "bf16"),
-                    help="FSDP2 block parameters gathered in this dtype (train's fsdp_param_dtype)")
     ap.add_argument("--trace", action="store_true", help="with --phases: torch.profiler top operators")
     ap.add_argument("--phase-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -362,7 +358,6 @@ def main() -> int:
 
     results = {"preset": args.preset, "attention": args.attention, "seq_len": args.seq_len,
                "global_batch": global_batch, "steps": args.steps,
-               "fsdp_reshard_after_forward": not args.no_reshard, "fsdp_param_dtype": args.fsdp_param_dtype,
                "device": "cpu (gloo)" if args.cpu else torch.cuda.get_device_name(0), "runs": []}
     base_losses = None
     base_tps = None
@@ -400,8 +395,7 @@ def main() -> int:
                "--batch-size", str(micro), "--grad-accum", str(accum), "--no-progress",
                "--parallel", "fsdp" if n > 1 else "none", "--device", "cpu" if args.cpu else "cuda",
                "eval_every=0", "ckpt_every=0", "warmup=10", "log_every=1",
-               f"fsdp_reshard_after_forward={str(not args.no_reshard).lower()}",
-               f"fsdp_param_dtype={args.fsdp_param_dtype}"]
+               f"fsdp_reshard_after_forward={str(not args.no_reshard).lower()}"]
         if args.preset != "tiny":
             cli.append("model.vocab_size=151936")  # the preset's real embedding size
         if name == "noise_ref" and args.compare_steps < args.steps:

@@ -58,10 +58,6 @@ class TrainConfig:
     # FSDP2: free each block's gathered parameters after its forward (less memory; gathered again
     # for the backward) or keep them until the backward (one all-gather per block and micro-batch)
     fsdp_reshard_after_forward: bool = True
-    # FSDP2: dtype the blocks' parameters are gathered and used in ("bf16": half the all-gather
-    # bytes, no per-matmul weight casts under autocast); gradients are reduced and the optimizer
-    # steps in float32 either way
-    fsdp_param_dtype: str = "fp32"
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -73,7 +69,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         choices = {"attention": ("parallax", "softmax"), "optimizer": ("muon", "adamw"),
                    "schedule": ("wsd", "cosine", "constant"), "parallel": ("none", "ddp", "fsdp"),
-                   "dtype": ("auto", "bf16", "fp32"), "fsdp_param_dtype": ("fp32", "bf16"), "tokenizer": ("bytes", "bpe"),
+                   "dtype": ("auto", "bf16", "fp32"), "tokenizer": ("bytes", "bpe"),
                    "adjust_lr": ("original", "match_rms_adamw", "none")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

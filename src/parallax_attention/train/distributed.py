@@ -137,15 +137,12 @@ def _block_lists(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def wrap_model(model: nn.Module, parallel: str, info: DistInfo, reshard_after_forward: bool = True,
-               param_dtype: str = "fp32") -> nn.Module:
+def wrap_model(model: nn.Module, parallel: str, info: DistInfo, reshard_after_forward: bool = True) -> nn.Module:
     """DDP, or FSDP2 (``fully_shard`` per block, then the root), or the model itself.
 
     Under FSDP2 ``reshard_after_forward`` frees each block's gathered parameters after its
     forward; the last block keeps them either way, since its backward starts at once and
-    resharding would only gather them again. ``param_dtype="bf16"`` gathers the blocks'
-    parameters in bf16 and reduces their gradients in float32; block inputs are not cast, so
-    the residual stream keeps the dtype it has without FSDP (as under autocast alone).
+    resharding would only gather them again.
     """
     if parallel == "none":
         return model
@@ -156,19 +153,12 @@ def wrap_model(model: nn.Module, parallel: str, info: DistInfo, reshard_after_fo
         return DDP(model, device_ids=ids)
     if parallel == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import fully_shard
 
-        if param_dtype not in ("fp32", "bf16"):
-            raise ValueError(f"param_dtype must be 'fp32' or 'bf16', got {param_dtype!r}")
         mesh = init_device_mesh(info.device.type, (info.world_size,))
-        policy = {}
-        if param_dtype == "bf16":
-            policy["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                                       cast_forward_inputs=False)
         blocks = _block_lists(model)
         for i, block in enumerate(blocks):
-            fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1,
-                        **policy)
+            fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
         fully_shard(model, mesh=mesh)
         return model
     raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")

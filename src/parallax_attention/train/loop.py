@@ -176,19 +176,16 @@ def _train(cfg: TrainConfig, info) -> dict:
     if len(val_data) == 0:
         val_data = None
 
-    autocast_dtype = _autocast_dtype(cfg, device)
-    if cfg.parallel == "fsdp" and cfg.fsdp_param_dtype == "bf16" and autocast_dtype != torch.bfloat16:
-        raise ValueError("fsdp_param_dtype: 'bf16' block parameters need bf16 autocast for the rest of the model "
-                         f"(dtype=bf16, or dtype=auto on a GPU); got dtype={cfg.dtype!r} on {device.type}")
     model = build_model(cfg, manifest["vocab_size"], device)
     n_params = sum(p.numel() for p in model.parameters())
-    model = wrap_model(model, cfg.parallel, info, cfg.fsdp_reshard_after_forward, cfg.fsdp_param_dtype)
+    model = wrap_model(model, cfg.parallel, info, cfg.fsdp_reshard_after_forward)
     optimizer = build_optimizer(unwrap(model), cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                 adamw_lr=cfg.adamw_lr, adjust_lr=cfg.adjust_lr, momentum=cfg.momentum,
                                 betas=(cfg.beta1, cfg.beta2))
     schedule = Schedule(cfg.schedule, total=cfg.steps, warmup=min(cfg.warmup, cfg.steps),
                         decay_frac=cfg.decay_frac, min_ratio=cfg.min_lr_ratio, wd_gamma=cfg.wd_gamma)
     sampler = WindowSampler(len(train_data), seed=cfg.seed)
+    autocast_dtype = _autocast_dtype(cfg, device)
     micro = cfg.batch_size
     global_batch = micro * cfg.grad_accum * info.world_size
     eval_bs = cfg.eval_batch_size or micro
