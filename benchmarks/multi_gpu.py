@@ -358,6 +358,7 @@ def main() -> int:
 
     results = {"preset": args.preset, "attention": args.attention, "seq_len": args.seq_len,
                "global_batch": global_batch, "steps": args.steps,
+               "fsdp_reshard_after_forward": not args.no_reshard,
                "device": "cpu (gloo)" if args.cpu else torch.cuda.get_device_name(0), "runs": []}
     base_losses = None
     base_tps = None
