@@ -103,9 +103,11 @@ def rel(a, b):
 
 
 def check_section(results):
-    """bf16 kernel vs float64 on the valid keys: default config, dec.WAVE_MODEL_1, per-key table reads."""
+    """bf16 kernel vs float64 on the valid keys: the default config (paged splits preload their
+    block-table entries where they fit), then without the preload (entries read per tile on one-wave
+    grids, else per key), then per key everywhere."""
     rows = []
-    for cfg in ({}, dec.WAVE_MODEL_1, dict(PAGE_SCALAR=0)):
+    for cfg in ({}, dict(PAGE_PRELOAD=0), dict(PAGE_PRELOAD=0, PAGE_SCALAR=0)):
         old = dec.set_config(**cfg)
         try:
             rows += [dict(r, config=cfg) for r in _check(cfg)]
@@ -240,7 +242,7 @@ def _sweep(results, bw, deadline):
         if page:
             kc, vc, bt = to_paged(kc, vc, page)
         roof = B * L * HKV * 128 * 4 / (bw * 1e12) * 1e6
-        chosen = dec.launch_config(B, HKV, HQ // HKV, L, 128, 2, page is not None, q.device)
+        chosen = dec.paged_launch_config(B, HKV, HQ // HKV, L, L, 128, 2, page or 0, False, 0, q.device)[:2]
         for (stages, splits, extra) in alts:
             if time.time() - T0 > deadline:
                 break
@@ -288,9 +290,6 @@ def grid_section(results, bw, plx, budget_s):
                     "sdpa": lambda: F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=(HQ != HKV)),
                     "ours_dense": lambda: parallax_attn_with_kvcache(q, r, kc, vc, cache_seqlens=seq,
                                                                      backend="triton"),
-                    # The earlier default rule (dec.WAVE_MODEL_1), timed in the same run.
-                    "ours_dense_m1": lambda: with_config(dec.WAVE_MODEL_1, lambda: parallax_attn_with_kvcache(
-                        q, r, kc, vc, cache_seqlens=seq, backend="triton")),
                 }
                 paged = {}
                 for page in (64, 256):
@@ -298,25 +297,20 @@ def grid_section(results, bw, plx, budget_s):
                 for page, (kp, vp, bt) in paged.items():
                     cands[f"ours_paged{page}"] = (lambda kp=kp, vp=vp, bt=bt: parallax_attn_with_kvcache(
                         q, r, kp, vp, cache_seqlens=seq, block_table=bt, backend="triton"))
-                kp, vp, bt = paged[64]
-                cands["ours_paged64_m1"] = lambda: with_config(dec.WAVE_MODEL_1, lambda: parallax_attn_with_kvcache(
-                    q, r, kp, vp, cache_seqlens=seq, block_table=bt, backend="triton"))
-                # The first paged kernel: one block-table entry per key.
-                cands["ours_paged64_gather"] = lambda: with_config(dict(PAGE_SCALAR=0), lambda: (
-                    parallax_attn_with_kvcache(q, r, kp, vp, cache_seqlens=seq, block_table=bt, backend="triton")))
+                    # The previous default: no preload of the block-table entries, the paged wave model.
+                    cands[f"ours_paged{page}_prev"] = (lambda kp=kp, vp=vp, bt=bt: with_config(
+                        dict(PAGE_PRELOAD=0), lambda: parallax_attn_with_kvcache(
+                            q, r, kp, vp, cache_seqlens=seq, block_table=bt, backend="triton")))
                 # The default again, last: the spread between the two is the run-to-run noise.
                 cands["ours_dense_again"] = cands["ours_dense"]
                 if plx is not None and time.time() - T0 < budget_s:
                     cands["cute"] = lambda: plx.parallax_attn_with_kvcache(q, r, kc, vc, scale=scale)
                 row["cfg_dense"] = list(dec.launch_config(B, HKV, HQ // HKV, L, D, 2, False, q.device))
-                row["cfg_paged"] = list(dec.launch_config(B, HKV, HQ // HKV, L, D, 2, True, q.device))
+                for page in (64, 256):   # (stages, splits, block-table entries preloaded per split)
+                    row[f"cfg_paged{page}"] = list(dec.paged_launch_config(B, HKV, HQ // HKV, L, L, D, 2, page, False,
+                                                                           0, q.device))
+                row["cfg_paged_prev"] = list(dec.launch_config(B, HKV, HQ // HKV, L, D, 2, True, q.device))
                 row["splits"] = row["cfg_dense"][1]
-                old = dec.set_config(**dec.WAVE_MODEL_1)
-                try:
-                    row["cfg_dense_m1"] = list(dec.launch_config(B, HKV, HQ // HKV, L, D, 2, False, q.device))
-                    row["cfg_paged_m1"] = list(dec.launch_config(B, HKV, HQ // HKV, L, D, 2, True, q.device))
-                finally:
-                    dec.set_config(**old)
                 for name, fn in cands.items():
                     try:
                         fn()
@@ -331,7 +325,7 @@ def grid_section(results, bw, plx, budget_s):
                             row[name]["x_sdpa"] = row[name]["us"] / row["sdpa"]["us"]
                 rows.append(row)
                 log("grid", json.dumps(row))
-                del q, r, kc, vc, paged, cands, qh, kh, vh, kp, vp, bt
+                del q, r, kc, vc, paged, cands, qh, kh, vh
                 torch.cuda.empty_cache()
     results["grid"] = rows
 
@@ -408,9 +402,9 @@ def main():
 
 
 def print_grid(results):
-    print("B L Hq/Hkv (stages,splits) dense/paged | roof us | SDPA us | ours dense us %roof xSDPA | paged64 | "
-          "paged256 | paged64, per-key page reads | dense again | CuTeDSL | wave model 1 (stages,splits): dense | "
-          "paged64")
+    print("B L Hq/Hkv (stages,splits) dense | paged 64 / 256 (stages,splits,preload) | previous paged | roof us | "
+          "SDPA us | ours dense us %roof xSDPA | paged64 | paged256 | paged64 previous | paged256 previous | "
+          "dense again | CuTeDSL")
 
     def cell(v):
         if not isinstance(v, dict):
@@ -420,13 +414,13 @@ def print_grid(results):
         s = f"{v['us']:.1f} ({v['pct']:.0f}%"
         return s + (f", {v['x_sdpa']:.2f}x)" if "x_sdpa" in v else ")")
     for row in results["grid"]:
-        print(f"{row['B']} {row['L']} {row['HQ']}/{row['HKV']} {tuple(row['cfg_dense'])}/{tuple(row['cfg_paged'])} | "
+        print(f"{row['B']} {row['L']} {row['HQ']}/{row['HKV']} {tuple(row['cfg_dense'])} | "
+              f"{tuple(row['cfg_paged64'])} / {tuple(row['cfg_paged256'])} | {tuple(row['cfg_paged_prev'])} | "
               f"{row['roof_us']:.1f} | {cell(row.get('sdpa'))} | {cell(row.get('ours_dense'))} | "
               f"{cell(row.get('ours_paged64'))} | {cell(row.get('ours_paged256'))} | "
-              f"{cell(row.get('ours_paged64_gather'))} | {cell(row.get('ours_dense_again'))} | {cell(row.get('cute'))} | "
-              f"m1 {tuple(row['cfg_dense_m1'])}/{tuple(row['cfg_paged_m1'])}: {cell(row.get('ours_dense_m1'))} | "
-              f"{cell(row.get('ours_paged64_m1'))}")
-    for name in ("ours_paged64", "ours_paged256"):
+              f"{cell(row.get('ours_paged64_prev'))} | {cell(row.get('ours_paged256_prev'))} | "
+              f"{cell(row.get('ours_dense_again'))} | {cell(row.get('cute'))}")
+    for name in ("ours_paged64", "ours_paged256", "ours_paged64_prev", "ours_paged256_prev"):
         ratios = [row[name]["us"] / row["ours_dense"]["us"] for row in results["grid"]
                   if "us" in row.get(name, {}) and "us" in row.get("ours_dense", {})]
         if ratios:

@@ -455,9 +455,11 @@ def test_page_per_tile_reads_match_per_key_reads(page, lq):
     vnew = torch.stack([v[i, n:n + lq] for i, n in enumerate(lens)])
     poison(k, v, lens)
     outs = []
-    for scalar in (1, 0):   # forced on / off (the default decides by grid size)
+    # block-table entries preloaded before the loop (the default here), then without the preload:
+    # one entry per tile forced on / off (the default decides by grid size)
+    for cfg in (dict(PAGE_PRELOAD=1), dict(PAGE_PRELOAD=0, PAGE_SCALAR=1), dict(PAGE_PRELOAD=0, PAGE_SCALAR=0)):
         kp, vp, bt = to_paged(k, v, page, torch.Generator().manual_seed(5))
-        old = decode.set_config(PAGE_SCALAR=scalar)
+        old = decode.set_config(**cfg)
         try:
             for ns in (0, 3):
                 outs.append(parallax_attn_with_kvcache(
@@ -467,8 +469,53 @@ def test_page_per_tile_reads_match_per_key_reads(page, lq):
             decode.set_config(**old)
     for out in outs:
         assert rel(out, exp) < tol(torch.float16)
-    # same keys in the same order: only the addressing differs
-    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
+    # same keys in the same order with the same splits: only the addressing differs
+    assert torch.equal(outs[1], outs[3]) and torch.equal(outs[1], outs[5])
+    assert torch.equal(outs[2], outs[4])
+
+
+def test_preload_entries_cover_every_split():
+    """The preload holds every block-table entry a split can touch, for any length up to the capacity,
+    and is 0 (not used) when that would exceed PAGE_PRELOAD_MAX."""
+    from parallax_attention.ops.triton import decode
+    block_n = 64
+    for capacity, splits, page in ((4096, 64, 64), (1024, 8, 64), (1024, 2, 64), (1024, 3, 256), (16384, 64, 256),
+                                   (1000, 7, 128), (320, 3, 64), (16384, 8, 64)):
+        n = decode.preload_entries(capacity, splits, page, block_n)
+        need = 0
+        for span in range(1, capacity + 1, 7):   # the kernel's split ranges for a sequence of span keys
+            chunk = -(-(-(-span // splits)) // block_n) * block_n
+            for s in range(splits):
+                lo, hi = s * chunk, min(s * chunk + chunk, span)
+                if lo < hi:
+                    need = max(need, (hi - 1) // page - lo // page + 1)
+        if n:
+            assert n >= need and n & (n - 1) == 0 and n <= decode.PAGE_PRELOAD_MAX
+        else:
+            assert need > decode.PAGE_PRELOAD_MAX // 2   # refused only where a smaller power of two cannot hold it
+    assert decode.preload_entries(4096, 64, 64, 64) == 2
+    assert decode.preload_entries(16384, 8, 64, 64) == 0
+
+
+@pytest.mark.parametrize("page", [64, 256])
+def test_preloaded_pages_ignore_unused_table_entries(page):
+    """Entries past a sequence's last block may hold anything (-1, huge ids): the preload reads them
+    but never addresses K/V with them."""
+    from parallax_attention.ops.triton import decode
+    b, lq, hq, hkv, d, cap = 3, 1, 4, 2, 32, 1024
+    q, r, k, v, g = inputs(b, lq, hq, hkv, d, cap, torch.float16, seed=61)
+    lens = [cap, 65, 300]
+    exp = expected(q, r, k, v, lens)
+    poison(k, v, lens)
+    kp, vp, bt = to_paged(k, v, page, g)
+    for i, n in enumerate(lens):
+        used = -(-n // page)
+        bt[i, used:] = torch.where(torch.arange(bt.shape[1] - used) % 2 == 0, -1, 2**31 - 1).to(torch.int32)
+    for ns in (0, 2, 5):
+        assert ns == 0 or decode.preload_entries(cap, ns, page, 64) > 0
+        out = parallax_attn_with_kvcache(q, r, kp, vp, cache_seqlens=torch.tensor(lens, dtype=torch.int32),
+                                         block_table=bt, num_splits=ns, backend="triton")
+        assert rel(out, exp) < tol(torch.float16)
 
 
 @pytest.mark.parametrize("layout", ["dense", 16])

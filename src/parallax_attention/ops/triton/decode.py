@@ -52,7 +52,7 @@ def _decode_split_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
     PAGED: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     ROW_MASK: tl.constexpr, SINGLE: tl.constexpr, PREC: tl.constexpr, STACKED: tl.constexpr,
-    PDL: tl.constexpr, PAGE_SCALAR: tl.constexpr = False,
+    PDL: tl.constexpr, PAGE_SCALAR: tl.constexpr = False, PAGE_PRELOAD: tl.constexpr = 0,
 ):
     if PDL:
         # Let the merge grid launch as soon as every split program has started; it waits for
@@ -132,10 +132,26 @@ def _decode_split_kernel(
 
     k_base = K + kvh * stride_kh
     v_base = V + kvh * stride_vh
+    if PAGED and PAGE_PRELOAD > 0:
+        # Every block-table entry this split can touch, read once before the loop: the K/V
+        # addresses then come from registers and the pipeliner buffers K/V as for a dense cache,
+        # instead of giving a block-table load its own stage in front of each tile.
+        first_page = s_lo // PAGE
+        offs_p = tl.arange(0, PAGE_PRELOAD)
+        pages = tl.load(BT + b.to(tl.int64) * stride_btb + first_page + offs_p,
+                        mask=(first_page + offs_p) < capacity // PAGE, other=0)
     for start in range(s_lo, s_hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         kmask = offs_n < s_hi
-        if PAGED and PAGE_SCALAR:
+        if PAGED and PAGE_PRELOAD > 0:
+            # Tiles start at multiples of BLOCK_N, which divides PAGE: one page per tile.
+            page = tl.sum(tl.where(offs_p == start // PAGE - first_page, pages, 0)).to(tl.int64)
+            # From offs_n, not a loop-invariant arange: Triton hoists an invariant row-offset
+            # tensor out of the loop and keeps it live (150 registers against 85 for sm_90a).
+            in_page = offs_n % PAGE
+            k_row = page * stride_kb + in_page * stride_kt
+            v_row = page * stride_vb + in_page * stride_vt
+        elif PAGED and PAGE_SCALAR:
             # The tile lies inside one page (tiles start at multiples of BLOCK_N, which divides
             # PAGE): one block-table entry instead of one per key, and contiguous rows as in the
             # dense cache.
@@ -419,6 +435,41 @@ def use_page_scalar(programs: int, sms: int) -> bool:
     return programs <= sms
 
 
+# The most block-table entries a split preloads (a power of two): beyond this the entries' registers
+# and the per-tile selection cost more than a dependent load, and such splits stream enough tiles
+# for the per-key read to be hidden anyway.
+PAGE_PRELOAD_MAX = 32
+
+
+def preload_entries(capacity: int, num_splits: int, page: int, block_n: int) -> int:
+    """Block-table entries a split reads up front (a power of two), or 0 when more than
+    PAGE_PRELOAD_MAX could be needed. From static shapes: a split holds at most the tiles of the
+    full capacity's chunk and may start inside a page, hence the one extra entry."""
+    chunk = _cdiv(_cdiv(capacity, num_splits), block_n) * block_n
+    need = (chunk - 1) // page + 2
+    n = 1 << (need - 1).bit_length()
+    return n if n <= PAGE_PRELOAD_MAX else 0
+
+
+def paged_launch_config(batch: int, heads_kv: int, rows: int, keys: int, capacity: int, d: int, esize: int,
+                        page: int, has_left: bool, num_splits: int, device: torch.device) -> tuple[int, int, int]:
+    """(num_stages, num_splits, block-table entries preloaded per split) for a dense (page 0) or
+    paged cache, from static shapes only; num_splits > 0 is the caller's forced count.
+
+    Without a left window every split starts at a multiple of BLOCK_N (chunks are whole tiles), so
+    with BLOCK_N dividing the page a tile never crosses a page, and when the entries a split can
+    touch fit the preload it streams like a dense split and takes the dense configuration.
+    """
+    stages, splits = launch_config(batch, heads_kv, rows, keys, d, esize, page > 0, device)
+    block_n = _CONFIG["BLOCK_N"]
+    if page > 0 and page % block_n == 0 and not has_left and _CONFIG["PAGE_PRELOAD"]:
+        dense_stages, dense_splits = launch_config(batch, heads_kv, rows, keys, d, esize, False, device)
+        preload = preload_entries(capacity, num_splits if num_splits > 0 else dense_splits, page, block_n)
+        if preload:
+            return dense_stages, dense_splits, preload
+    return stages, splits, 0
+
+
 def default_num_splits(batch: int, heads_kv: int, capacity: int, device: torch.device, rows: int = 1,
                        d: int = 128, esize: int = 2, paged: bool = False) -> int:
     """Splits per (sequence, kv head) that decode_triton picks for these static shapes."""
@@ -431,9 +482,10 @@ MAX_SPLITS = 128
 # PROGRAMS_PER_SM 0 mean "chosen per shape by launch_config"; MODEL 1 or 2 picks the wave-model
 # constants (above); PDL 0 never, 1 always, 2 by shape (use_pdl). The default is wave model 2 with
 # PDL by merge-grid size; benchmarks/decode.py also times the earlier rule, WAVE_MODEL_1.
-# PAGE_SCALAR: how a paged cache reads its block table (use_page_scalar).
+# PAGE_SCALAR: how a paged cache reads its block table (use_page_scalar); PAGE_PRELOAD 1: a split
+# whose block-table entries fit PAGE_PRELOAD_MAX reads them all before its loop (preload_entries).
 _CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 0, "PROGRAMS_PER_SM": 0, "MIN_KEYS": 128, "STACKED": 1,
-           "PDL": 2, "MODEL": 2, "PAGE_SCALAR": 2}
+           "PDL": 2, "MODEL": 2, "PAGE_SCALAR": 2, "PAGE_PRELOAD": 1}
 WAVE_MODEL_1 = {"MODEL": 1, "PDL": 1}
 
 
@@ -469,7 +521,10 @@ def decode_triton(q, r, k_cache, v_cache, block_table, seqlens, seq_const: int, 
     has_left, has_right = left >= 0, right >= 0
     # A left window bounds the keys any row reads, statically: lq + left.
     keys = min(capacity, lq + left) if has_left else capacity
-    stages, auto_splits = launch_config(bsz, hkv, g * lq, keys, d, q.element_size(), paged, q.device)
+    block_n = _CONFIG["BLOCK_N"]
+    stages, auto_splits, page_preload = paged_launch_config(bsz, hkv, g * lq, keys, capacity, d, q.element_size(),
+                                                            page if paged else 0, has_left, num_splits, q.device)
+    page_aligned = paged and page % block_n == 0 and not has_left
     if num_splits <= 0:
         num_splits = auto_splits
     # With one query row the split range already is its window: keys [n-1-left, n-1] with
@@ -479,7 +534,6 @@ def decode_triton(q, r, k_cache, v_cache, block_table, seqlens, seq_const: int, 
     # The MMA needs >= 16 rows: [Q; R] doubles the rows, so 8 query rows already fill it.
     block_m = max(8 if stacked else 16, triton.next_power_of_2(g * lq))
     block_d = max(16, triton.next_power_of_2(d))
-    block_n = _CONFIG["BLOCK_N"]
     for name, x in (("q", q), ("r", r), ("k_cache", k_cache), ("v_cache", v_cache)):
         if x.stride(-1) != 1:
             raise ValueError(f"{name}: expected a contiguous last dimension (stride 1), got stride {x.stride(-1)}")
@@ -499,8 +553,7 @@ def decode_triton(q, r, k_cache, v_cache, block_table, seqlens, seq_const: int, 
     pdl = (not single and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
            and use_pdl(bsz * lq * hq, sms))
     launch_kw = dict(launch_pdl=True) if pdl else {}
-    # Without a left window every split starts at a multiple of BLOCK_N (chunks are whole tiles).
-    page_scalar = paged and page % block_n == 0 and not has_left and use_page_scalar(bsz * hkv * num_splits, sms)
+    page_scalar = page_aligned and not page_preload and use_page_scalar(bsz * hkv * num_splits, sms)
     grid = (bsz * hkv, num_splits)
     _decode_split_kernel[grid](
         q, r, k_cache, v_cache, bt, seq_arg, out, pstat, po,
@@ -515,6 +568,7 @@ def decode_triton(q, r, k_cache, v_cache, block_table, seqlens, seq_const: int, 
         HKV=hkv, G=g, D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page,
         PAGED=paged, HAS_SEQ=seqlens is not None, HAS_LEFT=has_left, HAS_RIGHT=has_right,
         ROW_MASK=row_mask, SINGLE=single, PREC=prec, STACKED=stacked, PDL=pdl, PAGE_SCALAR=page_scalar,
+        PAGE_PRELOAD=page_preload,
         num_warps=_CONFIG["num_warps"], num_stages=stages,
     )
     if not single:
