@@ -386,7 +386,7 @@ def test_launch_config_earlier_rules():
         assert decode.launch_config(8, 8, 4, 4096, 128, 2, True, cpu) == (3, 8)
         assert decode.launch_config(1, 1, 1, 100, 128, 2, False, cpu)[1] == 1
         # The first, fixed rule: about 4 programs per SM.
-        decode.set_config(PROGRAMS_PER_SM=4)
+        old.update(decode.set_config(PROGRAMS_PER_SM=4))
         assert decode.launch_config(1, 8, 1, 16384, 128, 2, False, cpu) == (3, 66)
     finally:
         decode.set_config(**old)
@@ -457,7 +457,8 @@ def test_page_per_tile_reads_match_per_key_reads(page, lq):
     outs = []
     # block-table entries preloaded before the loop (the default here), then without the preload:
     # one entry per tile forced on / off (the default decides by grid size)
-    for cfg in (dict(PAGE_PRELOAD=1), dict(PAGE_PRELOAD=0, PAGE_SCALAR=1), dict(PAGE_PRELOAD=0, PAGE_SCALAR=0)):
+    for cfg in (dict(PAGE_PRELOAD=1, PAGE_SCALAR=0), dict(PAGE_PRELOAD=0, PAGE_SCALAR=1),
+                dict(PAGE_PRELOAD=0, PAGE_SCALAR=0)):
         kp, vp, bt = to_paged(k, v, page, torch.Generator().manual_seed(5))
         old = decode.set_config(**cfg)
         try:
@@ -511,11 +512,32 @@ def test_preloaded_pages_ignore_unused_table_entries(page):
     for i, n in enumerate(lens):
         used = -(-n // page)
         bt[i, used:] = torch.where(torch.arange(bt.shape[1] - used) % 2 == 0, -1, 2**31 - 1).to(torch.int32)
-    for ns in (0, 2, 5):
-        assert ns == 0 or decode.preload_entries(cap, ns, page, 64) > 0
-        out = parallax_attn_with_kvcache(q, r, kp, vp, cache_seqlens=torch.tensor(lens, dtype=torch.int32),
-                                         block_table=bt, num_splits=ns, backend="triton")
-        assert rel(out, exp) < tol(torch.float16)
+    old = decode.set_config(PAGE_SCALAR=0)   # this small grid would read one entry per tile instead
+    try:
+        for ns in (0, 2, 5):
+            assert decode.paged_launch_config(b, hkv, hq // hkv, cap, cap, d, 2, page, False, ns,
+                                              torch.device("cpu"))[2] > 0
+            out = parallax_attn_with_kvcache(q, r, kp, vp, cache_seqlens=torch.tensor(lens, dtype=torch.int32),
+                                             block_table=bt, num_splits=ns, backend="triton")
+            assert rel(out, exp) < tol(torch.float16)
+    finally:
+        decode.set_config(**old)
+
+
+def test_paged_launch_plan():
+    """Preloaded entries where they fit and the grid is more than one wave (then the dense cache's
+    stages and splits); one entry per tile on one-wave grids; neither with a left window or pages
+    smaller than a tile. (stages, splits, entries) for the H200's 132 SMs."""
+    from parallax_attention.ops.triton import decode
+    cpu = torch.device("cpu")
+    plan = lambda b, hq, l, page, left=False, ns=0: decode.paged_launch_config(  # noqa: E731
+        b, 8, hq // 8, l, l, 128, 2, page, left, ns, cpu)
+    assert plan(32, 32, 1024, 64) == (*decode.launch_config(32, 8, 4, 1024, 128, 2, False, cpu), 32)
+    assert plan(1, 32, 4096, 64) == (2, 64, 2) and plan(1, 32, 4096, 256) == (2, 64, 2)
+    assert plan(1, 8, 1024, 64) == (*decode.launch_config(1, 8, 1, 1024, 128, 2, True, cpu), 0)   # one wave
+    assert plan(8, 8, 16384, 64)[2] == 0 and plan(8, 8, 16384, 256)[2] == 16      # 34 entries do not fit
+    assert plan(32, 32, 1024, 64, left=True)[2] == 0 and plan(32, 32, 1024, 16)[2] == 0
+    assert plan(32, 32, 1024, 64, ns=64)[2] == 2
 
 
 @pytest.mark.parametrize("layout", ["dense", 16])

@@ -278,6 +278,13 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _sms(device: torch.device) -> int:
+    """The device's SM count; an H200's (132) for decisions made off the GPU (tests, the interpreter)."""
+    if device.type != "cuda":
+        return 132
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -364,8 +371,7 @@ def launch_config(batch: int, heads_kv: int, rows: int, keys: int, d: int, esize
     rows: query rows per program (G * Lq); keys: the most keys a sequence can attend (the
     capacity, or the window plus Lq when the window has a left edge).
     """
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 132
+    sms = _sms(device)
     # Decisions are made per whole K/V tile, so a cache that grows by one token per step (transformers'
     # DynamicCache) reuses one decision for BLOCK_N steps.
     keys = _cdiv(keys, _CONFIG["BLOCK_N"]) * _CONFIG["BLOCK_N"]
@@ -458,14 +464,17 @@ def paged_launch_config(batch: int, heads_kv: int, rows: int, keys: int, capacit
 
     Without a left window every split starts at a multiple of BLOCK_N (chunks are whole tiles), so
     with BLOCK_N dividing the page a tile never crosses a page, and when the entries a split can
-    touch fit the preload it streams like a dense split and takes the dense configuration.
+    touch fit the preload it streams like a dense split and takes the dense configuration. Except
+    on a one-wave grid, where one entry read per tile (use_page_scalar) was faster (H200, B=1
+    L=1024: 6.4 against 6.7-6.9 us).
     """
     stages, splits = launch_config(batch, heads_kv, rows, keys, d, esize, page > 0, device)
     block_n = _CONFIG["BLOCK_N"]
     if page > 0 and page % block_n == 0 and not has_left and _CONFIG["PAGE_PRELOAD"]:
         dense_stages, dense_splits = launch_config(batch, heads_kv, rows, keys, d, esize, False, device)
         preload = preload_entries(capacity, num_splits if num_splits > 0 else dense_splits, page, block_n)
-        if preload:
+        one_wave = use_page_scalar(batch * heads_kv * (num_splits if num_splits > 0 else splits), _sms(device))
+        if preload and not one_wave:
             return dense_stages, dense_splits, preload
     return stages, splits, 0
 
@@ -548,8 +557,7 @@ def decode_triton(q, r, k_cache, v_cache, block_table, seqlens, seq_const: int, 
     bt = block_table if paged else q
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     # Programmatic dependent launch of the merge (Hopper and newer; not in the interpreter).
-    sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
-        if q.is_cuda else 132
+    sms = _sms(q.device)
     pdl = (not single and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
            and use_pdl(bsz * lq * hq, sms))
     launch_kw = dict(launch_pdl=True) if pdl else {}
