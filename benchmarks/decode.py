@@ -104,11 +104,11 @@ def rel(a, b):
 
 def check_section(results):
     """bf16 kernel vs float64 on the valid keys: the default config (paged splits preload their
-    block-table entries where they fit; the last split merges), then with the merge kernel, without
-    the preload (entries read per tile on one-wave grids, else per key), and per key everywhere.
-    Then repeated calls of the default must agree bit for bit (the fused merge's hand-off)."""
+    block-table entries where they fit), then without the preload (entries read per tile on
+    one-wave grids, else per key), and per key everywhere. Then repeated calls of the default must
+    agree bit for bit."""
     rows = []
-    for cfg in ({}, dict(FUSED_MERGE=0), dict(PAGE_PRELOAD=0), dict(PAGE_PRELOAD=0, PAGE_SCALAR=0)):
+    for cfg in ({}, dict(PAGE_PRELOAD=0), dict(PAGE_PRELOAD=0, PAGE_SCALAR=0)):
         old = dec.set_config(**cfg)
         try:
             rows += [dict(r, config=cfg) for r in _check(cfg)]
@@ -120,8 +120,9 @@ def check_section(results):
 
 
 def repeat_check(calls=400):
-    """Each shape called `calls` times, alternating with a call at other lengths so the splits
-    finish in changing orders; every output must equal the first bit for bit and be finite."""
+    """Each shape called `calls` times, alternating with a call at other lengths; every output must
+    equal the first bit for bit and be finite (the split kernel and the merge read and write
+    nothing across programs but the partials, so any difference is a bug)."""
     rows = []
     g = torch.Generator(device=DEV).manual_seed(1)
     for B, L, HQ, HKV, page in ((8, 1024, 32, 8, None), (8, 1024, 32, 8, 64), (1, 4096, 32, 8, 64),
@@ -333,12 +334,6 @@ def grid_section(results, bw, plx, budget_s):
                     cands[f"ours_paged{page}_prev"] = (lambda kp=kp, vp=vp, bt=bt: with_config(
                         dict(PAGE_PRELOAD=0), lambda: parallax_attn_with_kvcache(
                             q, r, kp, vp, cache_seqlens=seq, block_table=bt, backend="triton")))
-                # The partials merged by a second kernel instead of the last split.
-                cands["ours_dense_kmerge"] = lambda: with_config(dict(FUSED_MERGE=0), lambda: (
-                    parallax_attn_with_kvcache(q, r, kc, vc, cache_seqlens=seq, backend="triton")))
-                kp64, vp64, bt64 = paged[64]
-                cands["ours_paged64_kmerge"] = lambda: with_config(dict(FUSED_MERGE=0), lambda: (
-                    parallax_attn_with_kvcache(q, r, kp64, vp64, cache_seqlens=seq, block_table=bt64, backend="triton")))
                 # The default again, last: the spread between the two is the run-to-run noise.
                 cands["ours_dense_again"] = cands["ours_dense"]
                 if plx is not None and time.time() - T0 < budget_s:
@@ -363,7 +358,7 @@ def grid_section(results, bw, plx, budget_s):
                             row[name]["x_sdpa"] = row[name]["us"] / row["sdpa"]["us"]
                 rows.append(row)
                 log("grid", json.dumps(row))
-                del q, r, kc, vc, paged, cands, qh, kh, vh, kp64, vp64, bt64
+                del q, r, kc, vc, paged, cands, qh, kh, vh
                 torch.cuda.empty_cache()
     results["grid"] = rows
 
@@ -442,7 +437,7 @@ def main():
 def print_grid(results):
     print("B L Hq/Hkv (stages,splits) dense | paged 64 / 256 (stages,splits,preload) | previous paged | roof us | "
           "SDPA us | ours dense us %roof xSDPA | paged64 | paged256 | paged64 previous | paged256 previous | "
-          "dense, merge kernel | paged64, merge kernel | dense again | CuTeDSL")
+          "dense again | CuTeDSL")
 
     def cell(v):
         if not isinstance(v, dict):
@@ -457,15 +452,14 @@ def print_grid(results):
               f"{row['roof_us']:.1f} | {cell(row.get('sdpa'))} | {cell(row.get('ours_dense'))} | "
               f"{cell(row.get('ours_paged64'))} | {cell(row.get('ours_paged256'))} | "
               f"{cell(row.get('ours_paged64_prev'))} | {cell(row.get('ours_paged256_prev'))} | "
-              f"{cell(row.get('ours_dense_kmerge'))} | {cell(row.get('ours_paged64_kmerge'))} | "
               f"{cell(row.get('ours_dense_again'))} | {cell(row.get('cute'))}")
-    for name in ("ours_paged64", "ours_paged256", "ours_paged64_prev", "ours_paged256_prev", "ours_paged64_kmerge"):
+    for name in ("ours_paged64", "ours_paged256", "ours_paged64_prev", "ours_paged256_prev"):
         ratios = [row[name]["us"] / row["ours_dense"]["us"] for row in results["grid"]
                   if "us" in row.get(name, {}) and "us" in row.get("ours_dense", {})]
         if ratios:
             print(f"{name} / dense: within 1.1x at {sum(x <= 1.1 for x in ratios)} of {len(ratios)} points, "
                   f"worst {max(ratios):.2f}x")
-    for name in ("ours_dense", "ours_dense_kmerge", "ours_dense_again"):
+    for name in ("ours_dense", "ours_dense_again"):
         ratios = [row[name]["x_sdpa"] for row in results["grid"] if "x_sdpa" in row.get(name, {})]
         if ratios:
             print(f"{name} / SDPA: within 1.1x at {sum(x <= 1.1 for x in ratios)} of {len(ratios)} points, "

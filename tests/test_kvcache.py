@@ -563,36 +563,3 @@ def test_auto_splits_match_reference(layout, window):
     finally:
         decode.set_config(**old)
     assert rel(out, exp) < tol(torch.float16)
-
-
-@pytest.mark.parametrize("layout", ["dense", 64])
-@pytest.mark.parametrize("lq", [1, 4])
-def test_fused_merge_matches_merge_kernel(layout, lq):
-    """The last split of each (sequence, kv head) merging the partials (FUSED_MERGE, the default)
-    gives the reference output, like the separate merge kernel; repeated calls reuse the zeroed
-    counters (the merging split resets them) and give the same output bit for bit."""
-    from parallax_attention.ops.triton import decode
-    b, hq, hkv, d, cap = 3, 4, 2, 32, 256
-    q, r, k, v, g = inputs(b, lq, hq, hkv, d, cap, torch.float16, seed=71)
-    lens = [cap, 70, lq]          # the last sequence leaves most splits empty
-    exp = expected(q, r, k, v, lens)
-    poison(k, v, lens)
-    kk, vv, bt = (k, v, None) if layout == "dense" else to_paged(k, v, layout, g)
-    seq = torch.tensor(lens, dtype=torch.int32)
-    outs = {}
-    for fused in (1, 0):
-        old = decode.set_config(FUSED_MERGE=fused)
-        try:
-            for ns in (3, 8):
-                a = parallax_attn_with_kvcache(q, r, kk, vv, cache_seqlens=seq, block_table=bt, num_splits=ns,
-                                               backend="triton")
-                again = parallax_attn_with_kvcache(q, r, kk, vv, cache_seqlens=seq, block_table=bt, num_splits=ns,
-                                                   backend="triton")
-                assert torch.equal(a, again)
-                assert rel(a, exp) < tol(torch.float16)
-                outs[fused, ns] = a
-        finally:
-            decode.set_config(**old)
-    assert all(int(buf.abs().sum()) == 0 for buf in decode._COUNTERS.values())
-    for ns in (3, 8):
-        assert (outs[1, ns].float() - outs[0, ns].float()).abs().max() <= 2e-3

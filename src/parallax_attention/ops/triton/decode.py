@@ -53,7 +53,6 @@ def _decode_split_kernel(
     PAGED: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     ROW_MASK: tl.constexpr, SINGLE: tl.constexpr, PREC: tl.constexpr, STACKED: tl.constexpr,
     PDL: tl.constexpr, PAGE_SCALAR: tl.constexpr = False, PAGE_PRELOAD: tl.constexpr = 0,
-    CNT=None, FUSED_MERGE: tl.constexpr = False,
 ):
     if PDL:
         # Let the merge grid launch as soon as every split program has started; it waits for
@@ -214,64 +213,23 @@ def _decode_split_kernel(
     else:
         o1 = acc1
         o2 = acc2
-    o_ptrs = OUT + b.to(tl.int64) * stride_ob + row_i[:, None] * stride_om + row_h[:, None] * stride_oh \
-        + offs_d[None, :]
-    smask = row_ok[:, None] & d_ok[None, :]
     if SINGLE:
-        _finish(o_ptrs, o1, o2, d1, d2, smask)
+        has = d1 > 0
+        inv = tl.where(has, 1.0 / tl.where(has, d1, 1.0), 0.0)
+        o = o1 * (inv * (1.0 + d2 * inv))[:, None] - o2 * inv[:, None]
+        o_ptrs = OUT + b.to(tl.int64) * stride_ob + row_i[:, None] * stride_om + row_h[:, None] * stride_oh \
+            + offs_d[None, :]
+        tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     else:
         # Partials laid out (B, Lq, Hq, splits, ...): row (i, h) of sequence b.
-        prow0 = ((b.to(tl.int64) * lq + row_i) * (HKV * G) + row_h) * num_splits
-        prow = prow0 + pid_s
+        prow = ((b.to(tl.int64) * lq + row_i) * (HKV * G) + row_h) * num_splits + pid_s
         tl.store(PSTAT + prow * 4 + 0, m_i, mask=row_ok)
         tl.store(PSTAT + prow * 4 + 1, d1, mask=row_ok)
         tl.store(PSTAT + prow * 4 + 2, d2, mask=row_ok)
         po = PO + prow[:, None] * (2 * D) + offs_d[None, :]
+        smask = row_ok[:, None] & d_ok[None, :]
         tl.store(po, o1, mask=smask)
         tl.store(po + D, o2, mask=smask)
-        if FUSED_MERGE:
-            # The last split of this (sequence, kv head) to finish merges all of them, instead of
-            # a second kernel launch. Every thread's partial stores precede the barrier, then one
-            # release-acquire increment at GPU scope publishes them (the split-K semaphore
-            # pattern); the merging program reads the partials from L2 (.cg), in split order, so
-            # the result does not depend on which split came last. It resets the counter, so the
-            # next call (same stream) and a graph replay start from zero.
-            tl.debug_barrier()
-            arrived = tl.atomic_add(CNT + pid_bh, 1, sem="acq_rel", scope="gpu")
-            if arrived == num_splits - 1:
-                m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-                t1 = tl.zeros([BLOCK_M], tl.float32)
-                t2 = tl.zeros([BLOCK_M], tl.float32)
-                a1 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-                a2 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-                for sp in range(0, num_splits):
-                    pr = prow0 + sp
-                    m_s = tl.load(PSTAT + pr * 4 + 0, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-                    d1_s = tl.load(PSTAT + pr * 4 + 1, mask=row_ok, other=0.0, cache_modifier=".cg")
-                    d2_s = tl.load(PSTAT + pr * 4 + 2, mask=row_ok, other=0.0, cache_modifier=".cg")
-                    ps = PO + pr[:, None] * (2 * D) + offs_d[None, :]
-                    o1_s = tl.load(ps, mask=smask, other=0.0, cache_modifier=".cg")
-                    o2_s = tl.load(ps + D, mask=smask, other=0.0, cache_modifier=".cg")
-                    m_new = tl.maximum(m, m_s)
-                    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    w_old = tl.exp2(m - m_use)      # 0 while nothing has keys (m = -inf)
-                    w_new = tl.exp2(m_s - m_use)    # 0 for an empty split
-                    t1 = t1 * w_old + d1_s * w_new
-                    t2 = t2 * w_old + d2_s * w_new
-                    a1 = a1 * w_old[:, None] + o1_s * w_new[:, None]
-                    a2 = a2 * w_old[:, None] + o2_s * w_new[:, None]
-                    m = m_new
-                _finish(o_ptrs, a1, a2, t1, t2, smask)
-                tl.atomic_xchg(CNT + pid_bh, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
-def _finish(o_ptrs, o1, o2, d1, d2, smask):
-    """o = O1/d1 (1 + d2/d1) - O2/d1 (DESIGN section 1); rows without keys give 0."""
-    has = d1 > 0
-    inv = tl.where(has, 1.0 / tl.where(has, d1, 1.0), 0.0)
-    o = o1 * (inv * (1.0 + d2 * inv))[:, None] - o2 * inv[:, None]
-    tl.store(o_ptrs, o.to(o_ptrs.dtype.element_ty), mask=smask)
 
 
 @triton.jit
@@ -534,10 +492,9 @@ MAX_SPLITS = 128
 # constants (above); PDL 0 never, 1 always, 2 by shape (use_pdl). The default is wave model 2 with
 # PDL by merge-grid size; benchmarks/decode.py also times the earlier rule, WAVE_MODEL_1.
 # PAGE_SCALAR: how a paged cache reads its block table (use_page_scalar); PAGE_PRELOAD 1: a split
-# whose block-table entries fit PAGE_PRELOAD_MAX reads them all before its loop (preload_entries);
-# FUSED_MERGE 1: the last split of each (sequence, kv head) merges, no merge kernel.
+# whose block-table entries fit PAGE_PRELOAD_MAX reads them all before its loop (preload_entries).
 _CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 0, "PROGRAMS_PER_SM": 0, "MIN_KEYS": 128, "STACKED": 1,
-           "PDL": 2, "MODEL": 2, "PAGE_SCALAR": 2, "PAGE_PRELOAD": 1, "FUSED_MERGE": 1}
+           "PDL": 2, "MODEL": 2, "PAGE_SCALAR": 2, "PAGE_PRELOAD": 1}
 WAVE_MODEL_1 = {"MODEL": 1, "PDL": 1}
 
 
@@ -550,21 +507,6 @@ def set_config(**kw) -> dict:
         old[key] = _CONFIG[key]
         _CONFIG[key] = int(val)
     return old
-
-
-# Zeroed int32 counters for the fused merge, one per (sequence, kv head), kept per device and
-# stream: the last split of a group resets its counter, so a buffer is reused without a memset,
-# and calls on one stream are ordered, so they never share a counter at the same time.
-_COUNTERS: dict = {}
-
-
-def _merge_counters(device: torch.device, n: int) -> torch.Tensor:
-    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
-    return buf
 
 
 @on_input_device
@@ -616,9 +558,7 @@ def decode_triton(q, r, k_cache, v_cache, block_table, seqlens, seq_const: int, 
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     # Programmatic dependent launch of the merge (Hopper and newer; not in the interpreter).
     sms = _sms(q.device)
-    fused = not single and bool(_CONFIG["FUSED_MERGE"])
-    counters = _merge_counters(q.device, bsz * hkv) if fused else pstat
-    pdl = (not single and not fused and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
+    pdl = (not single and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
            and use_pdl(bsz * lq * hq, sms))
     launch_kw = dict(launch_pdl=True) if pdl else {}
     page_scalar = page_aligned and not page_preload and use_page_scalar(bsz * hkv * num_splits, sms)
@@ -636,10 +576,10 @@ def decode_triton(q, r, k_cache, v_cache, block_table, seqlens, seq_const: int, 
         HKV=hkv, G=g, D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page,
         PAGED=paged, HAS_SEQ=seqlens is not None, HAS_LEFT=has_left, HAS_RIGHT=has_right,
         ROW_MASK=row_mask, SINGLE=single, PREC=prec, STACKED=stacked, PDL=pdl, PAGE_SCALAR=page_scalar,
-        PAGE_PRELOAD=page_preload, CNT=counters, FUSED_MERGE=fused,
+        PAGE_PRELOAD=page_preload,
         num_warps=_CONFIG["num_warps"], num_stages=stages,
     )
-    if not single and not fused:
+    if not single:
         _decode_merge_kernel[(bsz * lq * hq,)](
             pstat, po, out, lq, num_splits,
             out.stride(0), out.stride(1), out.stride(2),
