@@ -434,9 +434,19 @@ def test_one_tile_splits_match_reference(layout):
     kk, vv, bt = (k, v, None) if layout == "dense" else to_paged(k, v, layout, g)
     splits = cap // decode._CONFIG["BLOCK_N"]
     assert splits == 4
-    out = parallax_attn_with_kvcache(q, r, kk, vv, cache_seqlens=torch.tensor(lens, dtype=torch.int32),
-                                     block_table=bt, num_splits=splits, backend="triton")
-    assert rel(out, exp) < tol(torch.float16)
+    outs = []
+    # the default; then (paged 64/128) block-table entries preloaded, read before the sequence
+    # length (ONE_TILE) or after it
+    for cfg in ({}, dict(PAGE_SCALAR=0), dict(PAGE_SCALAR=0, ONE_TILE=0)):
+        old = decode.set_config(**cfg)
+        try:
+            outs.append(parallax_attn_with_kvcache(q, r, kk, vv, cache_seqlens=torch.tensor(lens, dtype=torch.int32),
+                                                   block_table=bt, num_splits=splits, backend="triton"))
+        finally:
+            decode.set_config(**old)
+    for out in outs:
+        assert rel(out, exp) < tol(torch.float16)
+    assert torch.equal(outs[1], outs[2])
 
 
 @pytest.mark.parametrize("page", [64, 128])

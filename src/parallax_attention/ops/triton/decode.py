@@ -53,6 +53,7 @@ def _decode_split_kernel(
     PAGED: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     ROW_MASK: tl.constexpr, SINGLE: tl.constexpr, PREC: tl.constexpr, STACKED: tl.constexpr,
     PDL: tl.constexpr, PAGE_SCALAR: tl.constexpr = False, PAGE_PRELOAD: tl.constexpr = 0,
+    ONE_TILE_SPLITS: tl.constexpr = False,
 ):
     if PDL:
         # Let the merge grid launch as soon as every split program has started; it waits for
@@ -102,6 +103,13 @@ def _decode_split_kernel(
         rs = tl.load(R + b.to(tl.int64) * stride_rb + row_i[:, None] * stride_rm + row_h[:, None] * stride_rh
                      + offs_d[None, :], mask=ok1, other=0.0)
 
+    if PAGED and PAGE_PRELOAD > 0 and ONE_TILE_SPLITS:
+        # Splits of one tile (and no left window) start at pid_s * BLOCK_N whatever the length,
+        # so the block-table entries are read while the length is still in flight, not after.
+        first_page = (pid_s * BLOCK_N) // PAGE
+        offs_p = tl.arange(0, PAGE_PRELOAD)
+        pages = tl.load(BT + b.to(tl.int64) * stride_btb + first_page + offs_p,
+                        mask=(first_page + offs_p) < capacity // PAGE, other=0)
     # Keys this sequence holds after the append; clamped so that a bad length never reads
     # outside the cache.
     if HAS_SEQ:
@@ -132,7 +140,7 @@ def _decode_split_kernel(
 
     k_base = K + kvh * stride_kh
     v_base = V + kvh * stride_vh
-    if PAGED and PAGE_PRELOAD > 0:
+    if PAGED and PAGE_PRELOAD > 0 and not ONE_TILE_SPLITS:
         # Every block-table entry this split can touch, read once before the loop: the K/V
         # addresses then come from registers and the pipeliner buffers K/V as for a dense cache,
         # instead of giving a block-table load its own stage in front of each tile.
@@ -492,9 +500,10 @@ MAX_SPLITS = 128
 # constants (above); PDL 0 never, 1 always, 2 by shape (use_pdl). The default is wave model 2 with
 # PDL by merge-grid size; benchmarks/decode.py also times the earlier rule, WAVE_MODEL_1.
 # PAGE_SCALAR: how a paged cache reads its block table (use_page_scalar); PAGE_PRELOAD 1: a split
-# whose block-table entries fit PAGE_PRELOAD_MAX reads them all before its loop (preload_entries).
+# whose block-table entries fit PAGE_PRELOAD_MAX reads them all before its loop (preload_entries);
+# ONE_TILE 1: with splits of one tile it reads them before the sequence length arrives.
 _CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 0, "PROGRAMS_PER_SM": 0, "MIN_KEYS": 128, "STACKED": 1,
-           "PDL": 2, "MODEL": 2, "PAGE_SCALAR": 2, "PAGE_PRELOAD": 1}
+           "PDL": 2, "MODEL": 2, "PAGE_SCALAR": 2, "PAGE_PRELOAD": 1, "ONE_TILE": 1}
 WAVE_MODEL_1 = {"MODEL": 1, "PDL": 1}
 
 
@@ -562,6 +571,10 @@ def decode_triton(q, r, k_cache, v_cache, block_table, seqlens, seq_const: int, 
            and use_pdl(bsz * lq * hq, sms))
     launch_kw = dict(launch_pdl=True) if pdl else {}
     page_scalar = page_aligned and not page_preload and use_page_scalar(bsz * hkv * num_splits, sms)
+    # Splits of one tile whatever the length: chunk = cdiv(cdiv(span, splits), BLOCK_N) tiles is 1
+    # for every span up to the capacity (the kernel's split start is then pid_s * BLOCK_N).
+    one_tile = (bool(page_preload) and bool(_CONFIG["ONE_TILE"]) and not has_left
+                and _cdiv(capacity, num_splits) <= block_n)
     grid = (bsz * hkv, num_splits)
     _decode_split_kernel[grid](
         q, r, k_cache, v_cache, bt, seq_arg, out, pstat, po,
@@ -576,7 +589,7 @@ def decode_triton(q, r, k_cache, v_cache, block_table, seqlens, seq_const: int, 
         HKV=hkv, G=g, D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page,
         PAGED=paged, HAS_SEQ=seqlens is not None, HAS_LEFT=has_left, HAS_RIGHT=has_right,
         ROW_MASK=row_mask, SINGLE=single, PREC=prec, STACKED=stacked, PDL=pdl, PAGE_SCALAR=page_scalar,
-        PAGE_PRELOAD=page_preload,
+        PAGE_PRELOAD=page_preload, ONE_TILE_SPLITS=one_tile,
         num_warps=_CONFIG["num_warps"], num_stages=stages,
     )
     if not single:
