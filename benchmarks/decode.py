@@ -241,6 +241,25 @@ def reps_for(roof_us):
 
 
 SWEEP = [
+    # paged where it trails dense, by forced (stages, splits) with the block-table entries preloaded
+    # (the default where they fit, PAGE_SCALAR=0 so one-wave grids take it too), read per tile
+    # (PAGE_PRELOAD=0, PAGE_SCALAR=1) or per key (both 0); "chosen" marks the default's (stages, splits)
+    # (ONE_TILE=0: the entries of one-tile splits read after the sequence length, not with it)
+    (1, 4096, 32, 8, 64, [(2, 64, {}), (2, 64, dict(ONE_TILE=0)), (2, 64, {}), (2, 64, dict(ONE_TILE=0)),
+                          (3, 64, {}), (3, 32, {}), (2, 64, dict(PAGE_PRELOAD=0, PAGE_SCALAR=1))]),
+    (1, 4096, 8, 8, 64, [(2, 64, {}), (2, 64, dict(ONE_TILE=0))]),
+    (1, 4096, 32, 8, 256, [(2, 64, {}), (2, 64, dict(ONE_TILE=0))]),
+    (2, 2048, 32, 8, 64, [(2, 32, {}), (2, 32, dict(ONE_TILE=0))]),
+    (1, 1024, 8, 8, 256, [(3, 8, {}), (3, 8, dict(PAGE_SCALAR=0)), (2, 8, dict(PAGE_SCALAR=0)),
+                          (3, 4, dict(PAGE_SCALAR=0)), (3, 8, dict(PAGE_PRELOAD=0, PAGE_SCALAR=0))]),
+    (1, 1024, 8, 8, 64, [(3, 8, {}), (3, 8, dict(PAGE_SCALAR=0)), (2, 8, dict(PAGE_SCALAR=0))]),
+    (8, 1024, 32, 8, 64, [(2, 8, {}), (3, 8, {}), (2, 4, {}), (3, 4, {}), (2, 16, {})]),
+    (128, 1024, 32, 8, 64, [(3, 1, {}), (2, 1, {}), (3, 1, dict(PAGE_PRELOAD=0))]),
+    # the dense cache at the same shapes, in the same call
+    (1, 4096, 32, 8, None, [(2, 64, {}), (2, 32, {})]),
+    (2, 2048, 32, 8, None, [(2, 32, {})]),
+    (1, 1024, 8, 8, None, [(3, 8, {})]),
+    (8, 1024, 32, 8, None, [(2, 8, {})]),
     # the dense cache where it is closest to SDPA (B=8 L=1024 32/8): other tiles, warps, splits and
     # a programmatically dependent merge; "chosen" marks the default's (stages, splits)
     (8, 1024, 32, 8, None, [(2, 8, {}), (2, 8, dict(BLOCK_N=32)), (2, 16, dict(BLOCK_N=32)),
