@@ -345,12 +345,6 @@ def grid_section(results, bw, plx, budget_s):
                     cands[f"ours_paged{page}_prev"] = (lambda kp=kp, vp=vp, bt=bt: with_config(
                         dict(PAGE_PRELOAD=0), lambda: parallax_attn_with_kvcache(
                             q, r, kp, vp, cache_seqlens=seq, block_table=bt, backend="triton")))
-                # Two warps per split program instead of four (same stages and splits).
-                kp64, vp64, bt64 = paged[64]
-                cands["ours_dense_w2"] = lambda: with_config(dict(num_warps=2), lambda: (
-                    parallax_attn_with_kvcache(q, r, kc, vc, cache_seqlens=seq, backend="triton")))
-                cands["ours_paged64_w2"] = lambda: with_config(dict(num_warps=2), lambda: (
-                    parallax_attn_with_kvcache(q, r, kp64, vp64, cache_seqlens=seq, block_table=bt64, backend="triton")))
                 # The default again, last: the spread between the two is the run-to-run noise.
                 cands["ours_dense_again"] = cands["ours_dense"]
                 if plx is not None and time.time() - T0 < budget_s:
@@ -375,7 +369,7 @@ def grid_section(results, bw, plx, budget_s):
                             row[name]["x_sdpa"] = row[name]["us"] / row["sdpa"]["us"]
                 rows.append(row)
                 log("grid", json.dumps(row))
-                del q, r, kc, vc, paged, cands, qh, kh, vh, kp64, vp64, bt64
+                del q, r, kc, vc, paged, cands, qh, kh, vh
                 torch.cuda.empty_cache()
     results["grid"] = rows
 
@@ -454,7 +448,7 @@ def main():
 def print_grid(results):
     print("B L Hq/Hkv (stages,splits) dense | paged 64 / 256 (stages,splits,preload) | previous paged | roof us | "
           "SDPA us | ours dense us %roof xSDPA | paged64 | paged256 | paged64 previous | paged256 previous | "
-          "dense, 2 warps | paged64, 2 warps | dense again | CuTeDSL")
+          "dense again | CuTeDSL")
 
     def cell(v):
         if not isinstance(v, dict):
@@ -469,15 +463,14 @@ def print_grid(results):
               f"{row['roof_us']:.1f} | {cell(row.get('sdpa'))} | {cell(row.get('ours_dense'))} | "
               f"{cell(row.get('ours_paged64'))} | {cell(row.get('ours_paged256'))} | "
               f"{cell(row.get('ours_paged64_prev'))} | {cell(row.get('ours_paged256_prev'))} | "
-              f"{cell(row.get('ours_dense_w2'))} | {cell(row.get('ours_paged64_w2'))} | "
               f"{cell(row.get('ours_dense_again'))} | {cell(row.get('cute'))}")
-    for name in ("ours_paged64", "ours_paged256", "ours_paged64_prev", "ours_paged256_prev", "ours_paged64_w2"):
+    for name in ("ours_paged64", "ours_paged256", "ours_paged64_prev", "ours_paged256_prev"):
         ratios = [row[name]["us"] / row["ours_dense"]["us"] for row in results["grid"]
                   if "us" in row.get(name, {}) and "us" in row.get("ours_dense", {})]
         if ratios:
             print(f"{name} / dense: within 1.1x at {sum(x <= 1.1 for x in ratios)} of {len(ratios)} points, "
                   f"worst {max(ratios):.2f}x")
-    for name in ("ours_dense", "ours_dense_w2", "ours_dense_again"):
+    for name in ("ours_dense", "ours_dense_again"):
         ratios = [row[name]["x_sdpa"] for row in results["grid"] if "x_sdpa" in row.get(name, {})]
         if ratios:
             print(f"{name} / SDPA: within 1.1x at {sum(x <= 1.1 for x in ratios)} of {len(ratios)} points, "
