@@ -449,9 +449,9 @@ def use_page_scalar(programs: int, sms: int) -> bool:
     return programs <= sms
 
 
-# The most block-table entries a split preloads (a power of two): beyond this the entries' registers
-# and the per-tile selection cost more than a dependent load, and such splits stream enough tiles
-# for the per-key read to be hidden anyway.
+# The most block-table entries a split preloads (a power of two). 32 covers the short splits of
+# small grids, where the per-key read left the paged kernel up to 1.3x behind the dense one (H200);
+# longer splits stream enough tiles to stay within 1.06x with it, so larger preloads were not tried.
 PAGE_PRELOAD_MAX = 32
 
 
@@ -473,8 +473,9 @@ def paged_launch_config(batch: int, heads_kv: int, rows: int, keys: int, capacit
     Without a left window every split starts at a multiple of BLOCK_N (chunks are whole tiles), so
     with BLOCK_N dividing the page a tile never crosses a page, and when the entries a split can
     touch fit the preload it streams like a dense split and takes the dense configuration. Except
-    on a one-wave grid, where one entry read per tile (use_page_scalar) was faster (H200, B=1
-    L=1024: 6.4 against 6.7-6.9 us).
+    on a one-wave grid, where one entry read per tile (use_page_scalar) was faster with 64-token
+    blocks (H200, B=1 L=1024: 6.4 against 6.7-6.9 us; with 256-token blocks the preload was about
+    0.2 us faster, not yet acted on).
     """
     stages, splits = launch_config(batch, heads_kv, rows, keys, d, esize, page > 0, device)
     block_n = _CONFIG["BLOCK_N"]
