@@ -107,9 +107,7 @@ def _decode_split_kernel(
         # Splits of one tile (and no left window) start at pid_s * BLOCK_N whatever the length,
         # so the block-table entries are read while the length is still in flight, not after.
         first_page = (pid_s * BLOCK_N) // PAGE
-        offs_p = tl.arange(0, PAGE_PRELOAD)
-        pages = tl.load(BT + b.to(tl.int64) * stride_btb + first_page + offs_p,
-                        mask=(first_page + offs_p) < capacity // PAGE, other=0)
+        offs_p, pages = _block_table_entries(BT, b, stride_btb, first_page, capacity, PAGE, PAGE_PRELOAD)
     # Keys this sequence holds after the append; clamped so that a bad length never reads
     # outside the cache.
     if HAS_SEQ:
@@ -145,9 +143,7 @@ def _decode_split_kernel(
         # addresses then come from registers and the pipeliner buffers K/V as for a dense cache,
         # instead of giving a block-table load its own stage in front of each tile.
         first_page = s_lo // PAGE
-        offs_p = tl.arange(0, PAGE_PRELOAD)
-        pages = tl.load(BT + b.to(tl.int64) * stride_btb + first_page + offs_p,
-                        mask=(first_page + offs_p) < capacity // PAGE, other=0)
+        offs_p, pages = _block_table_entries(BT, b, stride_btb, first_page, capacity, PAGE, PAGE_PRELOAD)
     for start in range(s_lo, s_hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         kmask = offs_n < s_hi
@@ -238,6 +234,15 @@ def _decode_split_kernel(
         smask = row_ok[:, None] & d_ok[None, :]
         tl.store(po, o1, mask=smask)
         tl.store(po + D, o2, mask=smask)
+
+
+@triton.jit
+def _block_table_entries(BT, b, stride_btb, first_page, capacity, PAGE: tl.constexpr, COUNT: tl.constexpr):
+    """COUNT consecutive block-table entries of sequence b from first_page (0 past the table)."""
+    offs_p = tl.arange(0, COUNT)
+    pages = tl.load(BT + b.to(tl.int64) * stride_btb + first_page + offs_p,
+                    mask=(first_page + offs_p) < capacity // PAGE, other=0)
+    return offs_p, pages
 
 
 @triton.jit
