@@ -259,7 +259,6 @@ SWEEP = [
     (1, 4096, 32, 8, None, [(2, 64, {}), (2, 32, {})]),
     (2, 2048, 32, 8, None, [(2, 32, {})]),
     (1, 1024, 8, 8, None, [(3, 8, {})]),
-    (8, 1024, 32, 8, None, [(2, 8, {})]),
     # the dense cache where it is closest to SDPA (B=8 L=1024 32/8): other tiles, warps, splits and
     # a programmatically dependent merge; "chosen" marks the default's (stages, splits)
     (8, 1024, 32, 8, None, [(2, 8, {}), (2, 8, dict(BLOCK_N=32)), (2, 16, dict(BLOCK_N=32)),

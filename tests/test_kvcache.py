@@ -573,3 +573,45 @@ def test_auto_splits_match_reference(layout, window):
     finally:
         decode.set_config(**old)
     assert rel(out, exp) < tol(torch.float16)
+
+
+def test_paged_reads_on_random_shapes():
+    """Kernel vs the float64 torch backend on random paged problems: block sizes 16-256, GQA,
+    Lq 1-4, appends, left windows, forced splits, and every way of reading the block table
+    (preloaded, per tile, per key, one-tile splits' early read); table entries past each
+    sequence are -1 and unused blocks NaN."""
+    import random
+
+    from parallax_attention.ops.triton import decode
+    rng = random.Random(0)
+    configs = [{}, dict(PAGE_SCALAR=0), dict(PAGE_SCALAR=1), dict(PAGE_PRELOAD=0), dict(ONE_TILE=0)]
+    for it in range(30):
+        b, hkv, grp, d = rng.choice([1, 2, 3]), rng.choice([1, 2]), rng.choice([1, 2, 4]), rng.choice([16, 32])
+        lq, page, nb = rng.choice([1, 2, 4]), rng.choice([16, 64, 128, 256]), rng.choice([1, 2, 3, 5])
+        cap = nb * page
+        lnew = rng.choice([0, 1, lq])
+        lens = [rng.randint(max(lq - lnew, 0 if lnew else 1), cap - lnew) for _ in range(b)]
+        window = rng.choice([(-1, -1), (rng.randint(0, 300), -1)])
+        splits = rng.choice([0, 1, 3, 8, 64])
+        g = torch.Generator().manual_seed(it)
+        q = torch.randn(b, lq, hkv * grp, d, generator=g)
+        r = 0.5 * torch.randn(b, lq, hkv * grp, d, generator=g)
+        k, v = torch.randn(b, cap, hkv, d, generator=g), torch.randn(b, cap, hkv, d, generator=g)
+        knew = torch.randn(b, lnew, hkv, d, generator=g) if lnew else None
+        vnew = torch.randn(b, lnew, hkv, d, generator=g) if lnew else None
+        poison(k, v, lens)
+        kp, vp, bt = to_paged(k, v, page, g)
+        for i, n in enumerate(lens):
+            bt[i, -(-(n + lnew) // page):] = -1
+        seq = torch.tensor(lens, dtype=torch.int32)
+        exp = parallax_attn_with_kvcache(q.double(), r.double(), kp.double(), vp.double(),
+                                         knew.double() if lnew else None, vnew.double() if lnew else None,
+                                         cache_seqlens=seq, block_table=bt, window_size=window, backend="torch")
+        old = decode.set_config(**rng.choice(configs))
+        try:
+            out = parallax_attn_with_kvcache(q, r, kp, vp, knew, vnew, cache_seqlens=seq, block_table=bt,
+                                             window_size=window, num_splits=splits, backend="triton")
+        finally:
+            decode.set_config(**old)
+        assert torch.isfinite(out).all() and rel(out, exp) < 1e-4, (it, b, hkv, grp, d, lq, page, cap, lnew, lens,
+                                                                    window, splits)
