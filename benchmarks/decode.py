@@ -105,10 +105,11 @@ def rel(a, b):
 def check_section(results):
     """bf16 kernel vs float64 on the valid keys: the default config (paged splits preload their
     block-table entries where they fit), then without the preload (entries read per tile on
-    one-wave grids, else per key), and per key everywhere. Then repeated calls of the default must
-    agree bit for bit."""
+    one-wave grids, else per key), per key everywhere, and with every merge launched
+    programmatically dependent and released after the partials are stored. Then repeated calls of
+    the default must agree bit for bit."""
     rows = []
-    for cfg in ({}, dict(PAGE_PRELOAD=0), dict(PAGE_PRELOAD=0, PAGE_SCALAR=0)):
+    for cfg in ({}, dict(PAGE_PRELOAD=0), dict(PAGE_PRELOAD=0, PAGE_SCALAR=0), dict(PDL=1, PDL_LATE=1)):
         old = dec.set_config(**cfg)
         try:
             rows += [dict(r, config=cfg) for r in _check(cfg)]
@@ -241,31 +242,25 @@ def reps_for(roof_us):
 
 
 SWEEP = [
-    # paged where it trails dense, by forced (stages, splits) with the block-table entries preloaded
-    # (the default where they fit, PAGE_SCALAR=0 so one-wave grids take it too), read per tile
-    # (PAGE_PRELOAD=0, PAGE_SCALAR=1) or per key (both 0); "chosen" marks the default's (stages, splits)
-    # (ONE_TILE=0: the entries of one-tile splits read after the sequence length, not with it)
-    (1, 4096, 32, 8, 64, [(2, 64, {}), (2, 64, dict(ONE_TILE=0)), (2, 64, {}), (2, 64, dict(ONE_TILE=0)),
-                          (3, 64, {}), (3, 32, {}), (2, 64, dict(PAGE_PRELOAD=0, PAGE_SCALAR=1))]),
-    (1, 4096, 8, 8, 64, [(2, 64, {}), (2, 64, dict(ONE_TILE=0))]),
-    (1, 4096, 32, 8, 256, [(2, 64, {}), (2, 64, dict(ONE_TILE=0))]),
-    (2, 2048, 32, 8, 64, [(2, 32, {}), (2, 32, dict(ONE_TILE=0))]),
-    (1, 1024, 8, 8, 256, [(3, 8, {}), (3, 8, dict(PAGE_SCALAR=0)), (2, 8, dict(PAGE_SCALAR=0)),
-                          (3, 4, dict(PAGE_SCALAR=0)), (3, 8, dict(PAGE_PRELOAD=0, PAGE_SCALAR=0))]),
-    (1, 1024, 8, 8, 64, [(3, 8, {}), (3, 8, dict(PAGE_SCALAR=0)), (2, 8, dict(PAGE_SCALAR=0))]),
-    (8, 1024, 32, 8, 64, [(2, 8, {}), (3, 8, {}), (2, 4, {}), (3, 4, {}), (2, 16, {})]),
-    (128, 1024, 32, 8, 64, [(3, 1, {}), (2, 1, {}), (3, 1, dict(PAGE_PRELOAD=0))]),
-    # the dense cache at the same shapes, in the same call
-    (1, 4096, 32, 8, None, [(2, 64, {}), (2, 32, {})]),
-    (2, 2048, 32, 8, None, [(2, 32, {})]),
+    # paged 256 on a one-wave grid: the entries preloaded (the default since the rule by block size)
+    # against one entry per tile (PAGE_PRELOAD=0 with PAGE_SCALAR=1), alternated; "chosen" marks the
+    # default's (stages, splits)
+    (1, 1024, 8, 8, 256, [(3, 8, {}), (3, 8, dict(PAGE_PRELOAD=0, PAGE_SCALAR=1)), (3, 8, {}),
+                          (3, 8, dict(PAGE_PRELOAD=0, PAGE_SCALAR=1))]),
+    (1, 1024, 32, 8, 256, [(3, 8, {}), (3, 8, dict(PAGE_PRELOAD=0, PAGE_SCALAR=1))]),
+    (1, 1024, 8, 8, 64, [(3, 8, {}), (3, 8, dict(PAGE_SCALAR=0))]),
     (1, 1024, 8, 8, None, [(3, 8, {})]),
-    # the dense cache where it is closest to SDPA (B=8 L=1024 32/8): other tiles, warps, splits and
-    # a programmatically dependent merge; "chosen" marks the default's (stages, splits)
-    (8, 1024, 32, 8, None, [(2, 8, {}), (2, 8, dict(BLOCK_N=32)), (2, 16, dict(BLOCK_N=32)),
-                            (3, 8, dict(BLOCK_N=32)), (2, 8, dict(PDL=1)), (2, 8, dict(num_warps=2)),
-                            (2, 4, {}), (3, 4, {}), (2, 8, {})]),
-    (8, 1024, 8, 8, None, [(2, 8, {}), (2, 8, dict(BLOCK_N=32)), (2, 16, dict(BLOCK_N=32)), (2, 8, dict(PDL=1))]),
-    (8, 4096, 32, 8, None, [(2, 8, {}), (2, 16, dict(BLOCK_N=32)), (2, 8, dict(BLOCK_N=32))]),
+    # the dense cache where it is closest to SDPA (B=8 L=1024): the merge programmatically dependent
+    # and released early (PDL=1) or after the partials are stored (PDL_LATE=1), one 128-key tile per
+    # split, 8 warps; the default first and last
+    (8, 1024, 32, 8, None, [(2, 8, {}), (2, 8, dict(PDL=1, PDL_LATE=1)), (2, 8, dict(PDL=1)),
+                            (1, 8, dict(BLOCK_N=128)), (2, 8, dict(BLOCK_N=128)), (2, 8, dict(num_warps=8)),
+                            (2, 8, dict(PDL=1, PDL_LATE=1)), (2, 8, {})]),
+    (8, 1024, 8, 8, None, [(2, 8, {}), (2, 8, dict(PDL=1, PDL_LATE=1)), (1, 8, dict(BLOCK_N=128)),
+                           (2, 8, {})]),
+    # small merge grids, where the early release is the default
+    (1, 4096, 32, 8, None, [(2, 64, {}), (2, 64, dict(PDL_LATE=1)), (2, 64, {})]),
+    (1, 16384, 8, 8, None, [(2, 64, {}), (2, 64, dict(PDL_LATE=1)), (2, 64, {})]),
 ]
 
 
@@ -286,6 +281,8 @@ def _sweep(results, bw, deadline):
             kc, vc, bt = to_paged(kc, vc, page)
         roof = B * L * HKV * 128 * 4 / (bw * 1e12) * 1e6
         chosen = dec.paged_launch_config(B, HKV, HQ // HKV, L, L, 128, 2, page or 0, False, 0, q.device)[:2]
+        # every variant must give the default's result up to rounding
+        ref = parallax_attn_with_kvcache(q, r, kc, vc, cache_seqlens=seq, block_table=bt, backend="triton").float()
         for (stages, splits, extra) in alts:
             if time.time() - T0 > deadline:
                 break
@@ -293,9 +290,13 @@ def _sweep(results, bw, deadline):
             try:
                 fn = lambda: parallax_attn_with_kvcache(q, r, kc, vc, cache_seqlens=seq, block_table=bt,
                                                         num_splits=splits, backend="triton")
+                err = rel(fn().float(), ref)
+                if not err < 1e-2:
+                    raise RuntimeError(f"variant {extra} differs from the default: {err:.2e}")
                 us = bench_graph(fn, reps_for(roof)) * 1e3
                 rows.append(dict(B=B, L=L, HQ=HQ, HKV=HKV, page=page, stages=stages, splits=splits, extra=extra,
-                                 chosen=list(chosen) if not extra else None, us=us, pct=100 * roof / us))
+                                 chosen=list(chosen) if not extra else None, us=us, pct=100 * roof / us,
+                                 rel_vs_default=err))
             except Exception as e:
                 rows.append(dict(B=B, L=L, HQ=HQ, HKV=HKV, page=page, stages=stages, splits=splits, extra=extra,
                                  error=repr(e)[:200]))
@@ -438,7 +439,8 @@ def main():
         for x in results["sweep"]:
             tag = f"  {x['B']} {x['L']} {x['HQ']} {x['HKV']} {x['page']}: {x['stages']} {x['splits']} {x['extra']}"
             if "us" in x:
-                print(tag, f"{x['us']:.1f} {x['pct']:.0f}%", "chosen" if [x["stages"], x["splits"]] ==
+                print(tag, f"{x['us']:.1f} {x['pct']:.0f}% (rel {x['rel_vs_default']:.1e})",
+                      "chosen" if [x["stages"], x["splits"]] ==
                       x["chosen"] else "")
             else:
                 print(tag, "ERR", x["error"][:80])

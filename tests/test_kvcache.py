@@ -535,9 +535,9 @@ def test_preloaded_pages_ignore_unused_table_entries(page):
 
 
 def test_paged_launch_plan():
-    """Preloaded entries where they fit and the grid is more than one wave (then the dense cache's
-    stages and splits); one entry per tile on one-wave grids; neither with a left window or pages
-    smaller than a tile. (stages, splits, entries) for the H200's 132 SMs."""
+    """Preloaded entries where they fit (then the dense cache's stages and splits), except on
+    one-wave grids with pages of one tile, which read one entry per tile; neither with a left
+    window or pages smaller than a tile. (stages, splits, entries) for the H200's 132 SMs."""
     from parallax_attention.ops.triton import decode
     cpu = torch.device("cpu")
     plan = lambda b, hq, l, page, left=False, ns=0: decode.paged_launch_config(  # noqa: E731
@@ -545,6 +545,8 @@ def test_paged_launch_plan():
     assert plan(32, 32, 1024, 64) == (*decode.launch_config(32, 8, 4, 1024, 128, 2, False, cpu), 32)
     assert plan(1, 32, 4096, 64) == (2, 64, 2) and plan(1, 32, 4096, 256) == (2, 64, 2)
     assert plan(1, 8, 1024, 64) == (*decode.launch_config(1, 8, 1, 1024, 128, 2, True, cpu), 0)   # one wave
+    # one wave with pages of four tiles: preloaded, with the dense cache's plan
+    assert plan(1, 8, 1024, 256) == (*decode.launch_config(1, 8, 1, 1024, 128, 2, False, cpu), 2)
     assert plan(8, 8, 16384, 64)[2] == 0 and plan(8, 8, 16384, 256)[2] == 16      # 34 entries do not fit
     assert plan(32, 32, 1024, 64, left=True)[2] == 0 and plan(32, 32, 1024, 16)[2] == 0
     assert plan(32, 32, 1024, 64, ns=64)[2] == 2

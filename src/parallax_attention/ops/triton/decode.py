@@ -53,9 +53,9 @@ def _decode_split_kernel(
     PAGED: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     ROW_MASK: tl.constexpr, SINGLE: tl.constexpr, PREC: tl.constexpr, STACKED: tl.constexpr,
     PDL: tl.constexpr, PAGE_SCALAR: tl.constexpr = False, PAGE_PRELOAD: tl.constexpr = 0,
-    ONE_TILE_SPLITS: tl.constexpr = False,
+    ONE_TILE_SPLITS: tl.constexpr = False, PDL_LATE: tl.constexpr = False,
 ):
-    if PDL:
+    if PDL and not PDL_LATE:
         # Let the merge grid launch as soon as every split program has started; it waits for
         # this grid's completion (gdc_wait) before reading the partials, so this only hides
         # the merge's launch latency behind the last wave. Measured on the H200: 0.4-0.9 us
@@ -234,6 +234,10 @@ def _decode_split_kernel(
         smask = row_ok[:, None] & d_ok[None, :]
         tl.store(po, o1, mask=smask)
         tl.store(po + D, o2, mask=smask)
+        if PDL and PDL_LATE:
+            # The merge launches once every split program has stored its partials, so its
+            # programs take no slot from a split program that has not started.
+            gdc_launch_dependents()
 
 
 @triton.jit
@@ -478,9 +482,9 @@ def paged_launch_config(batch: int, heads_kv: int, rows: int, keys: int, capacit
     Without a left window every split starts at a multiple of BLOCK_N (chunks are whole tiles), so
     with BLOCK_N dividing the page a tile never crosses a page, and when the entries a split can
     touch fit the preload it streams like a dense split and takes the dense configuration. Except
-    on a one-wave grid, where one entry read per tile (use_page_scalar) was faster with 64-token
-    blocks (H200, B=1 L=1024: 6.4 against 6.7-6.9 us; with 256-token blocks the preload was about
-    0.2 us faster, not yet acted on).
+    on a one-wave grid with pages of one tile, where one entry read per tile (use_page_scalar) was
+    faster (H200, B=1 L=1024 8/8, 64-token blocks: 6.4 against 6.7-6.9 us); with 256-token blocks
+    the preload was the faster one there (6.7-6.8 against 6.9-7.0 us in two sweeps).
     """
     stages, splits = launch_config(batch, heads_kv, rows, keys, d, esize, page > 0, device)
     block_n = _CONFIG["BLOCK_N"]
@@ -488,7 +492,7 @@ def paged_launch_config(batch: int, heads_kv: int, rows: int, keys: int, capacit
         dense_stages, dense_splits = launch_config(batch, heads_kv, rows, keys, d, esize, False, device)
         preload = preload_entries(capacity, num_splits if num_splits > 0 else dense_splits, page, block_n)
         one_wave = use_page_scalar(batch * heads_kv * (num_splits if num_splits > 0 else splits), _sms(device))
-        if preload and not one_wave:
+        if preload and not (one_wave and page == block_n):
             return dense_stages, dense_splits, preload
     return stages, splits, 0
 
@@ -508,8 +512,10 @@ MAX_SPLITS = 128
 # PAGE_SCALAR: how a paged cache reads its block table (use_page_scalar); PAGE_PRELOAD 1: a split
 # whose block-table entries fit PAGE_PRELOAD_MAX reads them all before its loop (preload_entries);
 # ONE_TILE 1: with splits of one tile it reads them before the sequence length arrives.
+# PDL_LATE 1: a programmatically dependent merge is released after the partials are stored
+# rather than when the split programs start.
 _CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 0, "PROGRAMS_PER_SM": 0, "MIN_KEYS": 128, "STACKED": 1,
-           "PDL": 2, "MODEL": 2, "PAGE_SCALAR": 2, "PAGE_PRELOAD": 1, "ONE_TILE": 1}
+           "PDL": 2, "MODEL": 2, "PAGE_SCALAR": 2, "PAGE_PRELOAD": 1, "ONE_TILE": 1, "PDL_LATE": 0}
 WAVE_MODEL_1 = {"MODEL": 1, "PDL": 1}
 
 
@@ -595,7 +601,7 @@ def decode_triton(q, r, k_cache, v_cache, block_table, seqlens, seq_const: int, 
         HKV=hkv, G=g, D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page,
         PAGED=paged, HAS_SEQ=seqlens is not None, HAS_LEFT=has_left, HAS_RIGHT=has_right,
         ROW_MASK=row_mask, SINGLE=single, PREC=prec, STACKED=stacked, PDL=pdl, PAGE_SCALAR=page_scalar,
-        PAGE_PRELOAD=page_preload, ONE_TILE_SPLITS=one_tile,
+        PAGE_PRELOAD=page_preload, ONE_TILE_SPLITS=one_tile, PDL_LATE=bool(_CONFIG["PDL_LATE"]),
         num_warps=_CONFIG["num_warps"], num_stages=stages,
     )
     if not single:
