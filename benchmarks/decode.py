@@ -242,25 +242,14 @@ def reps_for(roof_us):
 
 
 SWEEP = [
-    # paged 256 on a one-wave grid: the entries preloaded (the default since the rule by block size)
-    # against one entry per tile (PAGE_PRELOAD=0 with PAGE_SCALAR=1), alternated; "chosen" marks the
-    # default's (stages, splits)
-    (1, 1024, 8, 8, 256, [(3, 8, {}), (3, 8, dict(PAGE_PRELOAD=0, PAGE_SCALAR=1)), (3, 8, {}),
-                          (3, 8, dict(PAGE_PRELOAD=0, PAGE_SCALAR=1))]),
-    (1, 1024, 32, 8, 256, [(3, 8, {}), (3, 8, dict(PAGE_PRELOAD=0, PAGE_SCALAR=1))]),
-    (1, 1024, 8, 8, 64, [(3, 8, {}), (3, 8, dict(PAGE_SCALAR=0))]),
-    (1, 1024, 8, 8, None, [(3, 8, {})]),
-    # the dense cache where it is closest to SDPA (B=8 L=1024): the merge programmatically dependent
-    # and released early (PDL=1) or after the partials are stored (PDL_LATE=1), one 128-key tile per
-    # split, 8 warps; the default first and last
-    (8, 1024, 32, 8, None, [(2, 8, {}), (2, 8, dict(PDL=1, PDL_LATE=1)), (2, 8, dict(PDL=1)),
-                            (1, 8, dict(BLOCK_N=128)), (2, 8, dict(BLOCK_N=128)), (2, 8, dict(num_warps=8)),
-                            (2, 8, dict(PDL=1, PDL_LATE=1)), (2, 8, {})]),
-    (8, 1024, 8, 8, None, [(2, 8, {}), (2, 8, dict(PDL=1, PDL_LATE=1)), (1, 8, dict(BLOCK_N=128)),
-                           (2, 8, {})]),
-    # small merge grids, where the early release is the default
-    (1, 4096, 32, 8, None, [(2, 64, {}), (2, 64, dict(PDL_LATE=1)), (2, 64, {})]),
-    (1, 16384, 8, 8, None, [(2, 64, {}), (2, 64, dict(PDL_LATE=1)), (2, 64, {})]),
+    # the merge released after the partials are stored (PDL=1, PDL_LATE=1) against the default
+    # (no PDL on these merge grids of more than 0.25 SMs programs), alternated four times
+    (8, 1024, 32, 8, None, [(2, 8, {}), (2, 8, dict(PDL=1, PDL_LATE=1))] * 4),
+    (8, 1024, 8, 8, None, [(2, 8, {}), (2, 8, dict(PDL=1, PDL_LATE=1))] * 4),
+    (8, 1024, 32, 8, 64, [(2, 8, {}), (2, 8, dict(PDL=1, PDL_LATE=1))] * 4),
+    (8, 4096, 32, 8, None, [(2, 8, {}), (2, 8, dict(PDL=1, PDL_LATE=1))] * 4),
+    (8, 16384, 8, 8, None, [(2, 8, {}), (2, 8, dict(PDL=1, PDL_LATE=1))] * 4),
+    (128, 16384, 32, 8, None, [(2, 5, {}), (2, 5, dict(PDL=1, PDL_LATE=1))] * 3),
 ]
 
 
