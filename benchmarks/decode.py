@@ -105,11 +105,10 @@ def rel(a, b):
 def check_section(results):
     """bf16 kernel vs float64 on the valid keys: the default config (paged splits preload their
     block-table entries where they fit), then without the preload (entries read per tile on
-    one-wave grids, else per key), per key everywhere, and with every merge launched
-    programmatically dependent and released after the partials are stored. Then repeated calls of
-    the default must agree bit for bit."""
+    one-wave grids, else per key), and per key everywhere. Then repeated calls of the default must
+    agree bit for bit."""
     rows = []
-    for cfg in ({}, dict(PAGE_PRELOAD=0), dict(PAGE_PRELOAD=0, PAGE_SCALAR=0), dict(PDL=1, PDL_LATE=1)):
+    for cfg in ({}, dict(PAGE_PRELOAD=0), dict(PAGE_PRELOAD=0, PAGE_SCALAR=0)):
         old = dec.set_config(**cfg)
         try:
             rows += [dict(r, config=cfg) for r in _check(cfg)]
@@ -242,14 +241,22 @@ def reps_for(roof_us):
 
 
 SWEEP = [
-    # the merge released after the partials are stored (PDL=1, PDL_LATE=1) against the default
-    # (no PDL on these merge grids of more than 0.25 SMs programs), alternated four times
-    (8, 1024, 32, 8, None, [(2, 8, {}), (2, 8, dict(PDL=1, PDL_LATE=1))] * 4),
-    (8, 1024, 8, 8, None, [(2, 8, {}), (2, 8, dict(PDL=1, PDL_LATE=1))] * 4),
-    (8, 1024, 32, 8, 64, [(2, 8, {}), (2, 8, dict(PDL=1, PDL_LATE=1))] * 4),
-    (8, 4096, 32, 8, None, [(2, 8, {}), (2, 8, dict(PDL=1, PDL_LATE=1))] * 4),
-    (8, 16384, 8, 8, None, [(2, 8, {}), (2, 8, dict(PDL=1, PDL_LATE=1))] * 4),
-    (128, 16384, 32, 8, None, [(2, 5, {}), (2, 5, dict(PDL=1, PDL_LATE=1))] * 3),
+    # paged 256 on a one-wave grid: the entries preloaded (the default since the rule by block size)
+    # against one entry per tile (PAGE_PRELOAD=0 with PAGE_SCALAR=1), alternated; "chosen" marks the
+    # default's (stages, splits)
+    (1, 1024, 8, 8, 256, [(3, 8, {}), (3, 8, dict(PAGE_PRELOAD=0, PAGE_SCALAR=1)), (3, 8, {}),
+                          (3, 8, dict(PAGE_PRELOAD=0, PAGE_SCALAR=1))]),
+    (1, 1024, 32, 8, 256, [(3, 8, {}), (3, 8, dict(PAGE_PRELOAD=0, PAGE_SCALAR=1))]),
+    (1, 1024, 8, 8, 64, [(3, 8, {}), (3, 8, dict(PAGE_SCALAR=0))]),
+    (1, 1024, 8, 8, None, [(3, 8, {})]),
+    # the dense cache where it is closest to SDPA (B=8 L=1024): a programmatically dependent merge,
+    # one 128-key tile per split, 8 warps; the default first and last
+    (8, 1024, 32, 8, None, [(2, 8, {}), (2, 8, dict(PDL=1)), (1, 8, dict(BLOCK_N=128)), (2, 8, dict(BLOCK_N=128)),
+                            (2, 8, dict(num_warps=8)), (2, 8, {})]),
+    (8, 1024, 8, 8, None, [(2, 8, {}), (1, 8, dict(BLOCK_N=128)), (2, 8, {})]),
+    # merge programs of 1 or 2 warps against the default 4, alternated
+    (8, 1024, 32, 8, None, [(2, 8, {}), (2, 8, dict(MERGE_WARPS=1)), (2, 8, dict(MERGE_WARPS=2))] * 3),
+    (1, 4096, 32, 8, None, [(2, 64, {}), (2, 64, dict(MERGE_WARPS=1)), (2, 64, dict(MERGE_WARPS=2))] * 2),
 ]
 
 

@@ -53,9 +53,9 @@ def _decode_split_kernel(
     PAGED: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     ROW_MASK: tl.constexpr, SINGLE: tl.constexpr, PREC: tl.constexpr, STACKED: tl.constexpr,
     PDL: tl.constexpr, PAGE_SCALAR: tl.constexpr = False, PAGE_PRELOAD: tl.constexpr = 0,
-    ONE_TILE_SPLITS: tl.constexpr = False, PDL_LATE: tl.constexpr = False,
+    ONE_TILE_SPLITS: tl.constexpr = False,
 ):
-    if PDL and not PDL_LATE:
+    if PDL:
         # Let the merge grid launch as soon as every split program has started; it waits for
         # this grid's completion (gdc_wait) before reading the partials, so this only hides
         # the merge's launch latency behind the last wave. Measured on the H200: 0.4-0.9 us
@@ -234,10 +234,6 @@ def _decode_split_kernel(
         smask = row_ok[:, None] & d_ok[None, :]
         tl.store(po, o1, mask=smask)
         tl.store(po + D, o2, mask=smask)
-        if PDL and PDL_LATE:
-            # The merge launches once every split program has stored its partials, so its
-            # programs take no slot from a split program that has not started.
-            gdc_launch_dependents()
 
 
 @triton.jit
@@ -512,10 +508,10 @@ MAX_SPLITS = 128
 # PAGE_SCALAR: how a paged cache reads its block table (use_page_scalar); PAGE_PRELOAD 1: a split
 # whose block-table entries fit PAGE_PRELOAD_MAX reads them all before its loop (preload_entries);
 # ONE_TILE 1: with splits of one tile it reads them before the sequence length arrives.
-# PDL_LATE 1: a programmatically dependent merge is released after the partials are stored
-# rather than when the split programs start.
+# MERGE_WARPS: warps per merge program, 0 for the default (4 for head dims above 64, else 2).
 _CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 0, "PROGRAMS_PER_SM": 0, "MIN_KEYS": 128, "STACKED": 1,
-           "PDL": 2, "MODEL": 2, "PAGE_SCALAR": 2, "PAGE_PRELOAD": 1, "ONE_TILE": 1, "PDL_LATE": 0}
+           "PDL": 2, "MODEL": 2, "PAGE_SCALAR": 2, "PAGE_PRELOAD": 1, "ONE_TILE": 1,
+           "MERGE_WARPS": 0}
 WAVE_MODEL_1 = {"MODEL": 1, "PDL": 1}
 
 
@@ -601,7 +597,7 @@ def decode_triton(q, r, k_cache, v_cache, block_table, seqlens, seq_const: int, 
         HKV=hkv, G=g, D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page,
         PAGED=paged, HAS_SEQ=seqlens is not None, HAS_LEFT=has_left, HAS_RIGHT=has_right,
         ROW_MASK=row_mask, SINGLE=single, PREC=prec, STACKED=stacked, PDL=pdl, PAGE_SCALAR=page_scalar,
-        PAGE_PRELOAD=page_preload, ONE_TILE_SPLITS=one_tile, PDL_LATE=bool(_CONFIG["PDL_LATE"]),
+        PAGE_PRELOAD=page_preload, ONE_TILE_SPLITS=one_tile,
         num_warps=_CONFIG["num_warps"], num_stages=stages,
     )
     if not single:
@@ -609,6 +605,6 @@ def decode_triton(q, r, k_cache, v_cache, block_table, seqlens, seq_const: int, 
             pstat, po, out, lq, num_splits,
             out.stride(0), out.stride(1), out.stride(2),
             HQ=hq, D=d, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), PDL=pdl,
-            num_warps=4 if block_d >= 128 else 2, **launch_kw,
+            num_warps=_CONFIG["MERGE_WARPS"] or (4 if block_d >= 128 else 2), **launch_kw,
         )
     return out
