@@ -241,22 +241,17 @@ def reps_for(roof_us):
 
 
 SWEEP = [
-    # paged 256 on a one-wave grid: the entries preloaded (the default since the rule by block size)
-    # against one entry per tile (PAGE_PRELOAD=0 with PAGE_SCALAR=1), alternated; "chosen" marks the
+    # merge programs with warps by split count (the default: 1 warp up to 8 splits at D = 128, 8 for
+    # 64 splits) against the previous fixed 4 (MERGE_WARPS=4), alternated; "chosen" marks the
     # default's (stages, splits)
-    (1, 1024, 8, 8, 256, [(3, 8, {}), (3, 8, dict(PAGE_PRELOAD=0, PAGE_SCALAR=1)), (3, 8, {}),
-                          (3, 8, dict(PAGE_PRELOAD=0, PAGE_SCALAR=1))]),
-    (1, 1024, 32, 8, 256, [(3, 8, {}), (3, 8, dict(PAGE_PRELOAD=0, PAGE_SCALAR=1))]),
-    (1, 1024, 8, 8, 64, [(3, 8, {}), (3, 8, dict(PAGE_SCALAR=0))]),
-    (1, 1024, 8, 8, None, [(3, 8, {})]),
-    # the dense cache where it is closest to SDPA (B=8 L=1024): a programmatically dependent merge,
-    # one 128-key tile per split, 8 warps; the default first and last
-    (8, 1024, 32, 8, None, [(2, 8, {}), (2, 8, dict(PDL=1)), (1, 8, dict(BLOCK_N=128)), (2, 8, dict(BLOCK_N=128)),
-                            (2, 8, dict(num_warps=8)), (2, 8, {})]),
-    (8, 1024, 8, 8, None, [(2, 8, {}), (1, 8, dict(BLOCK_N=128)), (2, 8, {})]),
-    # merge programs of 1 or 2 warps against the default 4, alternated
-    (8, 1024, 32, 8, None, [(2, 8, {}), (2, 8, dict(MERGE_WARPS=1)), (2, 8, dict(MERGE_WARPS=2))] * 3),
-    (1, 4096, 32, 8, None, [(2, 64, {}), (2, 64, dict(MERGE_WARPS=1)), (2, 64, dict(MERGE_WARPS=2))] * 2),
+    (8, 1024, 32, 8, None, [(2, 8, {}), (2, 8, dict(MERGE_WARPS=4))] * 3),
+    (8, 1024, 8, 8, None, [(2, 8, {}), (2, 8, dict(MERGE_WARPS=4))] * 3),
+    (8, 1024, 32, 8, 64, [(2, 8, {}), (2, 8, dict(MERGE_WARPS=4))] * 2),
+    (1, 1024, 8, 8, None, [(3, 8, {}), (3, 8, dict(MERGE_WARPS=4))] * 2),
+    (1, 4096, 32, 8, None, [(2, 64, {}), (2, 64, dict(MERGE_WARPS=4))] * 3),
+    (1, 16384, 8, 8, None, [(2, 64, {}), (2, 64, dict(MERGE_WARPS=4))] * 3),
+    (8, 4096, 32, 8, None, [(2, 8, {}), (2, 8, dict(MERGE_WARPS=4))] * 2),
+    (128, 16384, 32, 8, None, [(2, 5, {}), (2, 5, dict(MERGE_WARPS=4))] * 2),
 ]
 
 

@@ -406,6 +406,24 @@ def test_page_scalar_by_grid_size():
         decode.set_config(**old)
 
 
+def test_merge_warps_keep_partials_in_registers():
+    """One warp while all splits' (O1, O2) fit 64 fp32 values per thread, more as splits grow (at
+    most 8); MERGE_WARPS forces a count."""
+    from parallax_attention.ops.triton import decode
+    for block_s in (2, 4, 8, 16, 32, 64):
+        for block_d in (32, 64, 128):
+            w = decode.merge_warps(block_s, block_d)
+            assert 1 <= w <= 8
+            assert block_s * 2 * block_d // (32 * w) <= 64 or w == 8
+            assert w == 1 or block_s * 2 * block_d // (32 * (w // 2)) > 64
+    assert decode.merge_warps(8, 128) == 1 and decode.merge_warps(64, 128) == 8
+    old = decode.set_config(MERGE_WARPS=4)
+    try:
+        assert decode.merge_warps(8, 128) == 4
+    finally:
+        decode.set_config(**old)
+
+
 def test_pdl_by_merge_grid_size():
     """PDL 1 always, 0 never, 2 (default) only for small merge grids: B=1 (8-32 programs) on, B=8 off."""
     from parallax_attention.ops.triton import decode
