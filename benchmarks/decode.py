@@ -241,17 +241,15 @@ def reps_for(roof_us):
 
 
 SWEEP = [
-    # merge programs with warps by split count (the default: 1 warp up to 8 splits at D = 128, 8 for
-    # 64 splits) against the previous fixed 4 (MERGE_WARPS=4), alternated; "chosen" marks the
-    # default's (stages, splits)
-    (8, 1024, 32, 8, None, [(2, 8, {}), (2, 8, dict(MERGE_WARPS=4))] * 3),
-    (8, 1024, 8, 8, None, [(2, 8, {}), (2, 8, dict(MERGE_WARPS=4))] * 3),
-    (8, 1024, 32, 8, 64, [(2, 8, {}), (2, 8, dict(MERGE_WARPS=4))] * 2),
-    (1, 1024, 8, 8, None, [(3, 8, {}), (3, 8, dict(MERGE_WARPS=4))] * 2),
-    (1, 4096, 32, 8, None, [(2, 64, {}), (2, 64, dict(MERGE_WARPS=4))] * 3),
-    (1, 16384, 8, 8, None, [(2, 64, {}), (2, 64, dict(MERGE_WARPS=4))] * 3),
-    (8, 4096, 32, 8, None, [(2, 8, {}), (2, 8, dict(MERGE_WARPS=4))] * 2),
-    (128, 16384, 32, 8, None, [(2, 5, {}), (2, 5, dict(MERGE_WARPS=4))] * 2),
+    # merge programs with warps by split count (the default: 1 warp up to 8 splits at D = 128, 2 for
+    # 16, 4 from 32) against the previous fixed 4 (MERGE_WARPS=4) and 1, alternated; "chosen" marks
+    # the default's (stages, splits)
+    (8, 1024, 32, 8, None, [(2, 8, {}), (2, 8, dict(MERGE_WARPS=4))] * 2),
+    (8, 1024, 8, 8, None, [(2, 8, {}), (2, 8, dict(MERGE_WARPS=4))] * 2),
+    (4, 4096, 32, 8, None, [(2, 16, {}), (2, 16, dict(MERGE_WARPS=4)), (2, 16, dict(MERGE_WARPS=1))] * 2),
+    (4, 1024, 8, 8, None, [(2, 16, {}), (2, 16, dict(MERGE_WARPS=4)), (2, 16, dict(MERGE_WARPS=1))] * 2),
+    (2, 4096, 32, 8, None, [(2, 32, {}), (2, 32, dict(MERGE_WARPS=2))] * 2),
+    (1, 4096, 32, 8, None, [(2, 64, {}), (2, 64, dict(MERGE_WARPS=2))] * 2),
 ]
 
 

@@ -441,16 +441,18 @@ def use_pdl(merge_programs: int, sms: int) -> bool:
 
 def merge_warps(block_s: int, block_d: int) -> int:
     """Warps per merge program: as few as hold the (O1, O2) partials of all splits at 64 fp32
-    registers per thread, so that the reduction over splits stays inside a warp.
+    registers per thread, at most 4.
 
-    _CONFIG["MERGE_WARPS"] > 0 forces a count. Measured on the H200 (B=8 L=1024 Hq/Hkv 32/8, 8
-    splits): 1 warp 10.4-10.5 us against 11.4-11.5 with the previous fixed 4, whose layout spread
-    the splits over warps and reduced them through shared memory; with 64 splits (B=1 L=4096) 1
-    warp (512 values per thread) took 32 us and 2 warps 9.5, against 8.6 with 4.
+    _CONFIG["MERGE_WARPS"] > 0 forces a count. Measured on the H200 against the previous fixed 4,
+    whose layout spreads the splits over the warps and reduces them through shared memory: with 8
+    splits 1 warp took 10.6-10.7 against 11.6-11.7 us (B=8 L=1024 Hq/Hkv 32/8), 6.0-6.1 against 6.4
+    (B=1 L=1024) and 1899 against 1918-1920 us (B=128 L=16384, 5 splits). With 64 splits (B=1
+    L=4096 32/8) 4 warps are best: 1 warp (512 values per thread) 32 us, 2 warps 9.5, 8 warps 10.3,
+    4 warps 8.6-8.7.
     """
     if _CONFIG["MERGE_WARPS"]:
         return _CONFIG["MERGE_WARPS"]
-    return max(1, min(8, block_s * block_d * 2 // (32 * 64)))
+    return max(1, min(4, block_s * block_d * 2 // (32 * 64)))
 
 
 def use_page_scalar(programs: int, sms: int) -> bool:
