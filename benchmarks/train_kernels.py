@@ -679,7 +679,7 @@ def run_overhead(log, shapes=((4, 16, 16, 1024, 128), (4, 16, 16, 4096, 128)), p
             log(buf.getvalue())
         out.append(row)
         log("overhead " + json.dumps(row))
-        del q, r, k, v, do
+        del q, r, k, v, fb
         torch.cuda.empty_cache()
     return out
 
