@@ -410,20 +410,9 @@ def _set_dkv_launch(tma=None, mha128=None):
     tr.DKV_TMA_CONFIG = {**_DEFAULTS["dkv"], **({(128, "mha"): mha128} if mha128 else {})}
 
 
-def _set_scores(fwd_fma=False, lazy=False, bwd_fma=False):
-    """Score form of the training kernels (train.FWD_FMA, FWD_LAZY, BWD_FMA); no arguments: the default."""
-    from parallax_attention.ops.triton import train as tr
-    tr.FWD_FMA, tr.FWD_LAZY, tr.BWD_FMA = fwd_fma, lazy, bwd_fma
-
-
 # --ab NAME: variants of the whole forward+backward, each (label, setter of its setting); the last
 # one is the default, set again when the comparison ends
 VARIANT_AB = {
-    # scale folded into the exponent (forward, dq/dr, dk/dv), with and without the forward's lazy
-    # rescaling of its accumulators
-    "scores": [("fma + lazy rescale", lambda: _set_scores(True, True, True)),
-               ("fma", lambda: _set_scores(True, False, True)),
-               ("default", lambda: _set_scores())],
     "dkv_kernel": [("descriptors", lambda: _set_dkv_launch()), ("pointers", lambda: _set_dkv_launch(tma=False))],
     # Triton's warp specialization of the MHA D=128 dk/dv loop (unsafe, see train.DKV_TMA_CONFIG)
     "dkv_ws": [("MHA D=128 dk/dv warp specialized", lambda: _set_dkv_launch(mha128=(32, 128, 4, 3, True))),
@@ -475,7 +464,6 @@ def run_variant_ab(log, name, shape, rounds=3):
             failed[label] += not all(torch.isfinite(x.grad).all() for x in (q, r, k, v))
     VARIANT_AB[name][-1][1]()
     _set_dkv_launch()
-    _set_scores()
     med = lambda t: sorted(t)[len(t) // 2]  # noqa: E731
     out = {label: dict(ms=med(t), all=t, fwd_ms=med(times_fwd[label]), fwd_all=times_fwd[label],
                        diff_to_first=diffs[label], nonfinite=nonfinite[label], rounds_nonfinite=failed[label])

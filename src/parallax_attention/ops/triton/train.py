@@ -180,73 +180,21 @@ def _rows(P, DESC, b, h, row0, offs, offs_d, dmask, stride_l, limit,
 def _fwd_tiles(acc1, acc2, d1, d2, m_i, q, r, K, V, KD, VD, b32, hk, offs_m, offs_d, dmask, stride_kl,
                lo, hi, shift, lk, left, right, scale_log2,
                MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-               FMA: tl.constexpr = False, LAZY: tl.constexpr = False):
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k = _rows(K, KD, b32, hk, n0, offs_n, offs_d, dmask, stride_kl, lk, BLOCK_N, BLOCK_D, TMA)
         v = _rows(V, VD, b32, hk, n0, offs_n, offs_d, dmask, stride_kl, lk, BLOCK_N, BLOCK_D, TMA)
-        if FMA:
-            acc1, acc2, d1, d2, m_i = _fwd_tile_fma(acc1, acc2, d1, d2, m_i, q, r, k, v, offs_m, offs_n, shift, lk,
-                                                    left, right, scale_log2, MASK, HAS_LEFT, HAS_RIGHT, PREC,
-                                                    LAZY)
-        else:
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-            t = tl.dot(r, tl.trans(k), input_precision=PREC)
-            if MASK:
-                s = tl.where(_visible(offs_m, offs_n, shift, lk, left, right, HAS_LEFT, HAS_RIGHT), s,
-                             float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # a row that has seen no visible key keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            e = tl.exp2(s - m_safe[:, None])
-            et = e * t
-            d1 = d1 * alpha + tl.sum(e, 1)
-            d2 = d2 * alpha + tl.sum(et, 1)
-            acc1 = acc1 * alpha[:, None] + tl.dot(e.to(v.dtype), v, input_precision=PREC)
-            acc2 = acc2 * alpha[:, None] + tl.dot(et.to(v.dtype), v, input_precision=PREC)
-            m_i = m_new
-    return acc1, acc2, d1, d2, m_i
-
-
-# Lazy rescaling: the running max used for the exponentials moves only when some row's true max
-# passes it by more than this (log2 units), so e <= 2^FWD_LAZY_TAU; the sums stay exact.
-FWD_LAZY_TAU = tl.constexpr(8.0)
-
-
-@triton.jit
-def _fwd_tile_fma(acc1, acc2, d1, d2, m_i, q, r, k, v, offs_m, offs_n, shift, lk, left, right, scale_log2,
-                  MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PREC: tl.constexpr,
-                  LAZY: tl.constexpr):
-    """One K/V tile of the forward with the scale folded into the exponent (one FMA per score: the
-    max is taken on the raw products, which the positive scale does not reorder) and, with LAZY,
-    the accumulators rescaled only when a row's max rises by more than FWD_LAZY_TAU."""
-    raw = tl.dot(q, tl.trans(k), input_precision=PREC)
-    t = tl.dot(r, tl.trans(k), input_precision=PREC)
-    if MASK:
-        raw = tl.where(_visible(offs_m, offs_n, shift, lk, left, right, HAS_LEFT, HAS_RIGHT), raw, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(raw, 1) * scale_log2)
-    if LAZY:
-        # one decision per program (a CTA-wide any), so the common case skips both accumulators
-        grow = tl.max(tl.where(m_new > m_i + FWD_LAZY_TAU, 1, 0), 0)
-        if grow > 0:
-            alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
-            acc1 = acc1 * alpha[:, None]
-            acc2 = acc2 * alpha[:, None]
-            d1 = d1 * alpha
-            d2 = d2 * alpha
-            m_i = m_new
-        e = tl.exp2(raw * scale_log2 - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
-        et = e * t
-        d1 += tl.sum(e, 1)
-        d2 += tl.sum(et, 1)
-        acc1 = tl.dot(e.to(v.dtype), v, acc1, input_precision=PREC)
-        acc2 = tl.dot(et.to(v.dtype), v, acc2, input_precision=PREC)
-    else:
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+        t = tl.dot(r, tl.trans(k), input_precision=PREC)
+        if MASK:
+            s = tl.where(_visible(offs_m, offs_n, shift, lk, left, right, HAS_LEFT, HAS_RIGHT), s,
+                         float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row that has seen no visible key keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
-        e = tl.exp2(raw * scale_log2 - m_safe[:, None])
+        e = tl.exp2(s - m_safe[:, None])
         et = e * t
         d1 = d1 * alpha + tl.sum(e, 1)
         d2 = d2 * alpha + tl.sum(et, 1)
@@ -266,7 +214,7 @@ def _fwd_kernel(
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PREC: tl.constexpr,
-    TMA: tl.constexpr = False, FMA: tl.constexpr = False, LAZY: tl.constexpr = False,
+    TMA: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     # heaviest row blocks (most keys under a causal mask) first
@@ -302,13 +250,13 @@ def _fwd_kernel(
     start, a, c, end = _key_ranges(m0, lq, lk, shift, left, right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     acc1, acc2, d1, d2, m_i = _fwd_tiles(acc1, acc2, d1, d2, m_i, q, r, Kp, Vp, KD, VD, b32, hk, offs_m, offs_d,
                                          dmask, stride_kl, start, a, shift, lk, left, right,
-                                         scale_log2, True, HAS_LEFT, HAS_RIGHT, BLOCK_N, BLOCK_D, PREC, TMA, FMA, LAZY)
+                                         scale_log2, True, HAS_LEFT, HAS_RIGHT, BLOCK_N, BLOCK_D, PREC, TMA)
     acc1, acc2, d1, d2, m_i = _fwd_tiles(acc1, acc2, d1, d2, m_i, q, r, Kp, Vp, KD, VD, b32, hk, offs_m, offs_d,
                                          dmask, stride_kl, a, c, shift, lk, left, right,
-                                         scale_log2, False, HAS_LEFT, HAS_RIGHT, BLOCK_N, BLOCK_D, PREC, TMA, FMA, LAZY)
+                                         scale_log2, False, HAS_LEFT, HAS_RIGHT, BLOCK_N, BLOCK_D, PREC, TMA)
     acc1, acc2, d1, d2, m_i = _fwd_tiles(acc1, acc2, d1, d2, m_i, q, r, Kp, Vp, KD, VD, b32, hk, offs_m, offs_d,
                                          dmask, stride_kl, c, end, shift, lk, left, right,
-                                         scale_log2, True, HAS_LEFT, HAS_RIGHT, BLOCK_N, BLOCK_D, PREC, TMA, FMA, LAZY)
+                                         scale_log2, True, HAS_LEFT, HAS_RIGHT, BLOCK_N, BLOCK_D, PREC, TMA)
 
     has = d1 > 0.0
     inv = tl.where(has, 1.0 / tl.where(has, d1, 1.0), 0.0)
@@ -331,25 +279,17 @@ def _fwd_kernel(
 def _dq_tiles(dq, dr, q, r, do, lse2, tb, delta, beta, K, V, KD, VD, b32, hk, offs_m, offs_d, dmask, stride_kl,
               lo, hi, shift, lk, left, right, scale_log2,
               MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-              FMA: tl.constexpr = False):
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k = _rows(K, KD, b32, hk, n0, offs_n, offs_d, dmask, stride_kl, lk, BLOCK_N, BLOCK_D, TMA)
         v = _rows(V, VD, b32, hk, n0, offs_n, offs_d, dmask, stride_kl, lk, BLOCK_N, BLOCK_D, TMA)
-        if FMA:
-            # the scale folded into the exponent (one FMA per score); masked scores select 0 after
-            # the exp2 (they may overflow to inf there, never into p)
-            p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2 - lse2[:, None])
-            if MASK:
-                p = tl.where(_visible(offs_m, offs_n, shift, lk, left, right, HAS_LEFT, HAS_RIGHT), p, 0.0)
-        else:
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-            if MASK:
-                s = tl.where(_visible(offs_m, offs_n, shift, lk, left, right, HAS_LEFT, HAS_RIGHT), s,
-                             float("-inf"))
-            p = tl.exp2(s - lse2[:, None])
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
         t = tl.dot(r, tl.trans(k), input_precision=PREC)
+        if MASK:
+            s = tl.where(_visible(offs_m, offs_n, shift, lk, left, right, HAS_LEFT, HAS_RIGHT), s,
+                         float("-inf"))
+        p = tl.exp2(s - lse2[:, None])
         a = tl.dot(do, tl.trans(v), input_precision=PREC)
         pa = p * (a - beta[:, None])
         ds1 = p * (a - delta[:, None]) + pa * (tb[:, None] - t)
@@ -368,7 +308,7 @@ def _bwd_dq_kernel(
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PREC: tl.constexpr,
-    TMA: tl.constexpr = False, FMA: tl.constexpr = False,
+    TMA: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -409,13 +349,13 @@ def _bwd_dq_kernel(
     start, a, c, end = _key_ranges(m0, lq, lk, shift, left, right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     dq, dr = _dq_tiles(dq, dr, q, r, do, lse2, tb, delta, beta, Kp, Vp, KD, VD, b32, hk, offs_m, offs_d, dmask,
                        stride_kl, start, a, shift, lk, left, right, scale_log2, True, HAS_LEFT, HAS_RIGHT, BLOCK_N,
-                       BLOCK_D, PREC, TMA, FMA)
+                       BLOCK_D, PREC, TMA)
     dq, dr = _dq_tiles(dq, dr, q, r, do, lse2, tb, delta, beta, Kp, Vp, KD, VD, b32, hk, offs_m, offs_d, dmask,
                        stride_kl, a, c, shift, lk, left, right, scale_log2, False, HAS_LEFT, HAS_RIGHT, BLOCK_N,
-                       BLOCK_D, PREC, TMA, FMA)
+                       BLOCK_D, PREC, TMA)
     dq, dr = _dq_tiles(dq, dr, q, r, do, lse2, tb, delta, beta, Kp, Vp, KD, VD, b32, hk, offs_m, offs_d, dmask,
                        stride_kl, c, end, shift, lk, left, right, scale_log2, True, HAS_LEFT, HAS_RIGHT, BLOCK_N,
-                       BLOCK_D, PREC, TMA, FMA)
+                       BLOCK_D, PREC, TMA)
     tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=io_mask)
     # dS2 = -p (a - beta), so dr = -(pa K)
     tl.store(DR + q_off, (-dr).to(DR.dtype.element_ty), mask=io_mask)
@@ -426,14 +366,10 @@ def _bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------
 
 @triton.jit
-def _dkv_weights(dv, v, do, st, tt, lse2, tb, delta, beta, scale, PREC: tl.constexpr, PROBS: tl.constexpr = False):
-    """One (keys x queries) tile's share of dv, from the masked log2 scores st = (k q^T)^T (with
-    PROBS, the probabilities themselves) and tt = (k r^T)^T, and the tile's dS1 (scaled) and
-    p (a - beta): dk gets dS1^T q - (p (a - beta))^T r."""
-    if PROBS:
-        pt = st
-    else:
-        pt = tl.exp2(st - lse2[None, :])
+def _dkv_weights(dv, v, do, st, tt, lse2, tb, delta, beta, scale, PREC: tl.constexpr):
+    """One (keys x queries) tile's share of dv, from the masked log2 scores st = (k q^T)^T and
+    tt = (k r^T)^T, and the tile's dS1 (scaled) and p (a - beta): dk gets dS1^T q - (p (a - beta))^T r."""
+    pt = tl.exp2(st - lse2[None, :])
     tc = tb[None, :] - tt
     dv = tl.dot((pt * (1.0 + tc)).to(do.dtype), do, dv, input_precision=PREC)
     at = tl.dot(v, tl.trans(do), input_precision=PREC)
@@ -443,11 +379,10 @@ def _dkv_weights(dv, v, do, st, tt, lse2, tb, delta, beta, scale, PREC: tl.const
 
 
 @triton.jit
-def _dkv_step(dk, dv, v, q, r, do, st, tt, lse2, tb, delta, beta, scale, PREC: tl.constexpr,
-              PROBS: tl.constexpr = False):
+def _dkv_step(dk, dv, v, q, r, do, st, tt, lse2, tb, delta, beta, scale, PREC: tl.constexpr):
     """One (keys x queries) tile's share of dk and dv (see _dkv_weights); also returns dS1 and
     p (a - beta), which give dq and dr."""
-    dv, ds1, pa = _dkv_weights(dv, v, do, st, tt, lse2, tb, delta, beta, scale, PREC, PROBS)
+    dv, ds1, pa = _dkv_weights(dv, v, do, st, tt, lse2, tb, delta, beta, scale, PREC)
     dk = tl.dot(ds1.to(q.dtype), q, dk, input_precision=PREC)
     dk = tl.dot((-pa).to(r.dtype), r, dk, input_precision=PREC)
     return dk, dv, ds1, pa
@@ -549,7 +484,7 @@ def _bwd_dkv_tma_kernel(
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PREC: tl.constexpr,
-    WS: tl.constexpr, STATS_TMA: tl.constexpr, FMA: tl.constexpr = False,
+    WS: tl.constexpr, STATS_TMA: tl.constexpr,
 ):
     """dk/dv with every tile read through 2-D tensor descriptors made on the device.
 
@@ -611,18 +546,11 @@ def _bwd_dkv_tma_kernel(
             beta = tl.load(BETA + s_ptr, mask=s_in, other=0.0)
         q = q_desc.load([q_row0 + m0, h * D])
         r = r_desc.load([q_row0 + m0, h * D])
+        st = tl.dot(k, tl.trans(q), input_precision=PREC) * scale_log2
+        tt = tl.dot(k, tl.trans(r), input_precision=PREC)
         vis = _visible(offs_m, offs_n, shift, lk, left, right, HAS_LEFT, HAS_RIGHT) & (offs_m < lq)[:, None]
-        if FMA:
-            # scale folded into the exponent; masked scores select 0 after the exp2
-            pt = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PREC) * scale_log2 - lse2[None, :])
-            pt = tl.where(tl.trans(vis), pt, 0.0)
-            tt = tl.dot(k, tl.trans(r), input_precision=PREC)
-            dk, dv, ds1, pa = _dkv_step(dk, dv, v, q, r, do, pt, tt, lse2, tb, delta, beta, scale, PREC, True)
-        else:
-            st = tl.dot(k, tl.trans(q), input_precision=PREC) * scale_log2
-            tt = tl.dot(k, tl.trans(r), input_precision=PREC)
-            st = tl.where(tl.trans(vis), st, float("-inf"))
-            dk, dv, ds1, pa = _dkv_step(dk, dv, v, q, r, do, st, tt, lse2, tb, delta, beta, scale, PREC)
+        st = tl.where(tl.trans(vis), st, float("-inf"))
+        dk, dv, ds1, pa = _dkv_step(dk, dv, v, q, r, do, st, tt, lse2, tb, delta, beta, scale, PREC)
     kv_mask = (offs_n < lk)[:, None]
     kv_off = b * stride_kb + (ks + offs_n[:, None]) * stride_kl + hk * stride_kh + offs_d[None, :]
     tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -686,12 +614,6 @@ FIXED = {
 # warp_specialize=True, e.g. triton-lang/triton#8311). No configuration here turns it on;
 # `benchmarks/train_kernels.py --ab dkv_ws` and `--repeat` repeat the measurement and the check.
 DKV_TMA = None
-# Scores in FMA form (the scale folded into the exponent, masks applied to the probabilities) in the
-# forward (FWD_FMA) and in the dq/dr and descriptor dk/dv kernels (BWD_FMA), and in the forward the
-# lazy rescaling of the accumulators (FWD_LAZY, with FWD_FMA): off until measured on the GPU.
-FWD_FMA = False
-FWD_LAZY = False
-BWD_FMA = False
 DKV_TMA_CONFIG = {(64, "mha"): (64, 128, 8, 3, False), (64, "gqa"): (64, 128, 8, 3, False),
                   (128, "mha"): (32, 128, 8, 3, False), (128, "gqa"): (32, 128, 8, 3, False)}
 
@@ -851,8 +773,7 @@ def _launch_dkv_tma(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, 
     args = (q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg, *sk, *ss, max_q, max_k,
             rows_q, rows_k, scale, scale * LOG2E, left, right, _tune_key(max_q, max_k))
     consts = dict(HQ=q.shape[-2], HKV=hkv, G=meta["G"], D=meta["D"], VARLEN=meta["VARLEN"],
-                  HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"], PREC=meta["PREC"], STATS_TMA=stats_tma,
-                  FMA=BWD_FMA)
+                  HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"], PREC=meta["PREC"], STATS_TMA=stats_tma)
     if tuned:
         grid = lambda m: (batch * hkv, triton.cdiv(max_k, m["BLOCK_N"]))  # noqa: E731
         _with_scratch(lambda: _dkv_tma_tuned[grid](*args, **consts))
@@ -915,7 +836,7 @@ def fwd(q, r, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: flo
     head = (q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg)
     tail = (*sq, *sk, *ss, max_q, max_k, scale * LOG2E, left, right, _tune_key(max_q, max_k))
     meta = dict(HQ=hq, G=hq // hkv, D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), VARLEN=varlen,
-                HAS_LEFT=has_left, HAS_RIGHT=has_right, PREC=_prec(q.dtype), FMA=FWD_FMA, LAZY=FWD_FMA and FWD_LAZY)
+                HAS_LEFT=has_left, HAS_RIGHT=has_right, PREC=_prec(q.dtype))
     _launch(_fwd_tuned, _fwd_kernel, "fwd",
             lambda m: (batch * hq, triton.cdiv(max_q, m["BLOCK_M"])), head, tail, meta,
             ((k, "N"), (v, "N")), keys=max_k)
@@ -946,7 +867,7 @@ def bwd(dout, q, r, k, v, out, vbar, lse, tbar, cu_q, cu_k, max_q: int, max_k: i
                            batch, hq, hkv, sq, sk, ss, max_q, max_k, scale, left, right, key, meta)
     head = (q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg, cu_k_arg)
     _launch(_dq_tuned, _bwd_dq_kernel, "dq", lambda m: (batch * hq, triton.cdiv(max_q, m["BLOCK_M"])),
-            head, tail, dict(HQ=hq, FMA=BWD_FMA, **meta), ((k, "N"), (v, "N")))
+            head, tail, dict(HQ=hq, **meta), ((k, "N"), (v, "N")))
     if k.numel() == 0:
         return dq, dr, dk, dv
     if _dkv_tma_usable((q, r, k, v, dout, lse, tbar, delta, beta), d):
