@@ -629,6 +629,34 @@ def run_profile(log, shape, iters=5):
     return dict(wall_ms=wall * 1e3, busy_ms=busy / 1e3, kernels=rows)
 
 
+def run_ncu_region(log, shape, softmax=True):
+    """One warm forward+backward (and, for comparison, cuDNN SDPA's) between cudaProfilerStart and
+    cudaProfilerStop, for `ncu --profile-from-start off`: the kernels' hardware counters without the
+    warm-up and compile launches."""
+    (q, r, k, v), fb = _fresh_fwd_bwd(shape)
+    for _ in range(3):
+        fb()
+    q2, k2, v2 = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+    if shape[1] != shape[2]:
+        k2, v2 = (x.detach().repeat_interleave(shape[1] // shape[2], 1).requires_grad_() for x in (k2, v2))
+    do2 = torch.randn_like(q2)
+
+    def sdpa():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            torch.nn.functional.scaled_dot_product_attention(q2, k2, v2, is_causal=True).backward(do2)
+    if softmax:
+        sdpa()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    fb()
+    if softmax:
+        sdpa()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+    log(f"ncu region done: {shape}")
+
+
 def run_overhead(log, shapes=((4, 16, 16, 1024, 128), (4, 16, 16, 4096, 128)), profile_host=True):
     """Host time per call against device time (a shape is host-bound when its host time is the larger);
     for short shapes also a cProfile of the Python launch path."""
@@ -716,6 +744,9 @@ def main():
     ap.add_argument("--no-plx", action="store_true", help="skip parallax-kernel (its first call compiles a while)")
     ap.add_argument("--overhead", action="store_true", help="host vs device time per call")
     ap.add_argument("--profile", action="store_true", help="GPU time per kernel of forward+backward on --sweep-shape")
+    ap.add_argument("--ncu", action="store_true",
+                    help="one warm forward+backward on --sweep-shape (and cuDNN SDPA's) inside a profiler "
+                         "region, for ncu --profile-from-start off")
     ap.add_argument("--no-tma", action="store_true", help="pointer loads only (no tensor descriptors)")
     ap.add_argument("--tma-ab", action="store_true", help="forward K/V through TMA vs pointer loads, interleaved")
     ap.add_argument("--check-autotune", action="store_true",
@@ -736,7 +767,7 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("train_kernels.py needs a CUDA GPU")
     if not (args.check or args.bench or args.overhead or args.tma_ab or args.sweep or args.ab or args.check_autotune
-            or args.profile or args.repeat):
+            or args.profile or args.repeat or args.ncu):
         args.check = args.bench = True
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "train_kernels.log"), "a")
@@ -784,6 +815,8 @@ def main():
     if args.profile:
         result["profile"] = run_profile(log, tuple(int(x) for x in args.sweep_shape.split(",")))
         save()
+    if args.ncu:
+        run_ncu_region(log, tuple(int(x) for x in args.sweep_shape.split(",")))
     if args.overhead:
         result["overhead"] = run_overhead(log)
         save()
