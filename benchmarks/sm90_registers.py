@@ -78,7 +78,10 @@ def _install_compiler(results, dump_dir=None):
         binder = jit.create_function_from_signature(self.signature, self.params, backend)
         bound, specialization, options = binder(*args, **kwargs)
         options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, specialization, options)
-        kernel = triton_compile(ASTSource(self, signature, constexprs, attrs), target=target,
+        source = ASTSource
+        if getattr(self, "is_gluon", lambda: False)():
+            from triton.experimental.gluon._runtime import GluonASTSource as source
+        kernel = triton_compile(source(self, signature, constexprs, attrs), target=target,
                                 options=options.__dict__)
         # the resource usage ptxas recorded in the cubin Triton built (STACK: the per-thread frame that
         # spilled registers live in)
@@ -105,6 +108,7 @@ def _install_compiler(results, dump_dir=None):
                             loop_spill_ops=_loop_spills(sass),
                             smem=kernel.metadata.shared,
                             warp_specialized=kernel.asm["ttgir"].count("ttg.warp_specialize") > 0,
+                            maxnreg=options.maxnreg,
                             wgmma=_wgmma_forms(kernel.asm["ptx"])))
         return kernel
 
@@ -119,6 +123,8 @@ def main():
                     help="descriptor dk/dv kernel: BLOCK_M,BLOCK_N,warps,stages,warp_specialize (0/1)")
     ap.add_argument("--fwd-config", default=None, help="forward kernel: BLOCK_M,BLOCK_N,warps,stages")
     ap.add_argument("--dq-config", default=None, help="dq/dr kernel: BLOCK_M,BLOCK_N,warps,stages")
+    ap.add_argument("--dkv-gluon", action="store_true",
+                    help="the warp-specialized Gluon dk/dv kernel (ops/triton/dkv_gluon.py) instead of Triton's")
     ap.add_argument("--dump", default=None, metavar="DIR", help="also write each kernel's SASS, PTX and TTGIR there")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -132,6 +138,10 @@ def main():
         "fwd" in tr.TMA_KERNELS and not meta["VARLEN"] and (keys is None or keys >= tr.TMA_MIN_KEYS))
     tr._dkv_tma_usable = lambda tensors, d: d in (16, 32, 64, 128)  # noqa: E731
     tr._with_scratch = lambda launch: launch()  # noqa: E731
+    if args.dkv_gluon:
+        from parallax_attention.ops.triton import dkv_gluon
+        dkv_gluon.usable = lambda q, k, d, tensors: d in dkv_gluon.CONFIG  # noqa: E731
+        dkv_gluon.ENABLED = True
     for name, cfg in (("fwd", args.fwd_config), ("dq", args.dq_config)):
         if cfg:
             tr.FIXED[name] = {**tr.FIXED[name], 128: tuple(int(x) for x in cfg.split(","))}

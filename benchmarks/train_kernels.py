@@ -400,12 +400,15 @@ def run_config_ab(log, spec, shape, rounds=3):
 _DEFAULTS: dict = {}
 
 
-def _set_dkv_launch(tma=None, mha128=None):
-    """The dk/dv kernel (None: descriptors where they apply, False: pointers) and, optionally, the
-    descriptor kernel's MHA D=128 launch; no arguments restore the defaults."""
+def _set_dkv_launch(tma=None, mha128=None, gluon=None):
+    """The dk/dv kernel (None: descriptors where they apply, False: pointers; gluon: the
+    warp-specialized Gluon kernel on or off) and, optionally, the descriptor kernel's MHA D=128
+    launch; no arguments restore the defaults."""
+    from parallax_attention.ops.triton import dkv_gluon
     from parallax_attention.ops.triton import train as tr
     if not _DEFAULTS:
-        _DEFAULTS.update(dkv=dict(tr.DKV_TMA_CONFIG))
+        _DEFAULTS.update(dkv=dict(tr.DKV_TMA_CONFIG), gluon=dkv_gluon.ENABLED)
+    dkv_gluon.ENABLED = _DEFAULTS["gluon"] if gluon is None else gluon
     tr.DKV_TMA = tma
     tr.DKV_TMA_CONFIG = {**_DEFAULTS["dkv"], **({(128, "mha"): mha128} if mha128 else {})}
 
@@ -414,6 +417,8 @@ def _set_dkv_launch(tma=None, mha128=None):
 # one is the default, set again when the comparison ends
 VARIANT_AB = {
     "dkv_kernel": [("descriptors", lambda: _set_dkv_launch()), ("pointers", lambda: _set_dkv_launch(tma=False))],
+    # the warp-specialized Gluon dk/dv kernel (ops/triton/dkv_gluon.py) against the Triton one
+    "dkv_gluon": [("gluon", lambda: _set_dkv_launch(gluon=True)), ("triton", lambda: _set_dkv_launch(gluon=False))],
     # Triton's warp specialization of the MHA D=128 dk/dv loop (unsafe, see train.DKV_TMA_CONFIG)
     "dkv_ws": [("MHA D=128 dk/dv warp specialized", lambda: _set_dkv_launch(mha128=(32, 128, 4, 3, True))),
                ("8 warps", lambda: _set_dkv_launch())],

@@ -54,11 +54,16 @@ import torch
 import triton
 import triton.language as tl
 
+from . import dkv_gluon
 from ._device import on_input_device
 
 LOG2E = 1.4426950408889634
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _interpreting() -> bool:
+    return _INTERPRET or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ----------------------------------------------------------------------------------------
@@ -870,7 +875,13 @@ def bwd(dout, q, r, k, v, out, vbar, lse, tbar, cu_q, cu_k, max_q: int, max_k: i
             head, tail, dict(HQ=hq, **meta), ((k, "N"), (v, "N")))
     if k.numel() == 0:
         return dq, dr, dk, dv
-    if _dkv_tma_usable((q, r, k, v, dout, lse, tbar, delta, beta), d):
+    stats = (q, r, k, v, dout, lse, tbar, delta, beta)
+    if dkv_gluon.ENABLED and not _interpreting() and dkv_gluon.usable(q, k, d, stats):
+        LAST_COMPILED["dkv"] = _with_scratch(lambda: dkv_gluon.launch(
+            q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg, batch, hkv, sk, ss,
+            max_q, max_k, scale, left, right, meta))
+        return dq, dr, dk, dv
+    if _dkv_tma_usable(stats, d):
         _launch_dkv_tma(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg, batch, hkv, sk, ss,
                         max_q, max_k, scale, left, right, meta)
         return dq, dr, dk, dv

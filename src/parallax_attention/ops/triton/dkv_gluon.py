@@ -1,0 +1,257 @@
+"""dk/dv of the Parallax backward as a warp-specialized Gluon kernel (Hopper).
+
+The Triton dk/dv kernel (train._bwd_dkv_tma_kernel) waits for every warp-group MMA right after
+issuing it (Triton puts a `wgmma.wait_group 0` behind each non-accumulating dot), and its two
+warpgroups meet at a CTA barrier on every step, so the tensor cores idle while both warpgroups
+do the step's elementwise work: Nsight Compute on the H200 put the tensor pipe at 42% busy and
+28% of the warps' stall samples on those waits. Here the schedule is explicit:
+
+* one producer warp streams q, r, dO tiles through TMA into a ring of shared-memory stages
+  (and the block's k, v tiles once);
+* two consumer warpgroups, 64 keys each, run independently (no CTA barrier between them): each
+  issues the step's three score products (k q^T, k r^T, v dO^T) at once, waits for them one at a
+  time while it computes the weights, and leaves the dv and dk products in flight while the next
+  step's score products are issued. A stage goes back to the producer when both warpgroups'
+  products that read it have completed (one mbarrier arrival per warpgroup).
+
+Same math, tiles and masking as the Triton kernel (keys x queries tiles, every tile masked,
+a GQA group's query heads walked as one flat loop); deterministic (no atomics).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+try:  # Gluon ships with Triton >= 3.5; without it the Triton kernel runs
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_init
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    HAVE_GLUON = False
+
+LOG2E = 1.4426950408889634
+
+# (BLOCK_M query rows per step, stages of the q/r/dO ring) by head dim; the key block is 128
+# (64 per consumer warpgroup).
+CONFIG = {64: (32, 4), 128: (32, 3)}
+BLOCK_N = 128
+# registers per thread of the second consumer warpgroup and of the producer warp; the first
+# consumer warpgroup (the default partition) gets what is left of the kernel's budget
+CONSUMER_REGS = 240
+PRODUCER_REGS = 24
+# total registers per thread the kernel launches with: 12 warps (4 + 4 + the producer's, rounded
+# up to a warpgroup) x 32 x 168 fits the 65,536 of an SM, and the first warpgroup is left with
+# (12 x 168 - 4 x 240 - 4 x 24) / 4 = 240
+MAXNREG = 168
+
+
+if HAVE_GLUON:
+    @gluon.jit
+    def _dkv_consumer(p, scale, scale_log2, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
+                      STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
+        (k_smem, v_smem, q_bufs, r_bufs, do_bufs, kv_bar, ready, empty, q_desc, r_desc, do_desc, k_desc, v_desc,
+         LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl, n0, lq, lk, shift, left, right,
+         start, blocks, steps, q_row0, k_row0, hk) = p
+        HALF: gl.constexpr = 64
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_M, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, D, 16])
+        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        keys_l: gl.constexpr = gl.SliceLayout(1, s_layout)
+        queries_l: gl.constexpr = gl.SliceLayout(0, s_layout)
+        dtype: gl.constexpr = q_bufs.dtype
+
+        k_t = k_smem.slice(WG * HALF, HALF)
+        v_t = v_smem.slice(WG * HALF, HALF)
+        offs_n = n0 + WG * HALF + gl.arange(0, HALF, layout=keys_l)
+        zero_s = gl.zeros([HALF, BLOCK_M], gl.float32, s_layout)
+        dk = warpgroup_mma_init(gl.zeros([HALF, D], gl.float32, acc_layout))
+        dv = warpgroup_mma_init(gl.zeros([HALF, D], gl.float32, acc_layout))
+        mbarrier.wait(kv_bar, 0)
+        # steps >= 1 (see the kernel), restated here where the compiler can see it: a loop that
+        # may run zero times makes ptxas serialize every warp-group MMA (the accumulators' zero-trip
+        # path is a non-MMA definition inside their pipeline stage)
+        for it in range(gl.maximum(steps, 1)):
+            stage = it % STAGES
+            mbarrier.wait(ready.index(stage), (it // STAGES) & 1)
+            q_s = q_bufs.index(stage)
+            r_s = r_bufs.index(stage)
+            do_s = do_bufs.index(stage)
+            st = warpgroup_mma(k_t, q_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            tt = warpgroup_mma(k_t, r_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            at = warpgroup_mma(v_t, do_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            # the row statistics load while the products run
+            g = it // blocks
+            m0 = start + (it - g * blocks) * BLOCK_M
+            offs_m = m0 + gl.arange(0, BLOCK_M, layout=queries_l)
+            in_q = offs_m < lq
+            s_off = s_base + g * stride_sh + offs_m
+            lse2 = gl.load(LSE + s_off, mask=in_q, other=0.0)
+            tb = gl.load(TB + s_off, mask=in_q, other=0.0)
+            delta = gl.load(DELTA + s_off, mask=in_q, other=0.0)
+            beta = gl.load(BETA + s_off, mask=in_q, other=0.0)
+            vis = (offs_n[:, None] < lk) & in_q[None, :]
+            if HAS_LEFT:
+                vis = vis & (offs_n[:, None] >= offs_m[None, :] + shift - left)
+            if HAS_RIGHT:
+                vis = vis & (offs_n[:, None] <= offs_m[None, :] + shift + right)
+
+            st = warpgroup_mma_wait(num_outstanding=2, deps=(st,))
+            pt = gl.exp2(gl.where(vis, st * scale_log2, float("-inf")) - lse2[None, :])
+            tt = warpgroup_mma_wait(num_outstanding=1, deps=(tt,))
+            tc = tb[None, :] - tt
+            w = gl.convert_layout((pt * (1.0 + tc)).to(dtype), op_layout)
+            dv = warpgroup_mma(w, do_s, dv, is_async=True)
+            at = warpgroup_mma_wait(num_outstanding=1, deps=(at,))
+            pa = pt * (at - beta[None, :])
+            ds1 = (pt * (at - delta[None, :]) + pa * tc) * scale
+            dk = warpgroup_mma(gl.convert_layout(ds1.to(dtype), op_layout), q_s, dk, is_async=True)
+            dk = warpgroup_mma(gl.convert_layout((-pa).to(dtype), op_layout), r_s, dk, is_async=True)
+            # retire dk and dv here: keeping them in flight into the next step's score products
+            # needs more than 240 registers (ptxas then serializes every MMA)
+            dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
+            mbarrier.arrive(empty.index(stage))
+            dk = warpgroup_mma_init(dk)
+            dv = warpgroup_mma_init(dv)
+        dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
+
+        rows_l: gl.constexpr = gl.SliceLayout(1, acc_layout)
+        cols_l: gl.constexpr = gl.SliceLayout(0, acc_layout)
+        rows = n0 + WG * HALF + gl.arange(0, HALF, layout=rows_l)
+        cols = gl.arange(0, D, layout=cols_l)
+        off = out_base + rows[:, None].to(gl.int64) * stride_kl + cols[None, :]
+        mask = (rows < lk)[:, None] & (cols < D)[None, :]
+        gl.store(DK + off, dk.to(DK.dtype.element_ty), mask=mask)
+        gl.store(DV + off, dv.to(DV.dtype.element_ty), mask=mask)
+
+    @gluon.jit
+    def _dkv_producer(p, scale, scale_log2, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
+                      STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
+        (k_smem, v_smem, q_bufs, r_bufs, do_bufs, kv_bar, ready, empty, q_desc, r_desc, do_desc, k_desc, v_desc,
+         LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl, n0, lq, lk, shift, left, right,
+         start, blocks, steps, q_row0, k_row0, hk) = p
+        mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [k_row0 + n0, hk * D], kv_bar, k_smem)
+        tma.async_copy_global_to_shared(v_desc, [k_row0 + n0, hk * D], kv_bar, v_smem)
+        for it in range(steps):
+            stage = it % STAGES
+            # a fresh mbarrier counts as having completed the phase before phase 0
+            mbarrier.wait(empty.index(stage), ((it // STAGES) & 1) ^ 1)
+            g = it // blocks
+            m0 = start + (it - g * blocks) * BLOCK_M
+            col = (hk * G + g) * D
+            bar = ready.index(stage)
+            mbarrier.expect(bar, 3 * q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [q_row0 + m0, col], bar, q_bufs.index(stage))
+            tma.async_copy_global_to_shared(r_desc, [q_row0 + m0, col], bar, r_bufs.index(stage))
+            tma.async_copy_global_to_shared(do_desc, [q_row0 + m0, col], bar, do_bufs.index(stage))
+
+    @gluon.jit
+    def _dkv_ws_kernel(
+        Q, R, K, V, DO, LSE, TB, DELTA, BETA, DK, DV, CUQ, CUK,
+        stride_kb, stride_kl, stride_kh, stride_sb, stride_sh,
+        seqlen_q, seqlen_k, rows_q, rows_k, scale, scale_log2, left, right,
+        HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
+        STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+    ):
+        BLOCK_N: gl.constexpr = 128
+        pid_bh = gl.program_id(0)
+        b32 = pid_bh // HKV
+        hk = pid_bh % HKV
+        if VARLEN:
+            qs = gl.load(CUQ + b32)
+            lq = gl.load(CUQ + b32 + 1) - qs
+            ks = gl.load(CUK + b32)
+            lk = gl.load(CUK + b32 + 1) - ks
+            q_row0 = qs
+            k_row0 = ks
+        else:
+            qs = 0
+            lq = seqlen_q
+            ks = 0
+            lk = seqlen_k
+            q_row0 = b32 * seqlen_q
+            k_row0 = b32 * seqlen_k
+        n0 = gl.program_id(1) * BLOCK_N
+        shift = lk - lq
+        # query blocks that see keys [n0, n0 + BLOCK_N) (see train._query_ranges)
+        n_last = gl.minimum(n0 + BLOCK_N, lk) - 1
+        lo = 0
+        if HAS_RIGHT:
+            lo = gl.maximum(0, n0 - shift - right)
+        hi = lq
+        if HAS_LEFT:
+            hi = gl.minimum(lq, n_last - shift + left + 1)
+        hi = gl.maximum(hi, lo)
+        start = lo // BLOCK_M * BLOCK_M
+        # at least one step, even for a key block that no query sees (past a varlen sequence's keys,
+        # or outside every window): its tile is fully masked and it stores zeros
+        blocks = gl.maximum(gl.where(n0 < lk, gl.cdiv(hi - start, BLOCK_M), 1), 1)
+        steps = G * blocks
+
+        tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], Q.dtype.element_ty)
+        kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], K.dtype.element_ty)
+        q_desc = tma.make_tensor_descriptor(Q, [rows_q, HQ * D], [HQ * D, 1], [BLOCK_M, D], tile_layout)
+        r_desc = tma.make_tensor_descriptor(R, [rows_q, HQ * D], [HQ * D, 1], [BLOCK_M, D], tile_layout)
+        do_desc = tma.make_tensor_descriptor(DO, [rows_q, HQ * D], [HQ * D, 1], [BLOCK_M, D], tile_layout)
+        k_desc = tma.make_tensor_descriptor(K, [rows_k, HKV * D], [HKV * D, 1], [BLOCK_N, D], kv_layout)
+        v_desc = tma.make_tensor_descriptor(V, [rows_k, HKV * D], [HKV * D, 1], [BLOCK_N, D], kv_layout)
+
+        k_smem = gl.allocate_shared_memory(K.dtype.element_ty, [BLOCK_N, D], kv_layout)
+        v_smem = gl.allocate_shared_memory(K.dtype.element_ty, [BLOCK_N, D], kv_layout)
+        q_bufs = gl.allocate_shared_memory(Q.dtype.element_ty, [STAGES, BLOCK_M, D], tile_layout)
+        r_bufs = gl.allocate_shared_memory(Q.dtype.element_ty, [STAGES, BLOCK_M, D], tile_layout)
+        do_bufs = gl.allocate_shared_memory(Q.dtype.element_ty, [STAGES, BLOCK_M, D], tile_layout)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            # one arrival from each consumer warpgroup
+            mbarrier.init(empty.index(i), count=2)
+
+        s_base = b32 * stride_sb + hk * G * stride_sh + qs
+        out_base = b32.to(gl.int64) * stride_kb + ks.to(gl.int64) * stride_kl + hk * stride_kh
+        p = (k_smem, v_smem, q_bufs, r_bufs, do_bufs, kv_bar, ready, empty, q_desc, r_desc, do_desc, k_desc, v_desc,
+             LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl, n0, lq, lk, shift, left, right,
+             start, blocks, steps, q_row0, k_row0, hk)
+        gl.warp_specialize([
+            (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
+            (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, 1)),
+            (_dkv_producer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
+        ], [4, 1], [240, 24])  # CONSUMER_REGS, PRODUCER_REGS
+
+
+def usable(q, k, d: int, tensors) -> bool:
+    """Whether the Gluon dk/dv kernel can run: Gluon present, Hopper (sm_90; the kernel uses
+    warp-group MMAs), a 2-byte dtype, head dim 64 or 128 and contiguous 16-byte aligned tensors."""
+    if not HAVE_GLUON or d not in CONFIG or q.element_size() != 2:
+        return False
+    if any(t.data_ptr() % 16 or not t.is_contiguous() for t in tensors):
+        return False
+    return q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)
+
+
+def launch(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg, batch, hkv, sk, ss,
+           max_q, max_k, scale, left, right, meta):
+    """dk, dv for train.bwd (same arguments as train._launch_dkv_tma)."""
+    block_m, stages = CONFIG[meta["D"]]
+    rows_q = q.shape[0] * q.shape[1] if not meta["VARLEN"] else q.shape[0]
+    rows_k = k.shape[0] * k.shape[1] if not meta["VARLEN"] else k.shape[0]
+    grid = (batch * hkv, triton.cdiv(max_k, BLOCK_N))
+    return _dkv_ws_kernel[grid](
+        q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg, *sk, *ss, max_q, max_k,
+        rows_q, rows_k, scale, scale * LOG2E, left, right,
+        HQ=q.shape[-2], HKV=hkv, G=meta["G"], D=meta["D"], BLOCK_M=block_m, STAGES=stages,
+        VARLEN=meta["VARLEN"], HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"],
+        num_warps=4, maxnreg=MAXNREG)
+
+
+ENABLED = os.environ.get("PARALLAX_DKV_GLUON", "0") == "1"
