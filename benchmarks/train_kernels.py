@@ -300,13 +300,20 @@ SWEEP = {"fwd": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 8
 
 
 def _config(tr, name, d=128, group=1):
+    if name == "gluon":
+        from parallax_attention.ops.triton import dkv_gluon
+        return dkv_gluon.CONFIG[64 if d <= 64 else 128]
     if name == "dkv_tma":
         return tr.DKV_TMA_CONFIG[tr.dkv_tma_key(d, group)]
     return tr.FIXED[name][128 if d <= 128 else 256]
 
 
 def _set_config(tr, name, cfg, d=128, group=1):
-    if name == "dkv_tma":
+    if name == "gluon":  # the Gluon dk/dv kernel, switched on while its configurations are timed
+        from parallax_attention.ops.triton import dkv_gluon
+        dkv_gluon.CONFIG[64 if d <= 64 else 128] = cfg
+        dkv_gluon.ENABLED = True
+    elif name == "dkv_tma":
         tr.DKV_TMA_CONFIG[tr.dkv_tma_key(d, group)] = cfg
     else:
         tr.FIXED[name][128 if d <= 128 else 256] = cfg
@@ -368,7 +375,8 @@ def run_config_ab(log, spec, shape, rounds=3):
     """Forward+backward time of several launch configurations of one kernel, interleaved round by
     round in one process (the GPU's clock drifts by more than the differences between neighbours
     in a sweep). spec: "kernel=cfg;cfg;..." with each cfg comma-separated, e.g.
-    "dkv_tma=32,128,8,3,0;32,128,4,3,1"."""
+    "dkv_tma=32,128,8,3,0;32,128,4,3,1"; "gluon=32,3,0;16,4,1" for the Gluon dk/dv kernel
+    (BLOCK_M, stages, dk/dv left in flight)."""
     from parallax_attention.ops.triton import train as tr
     if spec in VARIANT_AB:
         return run_variant_ab(log, spec, shape, rounds)
@@ -376,6 +384,8 @@ def run_config_ab(log, spec, shape, rounds=3):
     cfgs = [tuple(int(x) for x in c.split(",")) for c in cfgs.split(";")]
     if name == "dkv_tma":
         cfgs = [c[:4] + (bool(c[4]),) for c in cfgs]
+    if name == "gluon":  # (BLOCK_M, stages, in flight 0/1)
+        cfgs = [c[:2] + (bool(c[2]),) for c in cfgs]
     b, h, hkv, L, d = shape
     torch.manual_seed(0)
     q, r, k, v, do = _qrkvdo(b, h, hkv, L, d)
@@ -391,6 +401,8 @@ def run_config_ab(log, spec, shape, rounds=3):
             times[c].append(bench_ms(fb, grad_to_none=[q, r, k, v]))
     _set_config(tr, name, old, d, h // hkv)
     tr.DKV_TMA = None
+    if name == "gluon":
+        _set_dkv_launch()
     out = {str(c): dict(ms=sorted(t)[len(t) // 2], all=t) for c, t in times.items()}
     for c, t in out.items():
         log(f"ab {name} {shape} {c}: median {t['ms']:.3f} ms of {['%.3f' % x for x in t['all']]}")

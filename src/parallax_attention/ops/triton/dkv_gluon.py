@@ -36,9 +36,9 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 
 LOG2E = 1.4426950408889634
 
-# (BLOCK_M query rows per step, stages of the q/r/dO ring) by head dim; the key block is 128
-# (64 per consumer warpgroup).
-CONFIG = {64: (32, 4), 128: (32, 3)}
+# (BLOCK_M query rows per step, stages of the q/r/dO ring, dk/dv products left in flight into the
+# next step) by head dim; the key block is 128 (64 per consumer warpgroup).
+CONFIG = {64: (32, 4, False), 128: (32, 3, False)}
 BLOCK_N = 128
 # registers per thread of the second consumer warpgroup and of the producer warp; the first
 # consumer warpgroup (the default partition) gets what is left of the kernel's budget
@@ -53,7 +53,8 @@ MAXNREG = 168
 if HAVE_GLUON:
     @gluon.jit
     def _dkv_consumer(p, scale, scale_log2, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
-                      STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
+                      STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, IN_FLIGHT: gl.constexpr,
+                      WG: gl.constexpr):
         (k_smem, v_smem, q_bufs, r_bufs, do_bufs, kv_bar, ready, empty, q_desc, r_desc, do_desc, k_desc, v_desc,
          LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl, n0, lq, lk, shift, left, right,
          start, blocks, steps, q_row0, k_row0, hk) = p
@@ -103,6 +104,9 @@ if HAVE_GLUON:
                 vis = vis & (offs_n[:, None] <= offs_m[None, :] + shift + right)
 
             st = warpgroup_mma_wait(num_outstanding=2, deps=(st,))
+            if IN_FLIGHT:
+                # in-order completion: the previous step's dv and dk products are done too
+                mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=it > 0)
             pt = gl.exp2(gl.where(vis, st * scale_log2, float("-inf")) - lse2[None, :])
             tt = warpgroup_mma_wait(num_outstanding=1, deps=(tt,))
             tc = tb[None, :] - tt
@@ -113,12 +117,13 @@ if HAVE_GLUON:
             ds1 = (pt * (at - delta[None, :]) + pa * tc) * scale
             dk = warpgroup_mma(gl.convert_layout(ds1.to(dtype), op_layout), q_s, dk, is_async=True)
             dk = warpgroup_mma(gl.convert_layout((-pa).to(dtype), op_layout), r_s, dk, is_async=True)
-            # retire dk and dv here: keeping them in flight into the next step's score products
-            # needs more than 240 registers (ptxas then serializes every MMA)
-            dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
-            mbarrier.arrive(empty.index(stage))
-            dk = warpgroup_mma_init(dk)
-            dv = warpgroup_mma_init(dv)
+            if not IN_FLIGHT:
+                # retire dk and dv here: keeping them in flight into the next step's score products
+                # needs more than 240 registers at 32 query rows (ptxas then serializes every MMA)
+                dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
+                mbarrier.arrive(empty.index(stage))
+                dk = warpgroup_mma_init(dk)
+                dv = warpgroup_mma_init(dv)
         dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
 
         rows_l: gl.constexpr = gl.SliceLayout(1, acc_layout)
@@ -132,7 +137,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _dkv_producer(p, scale, scale_log2, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
-                      STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
+                      STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, IN_FLIGHT: gl.constexpr,
+                      WG: gl.constexpr):
         (k_smem, v_smem, q_bufs, r_bufs, do_bufs, kv_bar, ready, empty, q_desc, r_desc, do_desc, k_desc, v_desc,
          LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl, n0, lq, lk, shift, left, right,
          start, blocks, steps, q_row0, k_row0, hk) = p
@@ -159,6 +165,7 @@ if HAVE_GLUON:
         seqlen_q, seqlen_k, rows_q, rows_k, scale, scale_log2, left, right,
         HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
         STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+        IN_FLIGHT: gl.constexpr,
     ):
         BLOCK_N: gl.constexpr = 128
         pid_bh = gl.program_id(0)
@@ -223,9 +230,9 @@ if HAVE_GLUON:
              LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl, n0, lq, lk, shift, left, right,
              start, blocks, steps, q_row0, k_row0, hk)
         gl.warp_specialize([
-            (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
-            (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, 1)),
-            (_dkv_producer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
+            (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT, 0)),
+            (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT, 1)),
+            (_dkv_producer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT, 0)),
         ], [4, 1], [240, 24])  # CONSUMER_REGS, PRODUCER_REGS
 
 
@@ -242,7 +249,7 @@ def usable(q, k, d: int, tensors) -> bool:
 def launch(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg, batch, hkv, sk, ss,
            max_q, max_k, scale, left, right, meta):
     """dk, dv for train.bwd (same arguments as train._launch_dkv_tma)."""
-    block_m, stages = CONFIG[meta["D"]]
+    block_m, stages, in_flight = CONFIG[meta["D"]]
     rows_q = q.shape[0] * q.shape[1] if not meta["VARLEN"] else q.shape[0]
     rows_k = k.shape[0] * k.shape[1] if not meta["VARLEN"] else k.shape[0]
     grid = (batch * hkv, triton.cdiv(max_k, BLOCK_N))
@@ -251,7 +258,7 @@ def launch(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
         rows_q, rows_k, scale, scale * LOG2E, left, right,
         HQ=q.shape[-2], HKV=hkv, G=meta["G"], D=meta["D"], BLOCK_M=block_m, STAGES=stages,
         VARLEN=meta["VARLEN"], HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"],
-        num_warps=4, maxnreg=MAXNREG)
+        IN_FLIGHT=in_flight, num_warps=4, maxnreg=MAXNREG)
 
 
 ENABLED = os.environ.get("PARALLAX_DKV_GLUON", "0") == "1"
