@@ -500,6 +500,7 @@ REPEAT_CHECK_SHAPES = [(4, 16, 16, 4096, 128), (2, 16, 4, 4096, 128)]
 # --repeat N: the dk/dv launches whose results are compared run against run
 REPEAT_VARIANTS = [("descriptors, default launch", lambda: _set_dkv_launch()),
                    ("pointers", lambda: _set_dkv_launch(tma=False)),
+                   ("Gluon warp-specialized", lambda: _set_dkv_launch(gluon=True)),
                    ("descriptors, MHA D=128 warp specialized (unsafe)",
                     lambda: _set_dkv_launch(mha128=(32, 128, 4, 3, True)))]
 
@@ -778,6 +779,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=0, metavar="N",
                     help="N forward+backward runs per dk/dv launch on each --repeat-shapes shape: "
                          "bitwise equal, finite")
+    ap.add_argument("--repeat-variants", default=None,
+                    help="comma-separated indexes into REPEAT_VARIANTS for --repeat (default: all)")
     ap.add_argument("--repeat-shapes", default="4,16,16,4096,128",
                     help="B,Hq,Hkv,L,D shapes for --repeat, ';'-separated")
     args = ap.parse_args()
@@ -816,7 +819,9 @@ def main():
             json.dump(result, f, indent=1)
         os.replace(tmp, json_path)
     if args.repeat:
-        result["repeat"] = {sh: run_repeat_check(log, tuple(int(x) for x in sh.split(",")), args.repeat)
+        variants = None if args.repeat_variants is None else \
+            [REPEAT_VARIANTS[int(i)] for i in args.repeat_variants.split(",")]
+        result["repeat"] = {sh: run_repeat_check(log, tuple(int(x) for x in sh.split(",")), args.repeat, variants)
                             for sh in args.repeat_shapes.split(";")}
         save()
     if args.check_autotune:

@@ -48,16 +48,19 @@ PRODUCER_REGS = 24
 # up to a warpgroup) x 32 x 168 fits the 65,536 of an SM, and the first warpgroup is left with
 # (12 x 168 - 4 x 240 - 4 x 24) / 4 = 240
 MAXNREG = 168
+# the producer also copies each step's row statistics (lse, tbar, delta, beta) into shared memory
+# where their rows are 16-byte aligned; else the consumers load them from global memory
+STATS_TMA = True
 
 
 if HAVE_GLUON:
     @gluon.jit
     def _dkv_consumer(p, scale, scale_log2, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
                       STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, IN_FLIGHT: gl.constexpr,
-                      WG: gl.constexpr):
-        (k_smem, v_smem, q_bufs, r_bufs, do_bufs, kv_bar, ready, empty, q_desc, r_desc, do_desc, k_desc, v_desc,
-         LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl, n0, lq, lk, shift, left, right,
-         start, blocks, steps, q_row0, k_row0, hk) = p
+                      STATS_TMA: gl.constexpr, WG: gl.constexpr):
+        (k_smem, v_smem, q_bufs, r_bufs, do_bufs, stat_bufs, kv_bar, ready, empty, q_desc, r_desc, do_desc, k_desc,
+         v_desc, stat_descs, LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl, n0, lq, lk, shift,
+         left, right, start, blocks, steps, q_row0, k_row0, hk) = p
         HALF: gl.constexpr = 64
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_M, 16])
@@ -93,10 +96,17 @@ if HAVE_GLUON:
             offs_m = m0 + gl.arange(0, BLOCK_M, layout=queries_l)
             in_q = offs_m < lq
             s_off = s_base + g * stride_sh + offs_m
-            lse2 = gl.load(LSE + s_off, mask=in_q, other=0.0)
-            tb = gl.load(TB + s_off, mask=in_q, other=0.0)
-            delta = gl.load(DELTA + s_off, mask=in_q, other=0.0)
-            beta = gl.load(BETA + s_off, mask=in_q, other=0.0)
+            if STATS_TMA:
+                # the producer copied them with the tiles (rows past the sequence are masked below)
+                lse2 = stat_bufs.index(stage * 4 + 0).load(queries_l)
+                tb = stat_bufs.index(stage * 4 + 1).load(queries_l)
+                delta = stat_bufs.index(stage * 4 + 2).load(queries_l)
+                beta = stat_bufs.index(stage * 4 + 3).load(queries_l)
+            else:
+                lse2 = gl.load(LSE + s_off, mask=in_q, other=0.0)
+                tb = gl.load(TB + s_off, mask=in_q, other=0.0)
+                delta = gl.load(DELTA + s_off, mask=in_q, other=0.0)
+                beta = gl.load(BETA + s_off, mask=in_q, other=0.0)
             vis = (offs_n[:, None] < lk) & in_q[None, :]
             if HAS_LEFT:
                 vis = vis & (offs_n[:, None] >= offs_m[None, :] + shift - left)
@@ -138,10 +148,10 @@ if HAVE_GLUON:
     @gluon.jit
     def _dkv_producer(p, scale, scale_log2, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
                       STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, IN_FLIGHT: gl.constexpr,
-                      WG: gl.constexpr):
-        (k_smem, v_smem, q_bufs, r_bufs, do_bufs, kv_bar, ready, empty, q_desc, r_desc, do_desc, k_desc, v_desc,
-         LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl, n0, lq, lk, shift, left, right,
-         start, blocks, steps, q_row0, k_row0, hk) = p
+                      STATS_TMA: gl.constexpr, WG: gl.constexpr):
+        (k_smem, v_smem, q_bufs, r_bufs, do_bufs, stat_bufs, kv_bar, ready, empty, q_desc, r_desc, do_desc, k_desc,
+         v_desc, stat_descs, LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl, n0, lq, lk, shift,
+         left, right, start, blocks, steps, q_row0, k_row0, hk) = p
         mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [k_row0 + n0, hk * D], kv_bar, k_smem)
         tma.async_copy_global_to_shared(v_desc, [k_row0 + n0, hk * D], kv_bar, v_smem)
@@ -153,7 +163,13 @@ if HAVE_GLUON:
             m0 = start + (it - g * blocks) * BLOCK_M
             col = (hk * G + g) * D
             bar = ready.index(stage)
-            mbarrier.expect(bar, 3 * q_desc.block_type.nbytes)
+            if STATS_TMA:
+                mbarrier.expect(bar, 3 * q_desc.block_type.nbytes + 4 * BLOCK_M * 4)
+                s_row = s_base + g * stride_sh + m0
+                for j in gl.static_range(4):
+                    tma.async_copy_global_to_shared(stat_descs[j], [s_row], bar, stat_bufs.index(stage * 4 + j))
+            else:
+                mbarrier.expect(bar, 3 * q_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(q_desc, [q_row0 + m0, col], bar, q_bufs.index(stage))
             tma.async_copy_global_to_shared(r_desc, [q_row0 + m0, col], bar, r_bufs.index(stage))
             tma.async_copy_global_to_shared(do_desc, [q_row0 + m0, col], bar, do_bufs.index(stage))
@@ -165,7 +181,7 @@ if HAVE_GLUON:
         seqlen_q, seqlen_k, rows_q, rows_k, scale, scale_log2, left, right,
         HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
         STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-        IN_FLIGHT: gl.constexpr,
+        IN_FLIGHT: gl.constexpr, STATS_TMA: gl.constexpr,
     ):
         BLOCK_N: gl.constexpr = 128
         pid_bh = gl.program_id(0)
@@ -215,6 +231,14 @@ if HAVE_GLUON:
         q_bufs = gl.allocate_shared_memory(Q.dtype.element_ty, [STAGES, BLOCK_M, D], tile_layout)
         r_bufs = gl.allocate_shared_memory(Q.dtype.element_ty, [STAGES, BLOCK_M, D], tile_layout)
         do_bufs = gl.allocate_shared_memory(Q.dtype.element_ty, [STAGES, BLOCK_M, D], tile_layout)
+        # the four row statistics of each stage, when TMA can copy them (16-byte aligned rows)
+        stat_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M], gl.float32)
+        stat_bufs = gl.allocate_shared_memory(gl.float32, [STAGES * 4, BLOCK_M], stat_layout)
+        n_stats = rows_q * HQ
+        stat_descs = (tma.make_tensor_descriptor(LSE, [n_stats], [1], [BLOCK_M], stat_layout),
+                      tma.make_tensor_descriptor(TB, [n_stats], [1], [BLOCK_M], stat_layout),
+                      tma.make_tensor_descriptor(DELTA, [n_stats], [1], [BLOCK_M], stat_layout),
+                      tma.make_tensor_descriptor(BETA, [n_stats], [1], [BLOCK_M], stat_layout))
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -226,13 +250,13 @@ if HAVE_GLUON:
 
         s_base = b32 * stride_sb + hk * G * stride_sh + qs
         out_base = b32.to(gl.int64) * stride_kb + ks.to(gl.int64) * stride_kl + hk * stride_kh
-        p = (k_smem, v_smem, q_bufs, r_bufs, do_bufs, kv_bar, ready, empty, q_desc, r_desc, do_desc, k_desc, v_desc,
-             LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl, n0, lq, lk, shift, left, right,
-             start, blocks, steps, q_row0, k_row0, hk)
+        p = (k_smem, v_smem, q_bufs, r_bufs, do_bufs, stat_bufs, kv_bar, ready, empty, q_desc, r_desc, do_desc,
+             k_desc, v_desc, stat_descs, LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl, n0, lq,
+             lk, shift, left, right, start, blocks, steps, q_row0, k_row0, hk)
         gl.warp_specialize([
-            (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT, 0)),
-            (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT, 1)),
-            (_dkv_producer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT, 0)),
+            (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT, STATS_TMA, 0)),
+            (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT, STATS_TMA, 1)),
+            (_dkv_producer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT, STATS_TMA, 0)),
         ], [4, 1], [240, 24])  # CONSUMER_REGS, PRODUCER_REGS
 
 
@@ -253,12 +277,15 @@ def launch(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
     rows_q = q.shape[0] * q.shape[1] if not meta["VARLEN"] else q.shape[0]
     rows_k = k.shape[0] * k.shape[1] if not meta["VARLEN"] else k.shape[0]
     grid = (batch * hkv, triton.cdiv(max_k, BLOCK_N))
+    # a statistics tile's offset (sequence, head, first row) must be 16-byte aligned for TMA:
+    # rows of a multiple of 4 in the dense layout
+    stats_tma = STATS_TMA and not meta["VARLEN"] and max_q % 4 == 0
     return _dkv_ws_kernel[grid](
         q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg, *sk, *ss, max_q, max_k,
         rows_q, rows_k, scale, scale * LOG2E, left, right,
         HQ=q.shape[-2], HKV=hkv, G=meta["G"], D=meta["D"], BLOCK_M=block_m, STAGES=stages,
         VARLEN=meta["VARLEN"], HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"],
-        IN_FLIGHT=in_flight, num_warps=4, maxnreg=MAXNREG)
+        IN_FLIGHT=in_flight, STATS_TMA=stats_tma, num_warps=4, maxnreg=MAXNREG)
 
 
 ENABLED = os.environ.get("PARALLAX_DKV_GLUON", "0") == "1"
