@@ -361,3 +361,43 @@ def test_dkv_descriptor_kernel_varlen(monkeypatch):
     for a, p in zip(ours, pointers):
         assert torch.isfinite(a).all()
         assert _rel(a, p) < 1e-3
+
+
+@pytest.mark.parametrize("hq, hkv, L, d, window", [(2, 2, 64, 128, (-1, -1)), (4, 2, 45, 128, (-1, -1)),
+                                                   (2, 2, 64, 64, (16, -1)), (2, 2, 64, 96, (-1, -1))],
+                         ids=["mha", "gqa_rows_not_multiple_of_4", "d64_window", "d96_not_taken"])
+def test_dkv_gluon_launch(hq, hkv, L, d, window, monkeypatch):
+    # On Hopper the warp-specialized Gluon kernel takes dk/dv (head dims 64 and 128); it cannot run
+    # without the GPU, so its launch is recorded: one program per (sequence, kv head) x 128 keys,
+    # the per-head-dim tiling, the statistics through TMA only where rows are 16-byte aligned, and
+    # the register budget that fits the 12 warps in one SM's register file
+    from parallax_attention.ops.triton import dkv_gluon
+    if not dkv_gluon.HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid, kwargs))
+    monkeypatch.setattr(dkv_gluon, "_dkv_ws_kernel", Recorder())
+    monkeypatch.setattr(dkv_gluon, "usable", lambda q, k, d, tensors: d in dkv_gluon.CONFIG)
+    monkeypatch.setattr(dkv_gluon, "ENABLED", True)
+    monkeypatch.setattr(train_mod, "_interpreting", lambda: False)
+    q, r, k, v, do = _make(2, L, L, hq, hkv, d, torch.float16)
+    _fwd_bwd(lambda *x: parallax_attn(*x, causal=True, window_size=window, backend="triton"), (q, r, k, v), do)
+    if d not in dkv_gluon.CONFIG:
+        assert not launches
+        return
+    (grid, kw), = launches
+    assert grid == (2 * hkv, -(-L // dkv_gluon.BLOCK_N))
+    assert (kw["BLOCK_M"], kw["STAGES"], kw["IN_FLIGHT"]) == dkv_gluon.CONFIG[d]
+    assert kw["G"] == hq // hkv and kw["D"] == d and kw["HAS_LEFT"] == (window[0] >= 0)
+    assert kw["STATS_TMA"] is (L % 4 == 0)
+    assert kw["num_warps"] == 4 and kw["maxnreg"] * 12 * 32 <= 65536
+
+
+def test_dkv_gluon_gate():
+    # CPU tensors (and any GPU that is not sm_90, which has no warp-group MMA) take the Triton kernel
+    from parallax_attention.ops.triton import dkv_gluon
+    q = torch.zeros(1, 8, 2, 128, dtype=torch.float16)
+    assert not dkv_gluon.usable(q, q, 128, (q,))

@@ -31,7 +31,7 @@ try:  # Gluon ships with Triton >= 3.5; without it the Triton kernel runs
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
     from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_init
     HAVE_GLUON = True
-except ImportError:  # pragma: no cover - depends on the installed Triton
+except (ImportError, AttributeError):  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
 LOG2E = 1.4426950408889634
@@ -288,4 +288,9 @@ def launch(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
         IN_FLIGHT=in_flight, STATS_TMA=stats_tma, num_warps=4, maxnreg=MAXNREG)
 
 
-ENABLED = os.environ.get("PARALLAX_DKV_GLUON", "0") == "1"
+# On by default where usable(); PARALLAX_DKV_GLUON=0 runs the Triton dk/dv kernel instead.
+# Measured on the H200 (bf16, causal, interleaved A/B, median of 5 rounds): forward+backward 4.312
+# against 4.604 ms at B=4 H=16 L=4096 D=128, 15.01 against 16.40 ms at B=1 H=16 L=16384, 8.34
+# against 8.65 ms at B=4 H=32/8 L=4096, 2.78 against 2.85 ms at D=64; the kernel alone 1.67
+# against 2.12 ms (Nsight Compute) at B=4 H=16 L=4096.
+ENABLED = os.environ.get("PARALLAX_DKV_GLUON", "1") != "0"
