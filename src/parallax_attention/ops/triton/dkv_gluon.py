@@ -9,10 +9,15 @@ do the step's elementwise work: Nsight Compute on the H200 put the tensor pipe a
 * one producer warp streams q, r, dO tiles through TMA into a ring of shared-memory stages
   (and the block's k, v tiles once);
 * two consumer warpgroups, 64 keys each, run independently (no CTA barrier between them): each
-  issues the step's three score products (k q^T, k r^T, v dO^T) at once, waits for them one at a
-  time while it computes the weights, and leaves the dv and dk products in flight while the next
-  step's score products are issued. A stage goes back to the producer when both warpgroups'
-  products that read it have completed (one mbarrier arrival per warpgroup).
+  issues the step's three score products (k q^T, k r^T, v dO^T) at once and waits for them one at a
+  time while it computes the weights, with the dv product in flight while dS is formed; the dk
+  products are retired at the end of the step (IN_FLIGHT, leaving them in flight into the next
+  step, needs more registers than a warpgroup has: ptxas then serializes every MMA). While one
+  warpgroup does elementwise work the other's MMAs keep the tensor cores busy. A stage goes back
+  to the producer when both warpgroups' products that read it have completed (one mbarrier
+  arrival per warpgroup).
+
+Both partitions receive one argument tuple (Gluon gives every worker partition the same signature).
 
 Same math, tiles and masking as the Triton kernel (keys x queries tiles, every tile masked,
 a GQA group's query heads walked as one flat loop); deterministic (no atomics).
