@@ -10,6 +10,7 @@ specialization apply; does it fit in shared memory" before spending GPU time.
     python benchmarks/sm90_registers.py                       # B=4 H=16 L=4096 D=128, causal
     python benchmarks/sm90_registers.py --shape 1,16,8,4096,128 --dkv-config 32,128,4,3,1
     python benchmarks/sm90_registers.py --dump DIR     # also each kernel's SASS, PTX and TTGIR
+    python benchmarks/sm90_registers.py --dkv-gluon    # the Gluon dk/dv kernel instead of Triton's
 
 Use the Triton version the GPU machine runs: register allocation changes between releases.
 The launch path is taken over by patching triton.runtime.jit.JITFunction.run (Triton 3.x

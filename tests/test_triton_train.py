@@ -382,7 +382,6 @@ def test_dkv_gluon_launch(hq, hkv, L, d, window, monkeypatch):
     monkeypatch.setattr(dkv_gluon, "_dkv_ws_kernel", Recorder())
     monkeypatch.setattr(dkv_gluon, "usable", lambda q, k, d, tensors: d in dkv_gluon.CONFIG)
     monkeypatch.setattr(dkv_gluon, "ENABLED", True)
-    monkeypatch.setattr(train_mod, "_interpreting", lambda: False)
     q, r, k, v, do = _make(2, L, L, hq, hkv, d, torch.float16)
     _fwd_bwd(lambda *x: parallax_attn(*x, causal=True, window_size=window, backend="triton"), (q, r, k, v), do)
     if d not in dkv_gluon.CONFIG:
@@ -397,7 +396,8 @@ def test_dkv_gluon_launch(hq, hkv, L, d, window, monkeypatch):
 
 
 def test_dkv_gluon_gate():
-    # CPU tensors (and any GPU that is not sm_90, which has no warp-group MMA) take the Triton kernel
+    # CPU tensors, the interpreter (set for these tests where there is no GPU) and any GPU that is
+    # not sm_90 (no warp-group MMA) take the Triton kernel
     from parallax_attention.ops.triton import dkv_gluon
     q = torch.zeros(1, 8, 2, 128, dtype=torch.float16)
     assert not dkv_gluon.usable(q, q, 128, (q,))

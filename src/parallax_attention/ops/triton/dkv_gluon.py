@@ -267,8 +267,11 @@ if HAVE_GLUON:
 
 def usable(q, k, d: int, tensors) -> bool:
     """Whether the Gluon dk/dv kernel can run: Gluon present, Hopper (sm_90; the kernel uses
-    warp-group MMAs), a 2-byte dtype, head dim 64 or 128 and contiguous 16-byte aligned tensors."""
+    warp-group MMAs), not the interpreter, a 2-byte dtype, head dim 64 or 128 and contiguous
+    16-byte aligned tensors."""
     if not HAVE_GLUON or d not in CONFIG or q.element_size() != 2:
+        return False
+    if os.environ.get("TRITON_INTERPRET") == "1":  # Gluon kernels do not run in the interpreter
         return False
     if any(t.data_ptr() % 16 or not t.is_contiguous() for t in tensors):
         return False

@@ -63,6 +63,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _interpreting() -> bool:
+    # also set after import (tests switch the interpreter on per session)
     return _INTERPRET or os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -688,7 +689,7 @@ def _use_tma(meta, tensors, keys: int | None = None) -> bool:
                 any(st * esize % 16 for st in t.stride()[:-1]):
             return False
     t = tensors[0]
-    if _INTERPRET or os.environ.get("TRITON_INTERPRET") == "1":
+    if _interpreting():
         return True
     if keys is not None and keys < TMA_MIN_KEYS and USE_TMA is None:
         return False
@@ -701,7 +702,7 @@ def _launch(tuned, raw, name, grid_of, head, tail, meta, tiles=(), keys=None):
     whose rows the kernel streams in BLOCK_M or BLOCK_N tiles, passed as a tensor descriptor when
     TMA is used and as the tensor (unused) otherwise."""
     tensors = [t for t, _ in tiles]
-    if _INTERPRET or os.environ.get("TRITON_INTERPRET") == "1":
+    if _interpreting():
         (bm, bn), launch = INTERPRET_BLOCKS[name], {}
     elif os.environ.get("PARALLAX_TRAIN_AUTOTUNE") == "1":
         # descriptors are built for one tile shape, so tuned launches use pointer loads
@@ -727,7 +728,7 @@ def _dkv_tma_usable(tensors, d: int) -> bool:
         return False
     if any(t.data_ptr() % 16 or not t.is_contiguous() for t in tensors):
         return False
-    if _INTERPRET or os.environ.get("TRITON_INTERPRET") == "1":
+    if _interpreting():
         return True
     t = tensors[0]
     return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
@@ -758,7 +759,7 @@ def _with_scratch(launch):
 
 def _launch_dkv_tma(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg, batch, hkv, sk, ss,
                     max_q, max_k, scale, left, right, meta):
-    interpret = _INTERPRET or os.environ.get("TRITON_INTERPRET") == "1"
+    interpret = _interpreting()
     # descriptor offsets along the flat statistics must be 16-byte aligned: rows of a multiple of 4
     # (every BLOCK_M here is a multiple of 4 too); warp specialization needs those descriptor reads
     stats_tma = not meta["VARLEN"] and max_q % 4 == 0
@@ -875,13 +876,13 @@ def bwd(dout, q, r, k, v, out, vbar, lse, tbar, cu_q, cu_k, max_q: int, max_k: i
             head, tail, dict(HQ=hq, **meta), ((k, "N"), (v, "N")))
     if k.numel() == 0:
         return dq, dr, dk, dv
-    stats = (q, r, k, v, dout, lse, tbar, delta, beta)
-    if dkv_gluon.ENABLED and not _interpreting() and dkv_gluon.usable(q, k, d, stats):
+    tensors = (q, r, k, v, dout, lse, tbar, delta, beta)
+    if dkv_gluon.ENABLED and dkv_gluon.usable(q, k, d, tensors):
         LAST_COMPILED["dkv"] = _with_scratch(lambda: dkv_gluon.launch(
             q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg, batch, hkv, sk, ss,
             max_q, max_k, scale, left, right, meta))
         return dq, dr, dk, dv
-    if _dkv_tma_usable(stats, d):
+    if _dkv_tma_usable(tensors, d):
         _launch_dkv_tma(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg, batch, hkv, sk, ss,
                         max_q, max_k, scale, left, right, meta)
         return dq, dr, dk, dv
@@ -912,7 +913,7 @@ def _bwd_atomic(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dk, dv, cu_
         args = (q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, dqa, dra, cu_q_arg, cu_k_arg, q, r, dout,
                 *sq, *sk, *ss, max_q, max_k, scale, scale * LOG2E, left, right, key)
         # never autotuned: timing runs would add into the accumulators
-        interp = _INTERPRET or os.environ.get("TRITON_INTERPRET") == "1"
+        interp = _interpreting()
         if interp:
             bm, bn = INTERPRET_BLOCKS["dkv"]
             launch = {}
