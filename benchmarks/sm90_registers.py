@@ -11,6 +11,7 @@ specialization apply; does it fit in shared memory" before spending GPU time.
     python benchmarks/sm90_registers.py --shape 1,16,8,4096,128 --dkv-config 32,128,4,3,1
     python benchmarks/sm90_registers.py --dump DIR     # also each kernel's SASS, PTX and TTGIR
     python benchmarks/sm90_registers.py --dkv-gluon    # the Gluon dk/dv kernel instead of Triton's
+    python benchmarks/sm90_registers.py --fwd-gluon    # the Gluon forward instead of Triton's
 
 Use the Triton version the GPU machine runs: register allocation changes between releases.
 The launch path is taken over by patching triton.runtime.jit.JITFunction.run (Triton 3.x
@@ -126,6 +127,8 @@ def main():
     ap.add_argument("--dq-config", default=None, help="dq/dr kernel: BLOCK_M,BLOCK_N,warps,stages")
     ap.add_argument("--dkv-gluon", action="store_true",
                     help="the warp-specialized Gluon dk/dv kernel (ops/triton/dkv_gluon.py) instead of Triton's")
+    ap.add_argument("--fwd-gluon", action="store_true",
+                    help="the warp-specialized Gluon forward (ops/triton/fwd_gluon.py) instead of Triton's")
     ap.add_argument("--dump", default=None, metavar="DIR", help="also write each kernel's SASS, PTX and TTGIR there")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -143,6 +146,10 @@ def main():
         from parallax_attention.ops.triton import dkv_gluon
         dkv_gluon.usable = lambda q, k, d, tensors: d in dkv_gluon.CONFIG  # noqa: E731
         dkv_gluon.ENABLED = True
+    from parallax_attention.ops.triton import fwd_gluon
+    fwd_gluon.ENABLED = args.fwd_gluon
+    if args.fwd_gluon:
+        fwd_gluon.usable = lambda q, k, d, tensors: d in fwd_gluon.CONFIG and q.dim() == 4  # noqa: E731
     for name, cfg in (("fwd", args.fwd_config), ("dq", args.dq_config)):
         if cfg:
             tr.FIXED[name] = {**tr.FIXED[name], 128: tuple(int(x) for x in cfg.split(","))}

@@ -148,6 +148,7 @@ def run_check(log, dtypes, with_compile):
 
     # determinism, CUDA graph capture and torch.compile of forward + backward
     extra = {}
+    extra["isolation"] = run_isolation_check(log)
     q, r, k, v, do = _inputs(2, 8, 2, 2048, 2048, 128, torch.bfloat16, None)
     f = lambda *x: parallax_attn(*x, causal=True, backend="triton")  # noqa: E731
     g1 = _grads(f, (q, r, k, v), do)
@@ -402,7 +403,7 @@ def run_config_ab(log, spec, shape, rounds=3):
     _set_config(tr, name, old, d, h // hkv)
     tr.DKV_TMA = None
     if name == "gluon":
-        _set_dkv_launch()
+        _set_kernels()
     out = {str(c): dict(ms=sorted(t)[len(t) // 2], all=t) for c, t in times.items()}
     for c, t in out.items():
         log(f"ab {name} {shape} {c}: median {t['ms']:.3f} ms of {['%.3f' % x for x in t['all']]}")
@@ -412,28 +413,31 @@ def run_config_ab(log, spec, shape, rounds=3):
 _DEFAULTS: dict = {}
 
 
-def _set_dkv_launch(tma=None, mha128=None, gluon=None):
+def _set_kernels(tma=None, mha128=None, gluon=None, fwd_gluon=None):
     """The dk/dv kernel (None: descriptors where they apply, False: pointers; gluon: the
-    warp-specialized Gluon kernel on or off) and, optionally, the descriptor kernel's MHA D=128
-    launch; no arguments restore the defaults."""
-    from parallax_attention.ops.triton import dkv_gluon
+    warp-specialized Gluon kernel on or off), optionally the descriptor kernel's MHA D=128 launch,
+    and the forward (fwd_gluon: the Gluon kernel on or off); no arguments restore the defaults."""
+    from parallax_attention.ops.triton import dkv_gluon, fwd_gluon as fg
     from parallax_attention.ops.triton import train as tr
     if not _DEFAULTS:
-        _DEFAULTS.update(dkv=dict(tr.DKV_TMA_CONFIG), gluon=dkv_gluon.ENABLED)
+        _DEFAULTS.update(dkv=dict(tr.DKV_TMA_CONFIG), gluon=dkv_gluon.ENABLED, fwd_gluon=fg.ENABLED)
     dkv_gluon.ENABLED = _DEFAULTS["gluon"] if gluon is None else gluon
+    fg.ENABLED = _DEFAULTS["fwd_gluon"] if fwd_gluon is None else fwd_gluon
     tr.DKV_TMA = tma
     tr.DKV_TMA_CONFIG = {**_DEFAULTS["dkv"], **({(128, "mha"): mha128} if mha128 else {})}
 
 
 # --ab NAME: variants of the whole forward+backward, each (label, setter of its setting); the last
-# one is the default, set again when the comparison ends
+# comparison ends with the defaults set again
 VARIANT_AB = {
-    "dkv_kernel": [("descriptors", lambda: _set_dkv_launch()), ("pointers", lambda: _set_dkv_launch(tma=False))],
+    "dkv_kernel": [("descriptors", lambda: _set_kernels()), ("pointers", lambda: _set_kernels(tma=False))],
     # the warp-specialized Gluon dk/dv kernel (ops/triton/dkv_gluon.py) against the Triton one
-    "dkv_gluon": [("gluon", lambda: _set_dkv_launch(gluon=True)), ("triton", lambda: _set_dkv_launch(gluon=False))],
+    "dkv_gluon": [("gluon", lambda: _set_kernels(gluon=True)), ("triton", lambda: _set_kernels(gluon=False))],
+    # the warp-specialized Gluon forward (ops/triton/fwd_gluon.py) against the Triton one
+    "fwd_gluon": [("gluon", lambda: _set_kernels(fwd_gluon=True)), ("triton", lambda: _set_kernels(fwd_gluon=False))],
     # Triton's warp specialization of the MHA D=128 dk/dv loop (unsafe, see train.DKV_TMA_CONFIG)
-    "dkv_ws": [("MHA D=128 dk/dv warp specialized", lambda: _set_dkv_launch(mha128=(32, 128, 4, 3, True))),
-               ("8 warps", lambda: _set_dkv_launch())],
+    "dkv_ws": [("MHA D=128 dk/dv warp specialized", lambda: _set_kernels(mha128=(32, 128, 4, 3, True))),
+               ("8 warps", lambda: _set_kernels())],
 }
 
 
@@ -480,7 +484,7 @@ def run_variant_ab(log, name, shape, rounds=3):
             fb()
             failed[label] += not all(torch.isfinite(x.grad).all() for x in (q, r, k, v))
     VARIANT_AB[name][-1][1]()
-    _set_dkv_launch()
+    _set_kernels()
     med = lambda t: sorted(t)[len(t) // 2]  # noqa: E731
     out = {label: dict(ms=med(t), all=t, fwd_ms=med(times_fwd[label]), fwd_all=times_fwd[label],
                        diff_to_first=diffs[label], nonfinite=nonfinite[label], rounds_nonfinite=failed[label])
@@ -498,11 +502,34 @@ def run_variant_ab(log, name, shape, rounds=3):
 REPEAT_CHECK_SHAPES = [(4, 16, 16, 4096, 128), (2, 16, 4, 4096, 128)]
 
 # --repeat N: the dk/dv launches whose results are compared run against run
-REPEAT_VARIANTS = [("descriptors, default launch", lambda: _set_dkv_launch()),
-                   ("pointers", lambda: _set_dkv_launch(tma=False)),
-                   ("Gluon warp-specialized", lambda: _set_dkv_launch(gluon=True)),
+REPEAT_VARIANTS = [("descriptors, default launch", lambda: _set_kernels()),
+                   ("pointers", lambda: _set_kernels(tma=False)),
+                   ("Gluon warp-specialized", lambda: _set_kernels(gluon=True)),
+                   ("Triton forward", lambda: _set_kernels(fwd_gluon=False)),
                    ("descriptors, MHA D=128 warp specialized (unsafe)",
-                    lambda: _set_dkv_launch(mha128=(32, 128, 4, 3, True)))]
+                    lambda: _set_kernels(mha128=(32, 128, 4, 3, True)))]
+
+
+def run_isolation_check(log, shape=(3, 8, 2, 1000, 128)):
+    """Each sequence of a batch is computed on its own: with every input and output gradient of the
+    other sequences NaN, the middle sequence's output and gradients must be finite and equal to
+    those of the sequence run alone (tiles that reach past a sequence's end must not read its
+    neighbours' rows; L = 1000 is no multiple of any tile)."""
+    b, hq, hkv, L, d = shape
+    torch.manual_seed(2)
+    q, r, k, v, do = (x.detach() for x in _qrkvdo(b, hq, hkv, L, d))
+    f = lambda *x: parallax_attn(*x, causal=True, backend="triton")  # noqa: E731
+    alone = _grads(f, [x[1:2] for x in (q, r, k, v)], do[1:2])
+    for x in (q, r, k, v, do):
+        x[0] = float("nan")
+        x[2] = float("nan")
+    mixed = _grads(f, (q, r, k, v), do)
+    names = ("o", "dq", "dr", "dk", "dv")
+    out = {n: dict(finite=bool(torch.isfinite(m[1]).all()), equal=bool(torch.equal(m[1], a[0])))
+           for n, m, a in zip(names, mixed, alone)}
+    ok = all(x["finite"] and x["equal"] for x in out.values())
+    log(f"isolation {shape}: {'ok' if ok else 'FAILED'} {json.dumps(out)}")
+    return dict(ok=ok, **out)
 
 
 def _poison(like, copies=4):
@@ -572,7 +599,7 @@ def run_repeat_check(log, shape, n, variants=None):
         log(f"repeat {shape} {label}: {'ok' if ok else 'FAILED'} {n} runs; differing from the first "
             f"{json.dumps(differ)}; non-finite elements {json.dumps(nonfinite)}; max abs diff {json.dumps(maxdiff)}"
             + (f"; first non-finite {json.dumps(where)}" if where else ""))
-    _set_dkv_launch()
+    _set_kernels()
     return out
 
 

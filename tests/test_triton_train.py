@@ -401,3 +401,53 @@ def test_dkv_gluon_gate():
     from parallax_attention.ops.triton import dkv_gluon
     q = torch.zeros(1, 8, 2, 128, dtype=torch.float16)
     assert not dkv_gluon.usable(q, q, 128, (q,))
+
+
+@pytest.mark.parametrize("hq, hkv, lq, lk, d, window", [(2, 2, 64, 64, 128, (-1, -1)), (4, 2, 200, 300, 128, (-1, -1)),
+                                                        (2, 2, 130, 130, 64, (16, 0)), (2, 2, 64, 64, 96, (-1, -1))],
+                         ids=["mha", "gqa_lq_lt_lk", "d64_window", "d96_not_taken"])
+def test_fwd_gluon_launch(hq, hkv, lq, lk, d, window, monkeypatch):
+    # On Hopper the warp-specialized Gluon forward takes dense inputs of head dims 64 and 128; it
+    # cannot run without the GPU, so its launch is recorded: one program per (sequence, query head)
+    # x 128 query rows, the per-head-dim key tile, the mask bounds as the Triton kernel receives
+    # them, and the register budget that fits the 12 warps in one SM's register file
+    from parallax_attention.ops.triton import fwd_gluon
+    if not fwd_gluon.HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid, args, kwargs))
+    monkeypatch.setattr(fwd_gluon, "_fwd_ws_kernel", Recorder())
+    monkeypatch.setattr(fwd_gluon, "usable", lambda q, k, d, tensors: d in fwd_gluon.CONFIG and q.dim() == 4)
+    monkeypatch.setattr(fwd_gluon, "ENABLED", True)
+    gen = torch.Generator().manual_seed(47)
+    q, r, _, _, _ = _make(2, lq, lq, hq, hkv, d, torch.float16, gen=gen)
+    _, _, k, v, _ = _make(2, lk, lk, hq, hkv, d, torch.float16, gen=gen)
+    with torch.no_grad():
+        parallax_attn(q, r, k, v, causal=True, window_size=window, backend="triton")
+    if d not in fwd_gluon.CONFIG:
+        assert not launches
+        return
+    (grid, args, kw), = launches
+    assert grid == (2 * hq, -(-lq // fwd_gluon.BLOCK_M))
+    lse = args[6]
+    assert lse.shape == (2, hq, lq) and args[8:13] == (lse.stride(0), lse.stride(1), lq, lk, 2)
+    assert args[13] == pytest.approx(d ** -0.5 * fwd_gluon.LOG2E)
+    # causal folds into the right bound (0); a left window passes its width
+    assert args[14:16] == (max(window[0], 0), 0) and kw["HAS_LEFT"] == (window[0] >= 0) and kw["HAS_RIGHT"]
+    assert (kw["BLOCK_N"], kw["STAGES"]) == fwd_gluon.CONFIG[d]
+    assert kw["HQ"] == hq and kw["HKV"] == hkv and kw["G"] == hq // hkv and kw["D"] == d
+    assert kw["num_warps"] == 4 and kw["maxnreg"] * 12 * 32 <= 65536
+
+
+def test_fwd_gluon_gate():
+    # CPU tensors, the interpreter, packed varlen (rank-3) inputs, 4-byte dtypes, other head dims
+    # and any GPU that is not sm_90 take the Triton forward
+    from parallax_attention.ops.triton import fwd_gluon
+    q = torch.zeros(1, 8, 2, 128, dtype=torch.float16)
+    assert not fwd_gluon.usable(q, q, 128, (q,))
+    assert not fwd_gluon.usable(q[0], q[0], 128, (q[0],))
+    assert not fwd_gluon.usable(q.float(), q.float(), 128, (q.float(),))
+    assert not fwd_gluon.usable(q[..., :96], q[..., :96], 96, (q[..., :96],))

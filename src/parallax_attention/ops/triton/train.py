@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import dkv_gluon
+from . import dkv_gluon, fwd_gluon
 from ._device import on_input_device
 
 LOG2E = 1.4426950408889634
@@ -839,6 +839,10 @@ def fwd(q, r, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: flo
     has_left, left, has_right, right = _mask_args(causal, left, right)
     cu_q_arg = cu_q if varlen else q
     cu_k_arg = cu_k if varlen else q
+    if not varlen and fwd_gluon.ENABLED and fwd_gluon.usable(q, k, d, (q, r, k, v)) and q.numel() and k.numel():
+        LAST_COMPILED["fwd"] = _with_scratch(lambda: fwd_gluon.launch(
+            q, r, k, v, out, vbar, lse, tbar, scale * LOG2E, left, right, has_left, has_right))
+        return out, vbar, lse, tbar
     head = (q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg)
     tail = (*sq, *sk, *ss, max_q, max_k, scale * LOG2E, left, right, _tune_key(max_q, max_k))
     meta = dict(HQ=hq, G=hq // hkv, D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), VARLEN=varlen,

@@ -1,0 +1,272 @@
+"""The Parallax forward as a warp-specialized Gluon kernel (Hopper).
+
+The Triton forward (train._fwd_kernel) runs 128 query rows on 8 warps that share one instruction
+stream: each warp-group MMA is waited for right after it is issued, and the tensor cores idle
+while the warps do a tile's softmax (Nsight Compute on the H200: tensor pipe 58% busy, 255
+registers with spills). Here, as in FlashAttention 3:
+
+* one producer warp streams the K and V tiles of the CTA's key range through TMA into a ring of
+  shared-memory stages (and the CTA's q and r tiles once);
+* two consumer warpgroups of 64 query rows each run independently (no CTA barrier between
+  them): each issues a tile's two score products (q k^T and r k^T) together, forms the weights
+  from the first while the second runs, then issues the two value products (P1 V, P2 V); while one
+  warpgroup does elementwise work the other's MMAs keep the tensor cores busy. A stage goes back
+  to the producer when both warpgroups' value products that read it have completed (one mbarrier
+  arrival from each).
+
+The value products are retired at the end of each tile: the two fp32 output accumulators of 64 x D
+already take 128 registers per thread at D = 128, and keeping them in flight into the next tile's
+score products needs more than a warpgroup's 240.
+
+Both warpgroups walk the whole key range of the CTA's 128 rows (under a causal mask the first
+warpgroup's last tile is then fully masked: it has the same number of tiles as the second, so
+the CTA takes no longer); a tile is masked only where it reaches past the warpgroup's fully
+visible interior (the row bounds are exact at every row, whatever the tile alignment).
+
+Same math and outputs as the Triton kernel (see train.py): o, vbar = O1/d1 (input dtype), and per
+row lse2 = m + log2 d1 (+inf for a row with no visible key) and tbar = d2/d1. Dense (B, L, H, D)
+inputs only: the tiles are read through rank-3 descriptors over (B, L, H * D), so rows past a
+sequence's end are zero-filled by the copy engine, never another sequence's rows.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Gluon ships with Triton >= 3.5; without it the Triton kernel runs
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    HAVE_GLUON = True
+except (ImportError, AttributeError):  # pragma: no cover - depends on the installed Triton
+    HAVE_GLUON = False
+
+LOG2E = 1.4426950408889634
+
+# (BLOCK_N keys per tile, stages of the K/V ring) by head dim; 128 query rows per CTA (64 per
+# consumer warpgroup)
+CONFIG = {64: (128, 3), 128: (64, 3)}
+BLOCK_M = 128
+# registers per thread of the second consumer warpgroup and of the producer warp, and the kernel's
+# total (see dkv_gluon: 12 warps x 32 x 168 fit the 65,536 of an SM and leave the first consumer 240)
+CONSUMER_REGS = 240
+PRODUCER_REGS = 24
+MAXNREG = 168
+
+
+if HAVE_GLUON:
+    @gluon.jit
+    def _key_ranges(m0, rows: gl.constexpr, lq, lk, shift, left, right, BLOCK_N: gl.constexpr,
+                    HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+        """Keys seen by query rows [m0, m0 + rows): tiles from start (BLOCK_N-aligned) up to hi;
+        those in [a, c) are visible to every one of the rows (see train._key_ranges)."""
+        m_last = gl.minimum(m0 + rows, lq) - 1
+        lo = 0
+        full_lo = 0
+        if HAS_LEFT:
+            lo = gl.maximum(0, m0 + shift - left)
+            full_lo = (gl.maximum(0, m_last + shift - left) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        hi = lk
+        upper = lk
+        if HAS_RIGHT:
+            hi = gl.minimum(lk, m_last + shift + right + 1)
+            upper = gl.minimum(lk, m0 + shift + right + 1)
+        hi = gl.maximum(hi, lo)
+        start = lo // BLOCK_N * BLOCK_N
+        full_hi = gl.maximum(upper, 0) // BLOCK_N * BLOCK_N
+        a = gl.minimum(gl.maximum(full_lo, start), hi)
+        c = gl.maximum(a, gl.minimum(full_hi, hi))
+        return start, a, c, hi
+
+    @gluon.jit
+    def _fwd_consumer(p, scale_log2, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                      HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
+        (q_smem, r_smem, k_bufs, v_bufs, q_bar, ready, empty, q_desc, r_desc, k_desc, v_desc, O, VB, LSE, TB,
+         io_base, stride_ql, s_base, b32, h, hk, m0, lq, lk, shift, left, right, start, n_tiles) = p
+        HALF: gl.constexpr = 64
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, D, 16])
+        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        keys_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+        rows_acc: gl.constexpr = gl.SliceLayout(1, acc_layout)
+        dtype: gl.constexpr = q_smem.dtype
+
+        m0w = m0 + WG * HALF
+        q_t = q_smem.reshape([2 * HALF, D]).slice(WG * HALF, HALF)
+        r_t = r_smem.reshape([2 * HALF, D]).slice(WG * HALF, HALF)
+        offs_m = m0w + gl.arange(0, HALF, layout=rows_s)
+        # this warpgroup's fully visible keys [a, c); tiles outside them are masked
+        _s, a, c, _e = _key_ranges(m0w, HALF, lq, lk, shift, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+        zero_s = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
+        o1 = gl.zeros([HALF, D], gl.float32, acc_layout)
+        o2 = gl.zeros([HALF, D], gl.float32, acc_layout)
+        d1 = gl.zeros([HALF], gl.float32, rows_s)
+        d2 = gl.zeros([HALF], gl.float32, rows_s)
+        m_i = gl.full([HALF], float("-inf"), gl.float32, rows_s)
+        mbarrier.wait(q_bar, 0)
+        # n_tiles >= 1 (see the kernel), restated where the compiler sees it: a loop that may run zero
+        # times makes ptxas serialize every warp-group MMA (see dkv_gluon)
+        for it in range(gl.maximum(n_tiles, 1)):
+            stage = it % STAGES
+            mbarrier.wait(ready.index(stage), (it // STAGES) & 1)
+            k_t = k_bufs.index(stage).reshape([BLOCK_N, D])
+            v_t = v_bufs.index(stage).reshape([BLOCK_N, D])
+            s = warpgroup_mma(q_t, k_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            t = warpgroup_mma(r_t, k_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            n0 = start + it * BLOCK_N
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
+            s = s * scale_log2
+            if (n0 < a) | (n0 + BLOCK_N > c):
+                offs_n = n0 + gl.arange(0, BLOCK_N, layout=keys_s)
+                vis = (offs_n[None, :] < lk) & (offs_m[:, None] >= 0)
+                if HAS_LEFT:
+                    vis = vis & (offs_n[None, :] >= offs_m[:, None] + shift - left)
+                if HAS_RIGHT:
+                    vis = vis & (offs_n[None, :] <= offs_m[:, None] + shift + right)
+                s = gl.where(vis, s, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, 1))
+            # a row that has seen no visible key keeps m = -inf: subtract 0 instead so exp2 gives 0
+            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = gl.exp2(m_i - m_safe)
+            e = gl.exp2(s - m_safe[:, None])
+            m_i = m_new
+            d1 = d1 * alpha + gl.sum(e, 1)
+            alpha_acc = gl.convert_layout(alpha, rows_acc)
+            o1 = o1 * alpha_acc[:, None]
+            o2 = o2 * alpha_acc[:, None]
+            p1 = gl.convert_layout(e.to(dtype), op_layout)
+            t = warpgroup_mma_wait(num_outstanding=0, deps=(t,))
+            et = e * t
+            d2 = d2 * alpha + gl.sum(et, 1)
+            p2 = gl.convert_layout(et.to(dtype), op_layout)
+            o1 = warpgroup_mma(p1, v_t, o1, is_async=True)
+            o2 = warpgroup_mma(p2, v_t, o2, is_async=True)
+            o1, o2 = warpgroup_mma_wait(num_outstanding=0, deps=(o1, o2))
+            mbarrier.arrive(empty.index(stage))
+
+        has = d1 > 0.0
+        inv = gl.where(has, 1.0 / gl.where(has, d1, 1.0), 0.0)
+        tb = d2 * inv
+        lse2 = gl.where(has, m_i + gl.log2(gl.where(has, d1, 1.0)), float("inf"))
+        s_off = s_base + offs_m
+        in_q = offs_m < lq
+        gl.store(LSE + s_off, lse2, mask=in_q)
+        gl.store(TB + s_off, tb, mask=in_q)
+        inv_acc = gl.convert_layout(inv, rows_acc)
+        tb_acc = gl.convert_layout(tb, rows_acc)
+        vb = o1 * inv_acc[:, None]
+        o = vb * (1.0 + tb_acc)[:, None] - o2 * inv_acc[:, None]
+        rows = m0w + gl.arange(0, HALF, layout=rows_acc)
+        cols = gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout))
+        off = io_base + rows[:, None].to(gl.int64) * stride_ql + cols[None, :]
+        mask = (rows < lq)[:, None] & (cols < D)[None, :]
+        gl.store(O + off, o.to(O.dtype.element_ty), mask=mask)
+        gl.store(VB + off, vb.to(VB.dtype.element_ty), mask=mask)
+
+    @gluon.jit
+    def _fwd_producer(p, scale_log2, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                      HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
+        (q_smem, r_smem, k_bufs, v_bufs, q_bar, ready, empty, q_desc, r_desc, k_desc, v_desc, O, VB, LSE, TB,
+         io_base, stride_ql, s_base, b32, h, hk, m0, lq, lk, shift, left, right, start, n_tiles) = p
+        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [b32, m0, h * D], q_bar, q_smem)
+        tma.async_copy_global_to_shared(r_desc, [b32, m0, h * D], q_bar, r_smem)
+        for it in range(n_tiles):
+            stage = it % STAGES
+            # a fresh mbarrier counts as having completed the phase before phase 0
+            mbarrier.wait(empty.index(stage), ((it // STAGES) & 1) ^ 1)
+            bar = ready.index(stage)
+            mbarrier.expect(bar, 2 * k_desc.block_type.nbytes)
+            n0 = start + it * BLOCK_N
+            tma.async_copy_global_to_shared(k_desc, [b32, n0, hk * D], bar, k_bufs.index(stage))
+            tma.async_copy_global_to_shared(v_desc, [b32, n0, hk * D], bar, v_bufs.index(stage))
+
+    @gluon.jit
+    def _fwd_ws_kernel(
+        Q, R, K, V, O, VB, LSE, TB,
+        stride_sb, stride_sh, seqlen_q, seqlen_k, batch, scale_log2, left, right,
+        HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr,
+        STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+    ):
+        BLOCK_M: gl.constexpr = 128
+        pid_bh = gl.program_id(0)
+        # heaviest row blocks (most keys under a causal mask) first
+        pid_m = gl.num_programs(1) - 1 - gl.program_id(1)
+        b32 = pid_bh // HQ
+        h = pid_bh % HQ
+        hk = h // G
+        lq = seqlen_q
+        lk = seqlen_k
+        m0 = pid_m * BLOCK_M
+        shift = lk - lq
+        start, _a, _c, hi = _key_ranges(m0, BLOCK_M, lq, lk, shift, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+        # at least one tile, even for rows that see no key (outside every window): it is fully
+        # masked and those rows store o = 0 and lse2 = +inf
+        n_tiles = gl.maximum(gl.cdiv(hi - start, BLOCK_N), 1)
+
+        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, BLOCK_M, D], Q.dtype.element_ty)
+        kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, BLOCK_N, D], K.dtype.element_ty)
+        q_stride = lq.to(gl.int64) * (HQ * D)
+        k_stride = lk.to(gl.int64) * (HKV * D)
+        q_desc = tma.make_tensor_descriptor(Q, [batch, lq, HQ * D], [q_stride, HQ * D, 1], [1, BLOCK_M, D], q_layout)
+        r_desc = tma.make_tensor_descriptor(R, [batch, lq, HQ * D], [q_stride, HQ * D, 1], [1, BLOCK_M, D], q_layout)
+        k_desc = tma.make_tensor_descriptor(K, [batch, lk, HKV * D], [k_stride, HKV * D, 1], [1, BLOCK_N, D],
+                                            kv_layout)
+        v_desc = tma.make_tensor_descriptor(V, [batch, lk, HKV * D], [k_stride, HKV * D, 1], [1, BLOCK_N, D],
+                                            kv_layout)
+        q_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [1, BLOCK_M, D], q_layout)
+        r_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [1, BLOCK_M, D], q_layout)
+        k_bufs = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, 1, BLOCK_N, D], kv_layout)
+        v_bufs = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, 1, BLOCK_N, D], kv_layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            # one arrival from each consumer warpgroup
+            mbarrier.init(empty.index(i), count=2)
+
+        io_base = (b32.to(gl.int64) * lq * HQ + h) * D
+        s_base = b32.to(gl.int64) * stride_sb + h * stride_sh
+        p = (q_smem, r_smem, k_bufs, v_bufs, q_bar, ready, empty, q_desc, r_desc, k_desc, v_desc, O, VB, LSE, TB,
+             io_base, HQ * D, s_base, b32, h, hk, m0, lq, lk, shift, left, right, start, n_tiles)
+        gl.warp_specialize([
+            (_fwd_consumer, (p, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
+            (_fwd_consumer, (p, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 1)),
+            (_fwd_producer, (p, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
+        ], [4, 1], [240, 24])  # CONSUMER_REGS, PRODUCER_REGS
+
+
+def usable(q, k, d: int, tensors) -> bool:
+    """Whether the Gluon forward can run: Gluon present, Hopper (sm_90: warp-group MMAs), not the
+    interpreter, dense (B, L, H, D) contiguous 16-byte aligned tensors of a 2-byte dtype, head dim
+    64 or 128."""
+    if not HAVE_GLUON or d not in CONFIG or q.element_size() != 2 or q.dim() != 4:
+        return False
+    if os.environ.get("TRITON_INTERPRET") == "1":  # Gluon kernels do not run in the interpreter
+        return False
+    if any(t.data_ptr() % 16 or not t.is_contiguous() for t in tensors):
+        return False
+    return q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)
+
+
+def launch(q, r, k, v, out, vbar, lse, tbar, scale_log2, left, right, has_left, has_right):
+    """out, vbar, lse, tbar for train.fwd (dense inputs, (B, L, H, D))."""
+    batch, lq, hq, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    block_n, stages = CONFIG[d]
+    grid = (batch * hq, (lq + BLOCK_M - 1) // BLOCK_M)
+    return _fwd_ws_kernel[grid](
+        q, r, k, v, out, vbar, lse, tbar, lse.stride(0), lse.stride(1), lq, lk, batch, scale_log2, left, right,
+        HQ=hq, HKV=hkv, G=hq // hkv, D=d, BLOCK_N=block_n, STAGES=stages, HAS_LEFT=has_left, HAS_RIGHT=has_right,
+        num_warps=4, maxnreg=MAXNREG)
+
+
+# On by default where usable(); PARALLAX_FWD_GLUON=0 runs the Triton forward instead.
+ENABLED = os.environ.get("PARALLAX_FWD_GLUON", "1") != "0"
