@@ -420,7 +420,7 @@ def test_fwd_gluon_launch(hq, hkv, lq, lk, d, window, monkeypatch):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append((grid, args, kwargs))
     monkeypatch.setattr(fwd_gluon, "_fwd_ws_kernel", Recorder())
-    monkeypatch.setattr(fwd_gluon, "usable", lambda q, k, d, tensors: d in fwd_gluon.CONFIG and q.dim() == 4)
+    monkeypatch.setattr(fwd_gluon, "usable", lambda q, k, d, tensors: d in fwd_gluon.CONFIG)
     monkeypatch.setattr(fwd_gluon, "ENABLED", True)
     gen = torch.Generator().manual_seed(47)
     q, r, _, _, _ = _make(2, lq, lq, hq, hkv, d, torch.float16, gen=gen)
@@ -433,21 +433,45 @@ def test_fwd_gluon_launch(hq, hkv, lq, lk, d, window, monkeypatch):
     (grid, args, kw), = launches
     assert grid == (2 * hq, -(-lq // fwd_gluon.BLOCK_M))
     lse = args[6]
-    assert lse.shape == (2, hq, lq) and args[8:13] == (lse.stride(0), lse.stride(1), lq, lk, 2)
-    assert args[13] == pytest.approx(d ** -0.5 * fwd_gluon.LOG2E)
+    assert lse.shape == (2, hq, lq) and args[10:14] == (lse.stride(0), lse.stride(1), lq, lk)
+    assert args[14] == pytest.approx(d ** -0.5 * fwd_gluon.LOG2E)
     # causal folds into the right bound (0); a left window passes its width
-    assert args[14:16] == (max(window[0], 0), 0) and kw["HAS_LEFT"] == (window[0] >= 0) and kw["HAS_RIGHT"]
+    assert args[15:17] == (max(window[0], 0), 0) and kw["HAS_LEFT"] == (window[0] >= 0) and kw["HAS_RIGHT"]
+    assert kw["VARLEN"] is False
     assert (kw["BLOCK_N"], kw["STAGES"]) == fwd_gluon.CONFIG[d]
     assert kw["HQ"] == hq and kw["HKV"] == hkv and kw["G"] == hq // hkv and kw["D"] == d
     assert kw["num_warps"] == 4 and kw["maxnreg"] * 12 * 32 <= 65536
 
 
 def test_fwd_gluon_gate():
-    # CPU tensors, the interpreter, packed varlen (rank-3) inputs, 4-byte dtypes, other head dims
-    # and any GPU that is not sm_90 take the Triton forward
+    # CPU tensors, the interpreter, 4-byte dtypes, other head dims and any GPU that is not sm_90
+    # take the Triton forward
     from parallax_attention.ops.triton import fwd_gluon
     q = torch.zeros(1, 8, 2, 128, dtype=torch.float16)
     assert not fwd_gluon.usable(q, q, 128, (q,))
-    assert not fwd_gluon.usable(q[0], q[0], 128, (q[0],))
     assert not fwd_gluon.usable(q.float(), q.float(), 128, (q.float(),))
     assert not fwd_gluon.usable(q[..., :96], q[..., :96], 96, (q[..., :96],))
+
+
+def test_fwd_gluon_launch_varlen(monkeypatch):
+    # packed sequences: one program per (sequence, query head) x 128 rows of the longest, with the
+    # cumulative lengths passed for the kernel to find each sequence's rows
+    from parallax_attention.ops.triton import fwd_gluon
+    if not fwd_gluon.HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid, args, kwargs))
+    monkeypatch.setattr(fwd_gluon, "_fwd_ws_kernel", Recorder())
+    monkeypatch.setattr(fwd_gluon, "usable", lambda q, k, d, tensors: d in fwd_gluon.CONFIG)
+    monkeypatch.setattr(fwd_gluon, "ENABLED", True)
+    lens = [100, 300, 7]
+    cu = torch.tensor([0, 100, 400, 407], dtype=torch.int32, device=DEV)
+    q, r, k, v, _ = (x[0] for x in _make(1, sum(lens), sum(lens), 4, 2, 64, torch.float16))
+    with torch.no_grad():
+        parallax_attn_varlen(q, r, k, v, cu, cu, 300, 300, causal=True, backend="triton")
+    (grid, args, kw), = launches
+    assert grid == (3 * 4, 3) and args[8] is cu and args[9] is cu and kw["VARLEN"] is True
+    assert args[10:14] == (0, sum(lens), 300, 300)

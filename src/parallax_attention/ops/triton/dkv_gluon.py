@@ -158,8 +158,8 @@ if HAVE_GLUON:
          v_desc, stat_descs, LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl, n0, lq, lk, shift,
          left, right, start, blocks, steps, q_row0, k_row0, hk) = p
         mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [k_row0 + n0, hk * D], kv_bar, k_smem)
-        tma.async_copy_global_to_shared(v_desc, [k_row0 + n0, hk * D], kv_bar, v_smem)
+        tma.async_copy_global_to_shared(k_desc, [n0, hk * D], kv_bar, k_smem)
+        tma.async_copy_global_to_shared(v_desc, [n0, hk * D], kv_bar, v_smem)
         for it in range(steps):
             stage = it % STAGES
             # a fresh mbarrier counts as having completed the phase before phase 0
@@ -170,20 +170,32 @@ if HAVE_GLUON:
             bar = ready.index(stage)
             if STATS_TMA:
                 mbarrier.expect(bar, 3 * q_desc.block_type.nbytes + 4 * BLOCK_M * 4)
-                s_row = s_base + g * stride_sh + m0
+                s_row = g * stride_sh + m0
                 for j in gl.static_range(4):
                     tma.async_copy_global_to_shared(stat_descs[j], [s_row], bar, stat_bufs.index(stage * 4 + j))
             else:
                 mbarrier.expect(bar, 3 * q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [q_row0 + m0, col], bar, q_bufs.index(stage))
-            tma.async_copy_global_to_shared(r_desc, [q_row0 + m0, col], bar, r_bufs.index(stage))
-            tma.async_copy_global_to_shared(do_desc, [q_row0 + m0, col], bar, do_bufs.index(stage))
+            tma.async_copy_global_to_shared(q_desc, [m0, col], bar, q_bufs.index(stage))
+            tma.async_copy_global_to_shared(r_desc, [m0, col], bar, r_bufs.index(stage))
+            tma.async_copy_global_to_shared(do_desc, [m0, col], bar, do_bufs.index(stage))
+
+    @gluon.jit
+    def _store_zero_rows(DK, DV, out_base, stride_kl, n0, lk, D: gl.constexpr, BLOCK_N: gl.constexpr):
+        """dk = dv = 0 for the keys of a sequence without queries (no descriptor can be made over
+        zero rows)."""
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
+        rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
+        cols = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
+        off = out_base + rows[:, None].to(gl.int64) * stride_kl + cols[None, :]
+        mask = (rows < lk)[:, None] & (cols < D)[None, :]
+        gl.store(DK + off, gl.zeros([BLOCK_N, D], DK.dtype.element_ty, layout), mask=mask)
+        gl.store(DV + off, gl.zeros([BLOCK_N, D], DV.dtype.element_ty, layout), mask=mask)
 
     @gluon.jit
     def _dkv_ws_kernel(
         Q, R, K, V, DO, LSE, TB, DELTA, BETA, DK, DV, CUQ, CUK,
         stride_kb, stride_kl, stride_kh, stride_sb, stride_sh,
-        seqlen_q, seqlen_k, rows_q, rows_k, scale, scale_log2, left, right,
+        seqlen_q, seqlen_k, scale, scale_log2, left, right,
         HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
         STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
         IN_FLIGHT: gl.constexpr, STATS_TMA: gl.constexpr,
@@ -218,51 +230,65 @@ if HAVE_GLUON:
             hi = gl.minimum(lq, n_last - shift + left + 1)
         hi = gl.maximum(hi, lo)
         start = lo // BLOCK_M * BLOCK_M
-        # at least one step, even for a key block that no query sees (past a varlen sequence's keys,
-        # or outside every window): its tile is fully masked and it stores zeros
+        # at least one step, even for a key block that no query sees (outside every window): its
+        # tile is fully masked and it stores zeros
         blocks = gl.maximum(gl.where(n0 < lk, gl.cdiv(hi - start, BLOCK_M), 1), 1)
         steps = G * blocks
 
-        tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], Q.dtype.element_ty)
-        kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], K.dtype.element_ty)
-        q_desc = tma.make_tensor_descriptor(Q, [rows_q, HQ * D], [HQ * D, 1], [BLOCK_M, D], tile_layout)
-        r_desc = tma.make_tensor_descriptor(R, [rows_q, HQ * D], [HQ * D, 1], [BLOCK_M, D], tile_layout)
-        do_desc = tma.make_tensor_descriptor(DO, [rows_q, HQ * D], [HQ * D, 1], [BLOCK_M, D], tile_layout)
-        k_desc = tma.make_tensor_descriptor(K, [rows_k, HKV * D], [HKV * D, 1], [BLOCK_N, D], kv_layout)
-        v_desc = tma.make_tensor_descriptor(V, [rows_k, HKV * D], [HKV * D, 1], [BLOCK_N, D], kv_layout)
+        if (n0 < lk) & (lq == 0):
+            _store_zero_rows(DK, DV, b32.to(gl.int64) * stride_kb + ks.to(gl.int64) * stride_kl + hk * stride_kh,
+                             stride_kl, n0, lk, D, BLOCK_N)
+        elif n0 < lk:
+            # descriptors over this sequence's rows only (the statistics: its query heads' rows): the
+            # copy engine zero-fills rows past its end instead of reading the next sequence's, whose
+            # NaN would reach this one through 0 * NaN in the products
+            q_off = q_row0.to(gl.int64) * (HQ * D)
+            k_off = k_row0.to(gl.int64) * (HKV * D)
+            s_base = b32.to(gl.int64) * stride_sb + hk * G * stride_sh + qs
+            tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], Q.dtype.element_ty)
+            kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], K.dtype.element_ty)
+            q_desc = tma.make_tensor_descriptor(Q + q_off, [lq, HQ * D], [HQ * D, 1], [BLOCK_M, D], tile_layout)
+            r_desc = tma.make_tensor_descriptor(R + q_off, [lq, HQ * D], [HQ * D, 1], [BLOCK_M, D], tile_layout)
+            do_desc = tma.make_tensor_descriptor(DO + q_off, [lq, HQ * D], [HQ * D, 1], [BLOCK_M, D], tile_layout)
+            k_desc = tma.make_tensor_descriptor(K + k_off, [lk, HKV * D], [HKV * D, 1], [BLOCK_N, D], kv_layout)
+            v_desc = tma.make_tensor_descriptor(V + k_off, [lk, HKV * D], [HKV * D, 1], [BLOCK_N, D], kv_layout)
 
-        k_smem = gl.allocate_shared_memory(K.dtype.element_ty, [BLOCK_N, D], kv_layout)
-        v_smem = gl.allocate_shared_memory(K.dtype.element_ty, [BLOCK_N, D], kv_layout)
-        q_bufs = gl.allocate_shared_memory(Q.dtype.element_ty, [STAGES, BLOCK_M, D], tile_layout)
-        r_bufs = gl.allocate_shared_memory(Q.dtype.element_ty, [STAGES, BLOCK_M, D], tile_layout)
-        do_bufs = gl.allocate_shared_memory(Q.dtype.element_ty, [STAGES, BLOCK_M, D], tile_layout)
-        # the four row statistics of each stage, when TMA can copy them (16-byte aligned rows)
-        stat_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M], gl.float32)
-        stat_bufs = gl.allocate_shared_memory(gl.float32, [STAGES * 4, BLOCK_M], stat_layout)
-        n_stats = rows_q * HQ
-        stat_descs = (tma.make_tensor_descriptor(LSE, [n_stats], [1], [BLOCK_M], stat_layout),
-                      tma.make_tensor_descriptor(TB, [n_stats], [1], [BLOCK_M], stat_layout),
-                      tma.make_tensor_descriptor(DELTA, [n_stats], [1], [BLOCK_M], stat_layout),
-                      tma.make_tensor_descriptor(BETA, [n_stats], [1], [BLOCK_M], stat_layout))
-        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(kv_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            # one arrival from each consumer warpgroup
-            mbarrier.init(empty.index(i), count=2)
+            k_smem = gl.allocate_shared_memory(K.dtype.element_ty, [BLOCK_N, D], kv_layout)
+            v_smem = gl.allocate_shared_memory(K.dtype.element_ty, [BLOCK_N, D], kv_layout)
+            q_bufs = gl.allocate_shared_memory(Q.dtype.element_ty, [STAGES, BLOCK_M, D], tile_layout)
+            r_bufs = gl.allocate_shared_memory(Q.dtype.element_ty, [STAGES, BLOCK_M, D], tile_layout)
+            do_bufs = gl.allocate_shared_memory(Q.dtype.element_ty, [STAGES, BLOCK_M, D], tile_layout)
+            # the four row statistics of each stage, when TMA can copy them (16-byte aligned rows); the
+            # group's query heads' rows are contiguous in the dense layout, so one descriptor spans them
+            stat_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M], gl.float32)
+            stat_bufs = gl.allocate_shared_memory(gl.float32, [STAGES * 4, BLOCK_M], stat_layout)
+            # (made only where their base is 16-byte aligned, which STATS_TMA says)
+            d_base = 0
+            if STATS_TMA:
+                d_base = s_base
+            n_stats = G * stride_sh
+            stat_descs = (tma.make_tensor_descriptor(LSE + d_base, [n_stats], [1], [BLOCK_M], stat_layout),
+                          tma.make_tensor_descriptor(TB + d_base, [n_stats], [1], [BLOCK_M], stat_layout),
+                          tma.make_tensor_descriptor(DELTA + d_base, [n_stats], [1], [BLOCK_M], stat_layout),
+                          tma.make_tensor_descriptor(BETA + d_base, [n_stats], [1], [BLOCK_M], stat_layout))
+            kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+            ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            mbarrier.init(kv_bar, count=1)
+            for i in gl.static_range(STAGES):
+                mbarrier.init(ready.index(i), count=1)
+                # one arrival from each consumer warpgroup
+                mbarrier.init(empty.index(i), count=2)
 
-        s_base = b32 * stride_sb + hk * G * stride_sh + qs
-        out_base = b32.to(gl.int64) * stride_kb + ks.to(gl.int64) * stride_kl + hk * stride_kh
-        p = (k_smem, v_smem, q_bufs, r_bufs, do_bufs, stat_bufs, kv_bar, ready, empty, q_desc, r_desc, do_desc,
-             k_desc, v_desc, stat_descs, LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl, n0, lq,
-             lk, shift, left, right, start, blocks, steps, q_row0, k_row0, hk)
-        gl.warp_specialize([
-            (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT, STATS_TMA, 0)),
-            (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT, STATS_TMA, 1)),
-            (_dkv_producer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT, STATS_TMA, 0)),
-        ], [4, 1], [240, 24])  # CONSUMER_REGS, PRODUCER_REGS
+            out_base = b32.to(gl.int64) * stride_kb + ks.to(gl.int64) * stride_kl + hk * stride_kh
+            p = (k_smem, v_smem, q_bufs, r_bufs, do_bufs, stat_bufs, kv_bar, ready, empty, q_desc, r_desc, do_desc,
+                 k_desc, v_desc, stat_descs, LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl,
+                 n0, lq, lk, shift, left, right, start, blocks, steps, q_row0, k_row0, hk)
+            gl.warp_specialize([
+                (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT, STATS_TMA, 0)),
+                (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT, STATS_TMA, 1)),
+                (_dkv_producer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT, STATS_TMA, 0)),
+            ], [4, 1], [240, 24])  # CONSUMER_REGS, PRODUCER_REGS
 
 
 def usable(q, k, d: int, tensors) -> bool:
@@ -282,15 +308,13 @@ def launch(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
            max_q, max_k, scale, left, right, meta):
     """dk, dv for train.bwd (same arguments as train._launch_dkv_tma)."""
     block_m, stages, in_flight = CONFIG[meta["D"]]
-    rows_q = q.shape[0] * q.shape[1] if not meta["VARLEN"] else q.shape[0]
-    rows_k = k.shape[0] * k.shape[1] if not meta["VARLEN"] else k.shape[0]
     grid = (batch * hkv, triton.cdiv(max_k, BLOCK_N))
     # a statistics tile's offset (sequence, head, first row) must be 16-byte aligned for TMA:
     # rows of a multiple of 4 in the dense layout
     stats_tma = STATS_TMA and not meta["VARLEN"] and max_q % 4 == 0
     return _dkv_ws_kernel[grid](
         q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg, *sk, *ss, max_q, max_k,
-        rows_q, rows_k, scale, scale * LOG2E, left, right,
+        scale, scale * LOG2E, left, right,
         HQ=q.shape[-2], HKV=hkv, G=meta["G"], D=meta["D"], BLOCK_M=block_m, STAGES=stages,
         VARLEN=meta["VARLEN"], HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"],
         IN_FLIGHT=in_flight, STATS_TMA=stats_tma, num_warps=4, maxnreg=MAXNREG)

@@ -25,8 +25,9 @@ visible interior (the row bounds are exact at every row, whatever the tile align
 
 Same math and outputs as the Triton kernel (see train.py): o, vbar = O1/d1 (input dtype), and per
 row lse2 = m + log2 d1 (+inf for a row with no visible key) and tbar = d2/d1. Dense (B, L, H, D)
-inputs only: the tiles are read through rank-3 descriptors over (B, L, H * D), so rows past a
-sequence's end are zero-filled by the copy engine, never another sequence's rows.
+and packed varlen (total, H, D) inputs: each program reads its sequence through descriptors made
+on the device over that sequence's rows alone, so rows past its end are zero-filled by the copy
+engine, never the next sequence's.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ BLOCK_M = 128
 CONSUMER_REGS = 240
 PRODUCER_REGS = 24
 MAXNREG = 168
+# how far (in log2 units) a row's max may pass the running max before the running max moves and the
+# output accumulators are rescaled (weights stay below 2^SLACK: no overflow, the same bf16 precision);
+# 0 moves it on every new max, as the Triton kernel does
+SLACK = float(os.environ.get("PARALLAX_FWD_SLACK", "8"))
 
 
 if HAVE_GLUON:
@@ -82,7 +87,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _fwd_consumer(p, scale_log2, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                      HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
+                      HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, SLACK: gl.constexpr, WG: gl.constexpr):
         (q_smem, r_smem, k_bufs, v_bufs, q_bar, ready, empty, q_desc, r_desc, k_desc, v_desc, O, VB, LSE, TB,
          io_base, stride_ql, s_base, b32, h, hk, m0, lq, lk, shift, left, right, start, n_tiles) = p
         HALF: gl.constexpr = 64
@@ -97,8 +102,8 @@ if HAVE_GLUON:
         dtype: gl.constexpr = q_smem.dtype
 
         m0w = m0 + WG * HALF
-        q_t = q_smem.reshape([2 * HALF, D]).slice(WG * HALF, HALF)
-        r_t = r_smem.reshape([2 * HALF, D]).slice(WG * HALF, HALF)
+        q_t = q_smem.slice(WG * HALF, HALF)
+        r_t = r_smem.slice(WG * HALF, HALF)
         offs_m = m0w + gl.arange(0, HALF, layout=rows_s)
         # this warpgroup's fully visible keys [a, c); tiles outside them are masked
         _s, a, c, _e = _key_ranges(m0w, HALF, lq, lk, shift, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
@@ -114,13 +119,12 @@ if HAVE_GLUON:
         for it in range(gl.maximum(n_tiles, 1)):
             stage = it % STAGES
             mbarrier.wait(ready.index(stage), (it // STAGES) & 1)
-            k_t = k_bufs.index(stage).reshape([BLOCK_N, D])
-            v_t = v_bufs.index(stage).reshape([BLOCK_N, D])
+            k_t = k_bufs.index(stage)
+            v_t = v_bufs.index(stage)
             s = warpgroup_mma(q_t, k_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
             t = warpgroup_mma(r_t, k_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
             n0 = start + it * BLOCK_N
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
-            s = s * scale_log2
             if (n0 < a) | (n0 + BLOCK_N > c):
                 offs_n = n0 + gl.arange(0, BLOCK_N, layout=keys_s)
                 vis = (offs_n[None, :] < lk) & (offs_m[:, None] >= 0)
@@ -129,16 +133,27 @@ if HAVE_GLUON:
                 if HAS_RIGHT:
                     vis = vis & (offs_n[None, :] <= offs_m[:, None] + shift + right)
                 s = gl.where(vis, s, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(s, 1))
+            # the running max (base 2, scaled) moves only when a row's new max passes it by more than
+            # SLACK: the weights exp2(s - m) then stay below 2^SLACK, and the 2 x 64 x D accumulators
+            # are rescaled only on tiles where some row's max moved, not on every tile (SLACK = 0:
+            # every tile, without the branch)
+            tile_max = gl.max(s, 1) * scale_log2
+            m_use = gl.where(tile_max > m_i + SLACK, gl.maximum(m_i, tile_max), m_i)
             # a row that has seen no visible key keeps m = -inf: subtract 0 instead so exp2 gives 0
-            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+            m_safe = gl.where(m_use == float("-inf"), 0.0, m_use)
             alpha = gl.exp2(m_i - m_safe)
-            e = gl.exp2(s - m_safe[:, None])
-            m_i = m_new
-            d1 = d1 * alpha + gl.sum(e, 1)
             alpha_acc = gl.convert_layout(alpha, rows_acc)
-            o1 = o1 * alpha_acc[:, None]
-            o2 = o2 * alpha_acc[:, None]
+            if SLACK > 0:
+                # (before the weights are formed: fewer live registers across the branch)
+                if gl.max((m_use != m_i).to(gl.int32), 0) > 0:
+                    o1 = o1 * alpha_acc[:, None]
+                    o2 = o2 * alpha_acc[:, None]
+            else:
+                o1 = o1 * alpha_acc[:, None]
+                o2 = o2 * alpha_acc[:, None]
+            m_i = m_use
+            e = gl.exp2(s * scale_log2 - m_safe[:, None])
+            d1 = d1 * alpha + gl.sum(e, 1)
             p1 = gl.convert_layout(e.to(dtype), op_layout)
             t = warpgroup_mma_wait(num_outstanding=0, deps=(t,))
             et = e * t
@@ -170,12 +185,12 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _fwd_producer(p, scale_log2, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                      HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
+                      HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, SLACK: gl.constexpr, WG: gl.constexpr):
         (q_smem, r_smem, k_bufs, v_bufs, q_bar, ready, empty, q_desc, r_desc, k_desc, v_desc, O, VB, LSE, TB,
          io_base, stride_ql, s_base, b32, h, hk, m0, lq, lk, shift, left, right, start, n_tiles) = p
         mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [b32, m0, h * D], q_bar, q_smem)
-        tma.async_copy_global_to_shared(r_desc, [b32, m0, h * D], q_bar, r_smem)
+        tma.async_copy_global_to_shared(q_desc, [m0, h * D], q_bar, q_smem)
+        tma.async_copy_global_to_shared(r_desc, [m0, h * D], q_bar, r_smem)
         for it in range(n_tiles):
             stage = it % STAGES
             # a fresh mbarrier counts as having completed the phase before phase 0
@@ -183,15 +198,33 @@ if HAVE_GLUON:
             bar = ready.index(stage)
             mbarrier.expect(bar, 2 * k_desc.block_type.nbytes)
             n0 = start + it * BLOCK_N
-            tma.async_copy_global_to_shared(k_desc, [b32, n0, hk * D], bar, k_bufs.index(stage))
-            tma.async_copy_global_to_shared(v_desc, [b32, n0, hk * D], bar, v_bufs.index(stage))
+            tma.async_copy_global_to_shared(k_desc, [n0, hk * D], bar, k_bufs.index(stage))
+            tma.async_copy_global_to_shared(v_desc, [n0, hk * D], bar, v_bufs.index(stage))
+
+    @gluon.jit
+    def _store_keyless(O, VB, LSE, TB, io_base, stride_ql, s_base, m0, lq, D: gl.constexpr, BLOCK_M: gl.constexpr):
+        """Rows of a sequence without keys: o = vbar = 0, lse2 = +inf, tbar = 0 (no descriptor can
+        be made over zero rows)."""
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
+        rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+        cols = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
+        in_q = rows < lq
+        zero = gl.zeros([BLOCK_M, D], O.dtype.element_ty, layout)
+        off = io_base + rows[:, None].to(gl.int64) * stride_ql + cols[None, :]
+        mask = in_q[:, None] & (cols < D)[None, :]
+        gl.store(O + off, zero, mask=mask)
+        gl.store(VB + off, zero, mask=mask)
+        row_l: gl.constexpr = gl.SliceLayout(1, layout)
+        gl.store(LSE + s_base + rows, gl.full([BLOCK_M], float("inf"), gl.float32, row_l), mask=in_q)
+        gl.store(TB + s_base + rows, gl.zeros([BLOCK_M], gl.float32, row_l), mask=in_q)
 
     @gluon.jit
     def _fwd_ws_kernel(
-        Q, R, K, V, O, VB, LSE, TB,
-        stride_sb, stride_sh, seqlen_q, seqlen_k, batch, scale_log2, left, right,
+        Q, R, K, V, O, VB, LSE, TB, CUQ, CUK,
+        stride_sb, stride_sh, seqlen_q, seqlen_k, scale_log2, left, right,
         HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr,
-        STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+        STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+        SLACK: gl.constexpr,
     ):
         BLOCK_M: gl.constexpr = 128
         pid_bh = gl.program_id(0)
@@ -200,54 +233,68 @@ if HAVE_GLUON:
         b32 = pid_bh // HQ
         h = pid_bh % HQ
         hk = h // G
-        lq = seqlen_q
-        lk = seqlen_k
+        if VARLEN:
+            qs = gl.load(CUQ + b32)
+            lq = gl.load(CUQ + b32 + 1) - qs
+            ks = gl.load(CUK + b32)
+            lk = gl.load(CUK + b32 + 1) - ks
+            q_row0 = qs
+            k_row0 = ks
+        else:
+            qs = 0
+            lq = seqlen_q
+            lk = seqlen_k
+            q_row0 = b32 * seqlen_q
+            k_row0 = b32 * seqlen_k
         m0 = pid_m * BLOCK_M
-        shift = lk - lq
-        start, _a, _c, hi = _key_ranges(m0, BLOCK_M, lq, lk, shift, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-        # at least one tile, even for rows that see no key (outside every window): it is fully
-        # masked and those rows store o = 0 and lse2 = +inf
-        n_tiles = gl.maximum(gl.cdiv(hi - start, BLOCK_N), 1)
+        if (m0 < lq) & (lk == 0):
+            _store_keyless(O, VB, LSE, TB, q_row0.to(gl.int64) * (HQ * D) + h * D, HQ * D,
+                           b32.to(gl.int64) * stride_sb + h * stride_sh + qs, m0, lq, D, BLOCK_M)
+        elif m0 < lq:
+            shift = lk - lq
+            start, _a, _c, hi = _key_ranges(m0, BLOCK_M, lq, lk, shift, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+            # at least one tile, even for rows that see no key (outside every window): it is fully
+            # masked and those rows store o = 0 and lse2 = +inf
+            n_tiles = gl.maximum(gl.cdiv(hi - start, BLOCK_N), 1)
 
-        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, BLOCK_M, D], Q.dtype.element_ty)
-        kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, BLOCK_N, D], K.dtype.element_ty)
-        q_stride = lq.to(gl.int64) * (HQ * D)
-        k_stride = lk.to(gl.int64) * (HKV * D)
-        q_desc = tma.make_tensor_descriptor(Q, [batch, lq, HQ * D], [q_stride, HQ * D, 1], [1, BLOCK_M, D], q_layout)
-        r_desc = tma.make_tensor_descriptor(R, [batch, lq, HQ * D], [q_stride, HQ * D, 1], [1, BLOCK_M, D], q_layout)
-        k_desc = tma.make_tensor_descriptor(K, [batch, lk, HKV * D], [k_stride, HKV * D, 1], [1, BLOCK_N, D],
-                                            kv_layout)
-        v_desc = tma.make_tensor_descriptor(V, [batch, lk, HKV * D], [k_stride, HKV * D, 1], [1, BLOCK_N, D],
-                                            kv_layout)
-        q_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [1, BLOCK_M, D], q_layout)
-        r_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [1, BLOCK_M, D], q_layout)
-        k_bufs = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, 1, BLOCK_N, D], kv_layout)
-        v_bufs = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, 1, BLOCK_N, D], kv_layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            # one arrival from each consumer warpgroup
-            mbarrier.init(empty.index(i), count=2)
+            # descriptors over this sequence's rows only: the copy engine zero-fills rows past its end
+            # instead of reading the next sequence's (whose NaN would reach this one through 0 * NaN)
+            q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], Q.dtype.element_ty)
+            kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], K.dtype.element_ty)
+            q_off = q_row0.to(gl.int64) * (HQ * D)
+            k_off = k_row0.to(gl.int64) * (HKV * D)
+            q_desc = tma.make_tensor_descriptor(Q + q_off, [lq, HQ * D], [HQ * D, 1], [BLOCK_M, D], q_layout)
+            r_desc = tma.make_tensor_descriptor(R + q_off, [lq, HQ * D], [HQ * D, 1], [BLOCK_M, D], q_layout)
+            k_desc = tma.make_tensor_descriptor(K + k_off, [lk, HKV * D], [HKV * D, 1], [BLOCK_N, D], kv_layout)
+            v_desc = tma.make_tensor_descriptor(V + k_off, [lk, HKV * D], [HKV * D, 1], [BLOCK_N, D], kv_layout)
+            q_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [BLOCK_M, D], q_layout)
+            r_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [BLOCK_M, D], q_layout)
+            k_bufs = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, BLOCK_N, D], kv_layout)
+            v_bufs = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, BLOCK_N, D], kv_layout)
+            q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+            ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            mbarrier.init(q_bar, count=1)
+            for i in gl.static_range(STAGES):
+                mbarrier.init(ready.index(i), count=1)
+                # one arrival from each consumer warpgroup
+                mbarrier.init(empty.index(i), count=2)
 
-        io_base = (b32.to(gl.int64) * lq * HQ + h) * D
-        s_base = b32.to(gl.int64) * stride_sb + h * stride_sh
-        p = (q_smem, r_smem, k_bufs, v_bufs, q_bar, ready, empty, q_desc, r_desc, k_desc, v_desc, O, VB, LSE, TB,
-             io_base, HQ * D, s_base, b32, h, hk, m0, lq, lk, shift, left, right, start, n_tiles)
-        gl.warp_specialize([
-            (_fwd_consumer, (p, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
-            (_fwd_consumer, (p, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 1)),
-            (_fwd_producer, (p, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
-        ], [4, 1], [240, 24])  # CONSUMER_REGS, PRODUCER_REGS
+            io_base = q_off + h * D
+            s_base = b32.to(gl.int64) * stride_sb + h * stride_sh + qs
+            p = (q_smem, r_smem, k_bufs, v_bufs, q_bar, ready, empty, q_desc, r_desc, k_desc, v_desc, O, VB, LSE,
+                 TB, io_base, HQ * D, s_base, b32, h, hk, m0, lq, lk, shift, left, right, start, n_tiles)
+            gl.warp_specialize([
+                (_fwd_consumer, (p, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, SLACK, 0)),
+                (_fwd_consumer, (p, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, SLACK, 1)),
+                (_fwd_producer, (p, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, SLACK, 0)),
+            ], [4, 1], [240, 24])  # CONSUMER_REGS, PRODUCER_REGS
 
 
 def usable(q, k, d: int, tensors) -> bool:
     """Whether the Gluon forward can run: Gluon present, Hopper (sm_90: warp-group MMAs), not the
-    interpreter, dense (B, L, H, D) contiguous 16-byte aligned tensors of a 2-byte dtype, head dim
-    64 or 128."""
-    if not HAVE_GLUON or d not in CONFIG or q.element_size() != 2 or q.dim() != 4:
+    interpreter, contiguous 16-byte aligned tensors of a 2-byte dtype, head dim 64 or 128."""
+    if not HAVE_GLUON or d not in CONFIG or q.element_size() != 2:
         return False
     if os.environ.get("TRITON_INTERPRET") == "1":  # Gluon kernels do not run in the interpreter
         return False
@@ -256,16 +303,17 @@ def usable(q, k, d: int, tensors) -> bool:
     return q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)
 
 
-def launch(q, r, k, v, out, vbar, lse, tbar, scale_log2, left, right, has_left, has_right):
-    """out, vbar, lse, tbar for train.fwd (dense inputs, (B, L, H, D))."""
-    batch, lq, hq, d = q.shape
-    lk, hkv = k.shape[1], k.shape[2]
+def launch(q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg, batch, hkv, ss, max_q, max_k, scale_log2,
+           left, right, meta):
+    """out, vbar, lse, tbar for train.fwd (dense (B, L, H, D) or packed varlen (total, H, D) inputs;
+    the same arguments as the Triton kernel's)."""
+    hq, d = q.shape[-2], q.shape[-1]
     block_n, stages = CONFIG[d]
-    grid = (batch * hq, (lq + BLOCK_M - 1) // BLOCK_M)
+    grid = (batch * hq, (max_q + BLOCK_M - 1) // BLOCK_M)
     return _fwd_ws_kernel[grid](
-        q, r, k, v, out, vbar, lse, tbar, lse.stride(0), lse.stride(1), lq, lk, batch, scale_log2, left, right,
-        HQ=hq, HKV=hkv, G=hq // hkv, D=d, BLOCK_N=block_n, STAGES=stages, HAS_LEFT=has_left, HAS_RIGHT=has_right,
-        num_warps=4, maxnreg=MAXNREG)
+        q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg, *ss, max_q, max_k, scale_log2, left, right,
+        HQ=hq, HKV=hkv, G=hq // hkv, D=d, BLOCK_N=block_n, STAGES=stages, VARLEN=meta["VARLEN"],
+        HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"], SLACK=SLACK, num_warps=4, maxnreg=MAXNREG)
 
 
 # On by default where usable(); PARALLAX_FWD_GLUON=0 runs the Triton forward instead.

@@ -486,7 +486,7 @@ def _bwd_dkv_tma_kernel(
     Q, R, K, V, DO, LSE, TB, DELTA, BETA, DK, DV, CUQ, CUK,
     stride_kb, stride_kl, stride_kh,
     stride_sb, stride_sh,
-    seqlen_q, seqlen_k, rows_q, rows_k, scale, scale_log2, left, right, tune_key,
+    seqlen_q, seqlen_k, scale, scale_log2, left, right, tune_key,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PREC: tl.constexpr,
@@ -494,12 +494,12 @@ def _bwd_dkv_tma_kernel(
 ):
     """dk/dv with every tile read through 2-D tensor descriptors made on the device.
 
-    q, r, dO (and k, v) are viewed as (rows, heads * D) matrices and the row statistics as one flat
-    vector, so a tile is one TMA copy: no address registers and no per-element load masks, which
-    leaves room for 128 keys x 32 queries at 8 warps without the pointer kernel's spills. The GQA
-    group's query heads and their query blocks are walked as one flat loop, every tile masked
-    (rows past the sequence are read from the neighbouring rows and masked out here, so no branch
-    splits the loop), which is also the form Triton's Hopper warp specialization (WS) accepts; WS
+    q, r, dO (and k, v) are viewed as (rows, heads * D) matrices over the sequence's rows and the row
+    statistics as one flat vector, so a tile is one TMA copy: no address registers and no
+    per-element load masks, which leaves room for 128 keys x 32 queries at 8 warps without the
+    pointer kernel's spills. The GQA group's query heads and their query blocks are walked as one
+    flat loop, every tile masked (rows past the sequence read as zeros and are masked out here, so
+    no branch splits the loop), which is also the form Triton's Hopper warp specialization (WS) accepts; WS
     also needs the row statistics through descriptors (STATS_TMA), whose offsets must then be
     16-byte aligned (sequence lengths a multiple of 4, checked by the caller).
     """
@@ -514,17 +514,31 @@ def _bwd_dkv_tma_kernel(
     shift = lk - lq
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
-    k_desc = tl.make_tensor_descriptor(K, [rows_k, HKV * D], [HKV * D, 1], [BLOCK_N, D])
-    v_desc = tl.make_tensor_descriptor(V, [rows_k, HKV * D], [HKV * D, 1], [BLOCK_N, D])
-    q_desc = tl.make_tensor_descriptor(Q, [rows_q, HQ * D], [HQ * D, 1], [BLOCK_M, D])
-    r_desc = tl.make_tensor_descriptor(R, [rows_q, HQ * D], [HQ * D, 1], [BLOCK_M, D])
-    do_desc = tl.make_tensor_descriptor(DO, [rows_q, HQ * D], [HQ * D, 1], [BLOCK_M, D])
-    lse_desc = tl.make_tensor_descriptor(LSE, [rows_q * HQ], [1], [BLOCK_M])
-    tb_desc = tl.make_tensor_descriptor(TB, [rows_q * HQ], [1], [BLOCK_M])
-    delta_desc = tl.make_tensor_descriptor(DELTA, [rows_q * HQ], [1], [BLOCK_M])
-    beta_desc = tl.make_tensor_descriptor(BETA, [rows_q * HQ], [1], [BLOCK_M])
-    k = k_desc.load([k_row0 + n0, hk * D])
-    v = v_desc.load([k_row0 + n0, hk * D])
+    # descriptors over this sequence's rows only (the statistics: its kv head's query heads' rows,
+    # contiguous in the dense layout): the copy engine zero-fills rows past its end instead of
+    # reading the next sequence's, whose NaN would reach this one through 0 * NaN in the products
+    # (one row at least: a sequence without keys or queries reads nothing it uses)
+    q_off = q_row0.to(tl.int64) * (HQ * D)
+    k_off = k_row0.to(tl.int64) * (HKV * D)
+    s_base = b * stride_sb + hk * G * stride_sh + qs
+    lq1 = tl.maximum(lq, 1)
+    lk1 = tl.maximum(lk, 1)
+    k_desc = tl.make_tensor_descriptor(K + k_off, [lk1, HKV * D], [HKV * D, 1], [BLOCK_N, D])
+    v_desc = tl.make_tensor_descriptor(V + k_off, [lk1, HKV * D], [HKV * D, 1], [BLOCK_N, D])
+    q_desc = tl.make_tensor_descriptor(Q + q_off, [lq1, HQ * D], [HQ * D, 1], [BLOCK_M, D])
+    r_desc = tl.make_tensor_descriptor(R + q_off, [lq1, HQ * D], [HQ * D, 1], [BLOCK_M, D])
+    do_desc = tl.make_tensor_descriptor(DO + q_off, [lq1, HQ * D], [HQ * D, 1], [BLOCK_M, D])
+    # (made only where their base is 16-byte aligned, which STATS_TMA says)
+    d_base = 0
+    if STATS_TMA:
+        d_base = s_base
+    n_stats = G * stride_sh
+    lse_desc = tl.make_tensor_descriptor(LSE + d_base, [n_stats], [1], [BLOCK_M])
+    tb_desc = tl.make_tensor_descriptor(TB + d_base, [n_stats], [1], [BLOCK_M])
+    delta_desc = tl.make_tensor_descriptor(DELTA + d_base, [n_stats], [1], [BLOCK_M])
+    beta_desc = tl.make_tensor_descriptor(BETA + d_base, [n_stats], [1], [BLOCK_M])
+    k = k_desc.load([n0, hk * D])
+    v = v_desc.load([n0, hk * D])
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     start, a, c, end = _query_ranges(n0, lq, lk, shift, left, right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
@@ -534,8 +548,8 @@ def _bwd_dkv_tma_kernel(
         g = it // blocks
         m0 = start + (it - g * blocks) * BLOCK_M
         h = hk * G + g
-        do = do_desc.load([q_row0 + m0, h * D])
-        s_row = b32 * stride_sb + h * stride_sh + qs + m0
+        do = do_desc.load([m0, h * D])
+        s_row = g * stride_sh + m0
         offs_m = m0 + tl.arange(0, BLOCK_M)
         if STATS_TMA:
             lse2 = lse_desc.load([s_row])
@@ -543,15 +557,14 @@ def _bwd_dkv_tma_kernel(
             delta = delta_desc.load([s_row])
             beta = beta_desc.load([s_row])
         else:
-            # rows past the sequence are masked below; their loads only have to stay in bounds
-            s_ptr = s_row + tl.arange(0, BLOCK_M)
-            s_in = s_ptr < rows_q * HQ
+            s_ptr = s_base + s_row + tl.arange(0, BLOCK_M)
+            s_in = offs_m < lq
             lse2 = tl.load(LSE + s_ptr, mask=s_in, other=0.0)
             tb = tl.load(TB + s_ptr, mask=s_in, other=0.0)
             delta = tl.load(DELTA + s_ptr, mask=s_in, other=0.0)
             beta = tl.load(BETA + s_ptr, mask=s_in, other=0.0)
-        q = q_desc.load([q_row0 + m0, h * D])
-        r = r_desc.load([q_row0 + m0, h * D])
+        q = q_desc.load([m0, h * D])
+        r = r_desc.load([m0, h * D])
         st = tl.dot(k, tl.trans(q), input_precision=PREC) * scale_log2
         tt = tl.dot(k, tl.trans(r), input_precision=PREC)
         vis = _visible(offs_m, offs_n, shift, lk, left, right, HAS_LEFT, HAS_RIGHT) & (offs_m < lq)[:, None]
@@ -774,10 +787,8 @@ def _launch_dkv_tma(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, 
     if interpret:
         bm, bn = INTERPRET_BLOCKS["dkv"]
         launch = dict(BLOCK_M=bm, BLOCK_N=bn, WS=ws)
-    rows_q = q.shape[0] * q.shape[1] if not meta["VARLEN"] else q.shape[0]
-    rows_k = k.shape[0] * k.shape[1] if not meta["VARLEN"] else k.shape[0]
     args = (q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg, *sk, *ss, max_q, max_k,
-            rows_q, rows_k, scale, scale * LOG2E, left, right, _tune_key(max_q, max_k))
+            scale, scale * LOG2E, left, right, _tune_key(max_q, max_k))
     consts = dict(HQ=q.shape[-2], HKV=hkv, G=meta["G"], D=meta["D"], VARLEN=meta["VARLEN"],
                   HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"], PREC=meta["PREC"], STATS_TMA=stats_tma)
     if tuned:
@@ -839,14 +850,15 @@ def fwd(q, r, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: flo
     has_left, left, has_right, right = _mask_args(causal, left, right)
     cu_q_arg = cu_q if varlen else q
     cu_k_arg = cu_k if varlen else q
-    if not varlen and fwd_gluon.ENABLED and fwd_gluon.usable(q, k, d, (q, r, k, v)) and q.numel() and k.numel():
+    meta = dict(HQ=hq, G=hq // hkv, D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), VARLEN=varlen,
+                HAS_LEFT=has_left, HAS_RIGHT=has_right, PREC=_prec(q.dtype))
+    if fwd_gluon.ENABLED and fwd_gluon.usable(q, k, d, (q, r, k, v)) and q.numel():
         LAST_COMPILED["fwd"] = _with_scratch(lambda: fwd_gluon.launch(
-            q, r, k, v, out, vbar, lse, tbar, scale * LOG2E, left, right, has_left, has_right))
+            q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg, batch, hkv, ss, max_q, max_k, scale * LOG2E,
+            left, right, meta))
         return out, vbar, lse, tbar
     head = (q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg)
     tail = (*sq, *sk, *ss, max_q, max_k, scale * LOG2E, left, right, _tune_key(max_q, max_k))
-    meta = dict(HQ=hq, G=hq // hkv, D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), VARLEN=varlen,
-                HAS_LEFT=has_left, HAS_RIGHT=has_right, PREC=_prec(q.dtype))
     _launch(_fwd_tuned, _fwd_kernel, "fwd",
             lambda m: (batch * hq, triton.cdiv(max_q, m["BLOCK_M"])), head, tail, meta,
             ((k, "N"), (v, "N")), keys=max_k)
