@@ -535,7 +535,7 @@ def run_isolation_check(log, shape=(3, 8, 2, 1000, 128)):
     cu = torch.tensor([0, L, L, 2 * L, 3 * L], dtype=torch.int32, device="cuda")
     packed = lambda *x: parallax_attn_varlen(*(t.flatten(0, 1) for t in x), cu, cu, L, L, causal=True,  # noqa: E731
                                              backend="triton").view(b, L, hq, d)
-    alone = _grads(dense, [x[1:2] for x in (q, r, k, v)], do[1:2])
+    clean = [x[1:2].clone() for x in (q, r, k, v, do)]
     for x in (q, r, k, v, do):
         x[0] = float("nan")
         x[2] = float("nan")
@@ -544,6 +544,7 @@ def run_isolation_check(log, shape=(3, 8, 2, 1000, 128)):
     for kernels, setter in (("default", lambda: _set_kernels()),
                             ("triton", lambda: _set_kernels(gluon=False, fwd_gluon=False))):
         setter()
+        alone = _grads(dense, clean[:4], clean[4])
         for layout, f in (("dense", dense), ("varlen", packed)):
             mixed = _grads(f, (q, r, k, v), do)
             out[f"{kernels} {layout}"] = {
