@@ -413,18 +413,14 @@ def run_config_ab(log, spec, shape, rounds=3):
 _DEFAULTS: dict = {}
 
 
-def _set_kernels(tma=None, mha128=None, gluon=None, fwd_gluon=None, fwd_slack=None, fwd_pipeline=None):
+def _set_kernels(tma=None, mha128=None, gluon=None, fwd_gluon=None):
     """The dk/dv kernel (None: descriptors where they apply, False: pointers; gluon: the
     warp-specialized Gluon kernel on or off), optionally the descriptor kernel's MHA D=128 launch,
-    and the forward (fwd_gluon: the Gluon kernel on or off; fwd_slack, fwd_pipeline: its
-    fwd_gluon.SLACK and PIPELINE); no arguments restore the defaults."""
+    and the forward (fwd_gluon: the Gluon kernel on or off); no arguments restore the defaults."""
     from parallax_attention.ops.triton import dkv_gluon, fwd_gluon as fg
     from parallax_attention.ops.triton import train as tr
     if not _DEFAULTS:
-        _DEFAULTS.update(dkv=dict(tr.DKV_TMA_CONFIG), gluon=dkv_gluon.ENABLED, fwd_gluon=fg.ENABLED,
-                         fwd_slack=fg.SLACK, fwd_pipeline=fg.PIPELINE)
-    fg.PIPELINE = _DEFAULTS["fwd_pipeline"] if fwd_pipeline is None else fwd_pipeline
-    fg.SLACK = _DEFAULTS["fwd_slack"] if fwd_slack is None else fwd_slack
+        _DEFAULTS.update(dkv=dict(tr.DKV_TMA_CONFIG), gluon=dkv_gluon.ENABLED, fwd_gluon=fg.ENABLED)
     dkv_gluon.ENABLED = _DEFAULTS["gluon"] if gluon is None else gluon
     fg.ENABLED = _DEFAULTS["fwd_gluon"] if fwd_gluon is None else fwd_gluon
     tr.DKV_TMA = tma
@@ -439,17 +435,6 @@ VARIANT_AB = {
     "dkv_gluon": [("gluon", lambda: _set_kernels(gluon=True)), ("triton", lambda: _set_kernels(gluon=False))],
     # the warp-specialized Gluon forward (ops/triton/fwd_gluon.py) against the Triton one
     "fwd_gluon": [("gluon", lambda: _set_kernels(fwd_gluon=True)), ("triton", lambda: _set_kernels(fwd_gluon=False))],
-    # its running max moved lazily (SLACK 8) or on every new max (0, default)
-    "fwd_slack": [("slack 8", lambda: _set_kernels(fwd_slack=8.0)), ("slack 0", lambda: _set_kernels(fwd_slack=0.0)),
-                  ("triton", lambda: _set_kernels(fwd_gluon=False))],
-    # its next score product issued behind the value products (PIPELINE, default) or not
-    "fwd_pipeline": [("pipelined", lambda: _set_kernels(fwd_pipeline=True)),
-                     ("pipelined, slack 8", lambda: _set_kernels(fwd_pipeline=True, fwd_slack=8.0)),
-                     ("not pipelined", lambda: _set_kernels(fwd_pipeline=False)),
-                     ("triton", lambda: _set_kernels(fwd_gluon=False))],
-    # Triton's warp specialization of the MHA D=128 dk/dv loop (unsafe, see train.DKV_TMA_CONFIG)
-    "dkv_ws": [("MHA D=128 dk/dv warp specialized", lambda: _set_kernels(mha128=(32, 128, 4, 3, True))),
-               ("8 warps", lambda: _set_kernels())],
 }
 
 
