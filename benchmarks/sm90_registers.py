@@ -12,6 +12,7 @@ specialization apply; does it fit in shared memory" before spending GPU time.
     python benchmarks/sm90_registers.py --dump DIR     # also each kernel's SASS, PTX and TTGIR
     python benchmarks/sm90_registers.py --dkv-gluon    # the Gluon dk/dv kernel instead of Triton's
     python benchmarks/sm90_registers.py --fwd-gluon    # the Gluon forward instead of Triton's
+    python benchmarks/sm90_registers.py --dq-gluon     # the Gluon dq/dr kernel instead of Triton's
 
 Use the Triton version the GPU machine runs: register allocation changes between releases.
 The launch path is taken over by patching triton.runtime.jit.JITFunction.run (Triton 3.x
@@ -129,6 +130,8 @@ def main():
                     help="the warp-specialized Gluon dk/dv kernel (ops/triton/dkv_gluon.py) instead of Triton's")
     ap.add_argument("--fwd-gluon", action="store_true",
                     help="the warp-specialized Gluon forward (ops/triton/fwd_gluon.py) instead of Triton's")
+    ap.add_argument("--dq-gluon", action="store_true",
+                    help="the warp-specialized Gluon dq/dr kernel (ops/triton/dq_gluon.py) instead of Triton's")
     ap.add_argument("--dump", default=None, metavar="DIR", help="also write each kernel's SASS, PTX and TTGIR there")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -150,6 +153,10 @@ def main():
     fwd_gluon.ENABLED = args.fwd_gluon
     if args.fwd_gluon:
         fwd_gluon.usable = lambda q, k, d, tensors: d in fwd_gluon.CONFIG and q.dim() == 4  # noqa: E731
+    from parallax_attention.ops.triton import dq_gluon
+    dq_gluon.ENABLED = args.dq_gluon
+    if args.dq_gluon:
+        dq_gluon.usable = lambda q, k, d, tensors: d in dq_gluon.CONFIG  # noqa: E731
     for name, cfg in (("fwd", args.fwd_config), ("dq", args.dq_config)):
         if cfg:
             tr.FIXED[name] = {**tr.FIXED[name], 128: tuple(int(x) for x in cfg.split(","))}

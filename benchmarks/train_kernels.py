@@ -413,14 +413,18 @@ def run_config_ab(log, spec, shape, rounds=3):
 _DEFAULTS: dict = {}
 
 
-def _set_kernels(tma=None, mha128=None, gluon=None, fwd_gluon=None):
+def _set_kernels(tma=None, mha128=None, gluon=None, fwd_gluon=None, dq_gluon=None, dq_config=None):
     """The dk/dv kernel (None: descriptors where they apply, False: pointers; gluon: the
     warp-specialized Gluon kernel on or off), optionally the descriptor kernel's MHA D=128 launch,
-    and the forward (fwd_gluon: the Gluon kernel on or off); no arguments restore the defaults."""
-    from parallax_attention.ops.triton import dkv_gluon, fwd_gluon as fg
+    the forward (fwd_gluon: the Gluon kernel on or off) and dq/dr (dq_gluon: the Gluon kernel on or
+    off; dq_config: its CONFIG entry at D=128); no arguments restore the defaults."""
+    from parallax_attention.ops.triton import dkv_gluon, dq_gluon as dg, fwd_gluon as fg
     from parallax_attention.ops.triton import train as tr
     if not _DEFAULTS:
-        _DEFAULTS.update(dkv=dict(tr.DKV_TMA_CONFIG), gluon=dkv_gluon.ENABLED, fwd_gluon=fg.ENABLED)
+        _DEFAULTS.update(dkv=dict(tr.DKV_TMA_CONFIG), gluon=dkv_gluon.ENABLED, fwd_gluon=fg.ENABLED,
+                         dq_gluon=dg.ENABLED, dq_config=dict(dg.CONFIG))
+    dg.ENABLED = _DEFAULTS["dq_gluon"] if dq_gluon is None else dq_gluon
+    dg.CONFIG = {**_DEFAULTS["dq_config"], **({128: dq_config} if dq_config else {})}
     dkv_gluon.ENABLED = _DEFAULTS["gluon"] if gluon is None else gluon
     fg.ENABLED = _DEFAULTS["fwd_gluon"] if fwd_gluon is None else fwd_gluon
     tr.DKV_TMA = tma
@@ -435,6 +439,11 @@ VARIANT_AB = {
     "dkv_gluon": [("gluon", lambda: _set_kernels(gluon=True)), ("triton", lambda: _set_kernels(gluon=False))],
     # the warp-specialized Gluon forward (ops/triton/fwd_gluon.py) against the Triton one
     "fwd_gluon": [("gluon", lambda: _set_kernels(fwd_gluon=True)), ("triton", lambda: _set_kernels(fwd_gluon=False))],
+    # the warp-specialized Gluon dq/dr kernel (ops/triton/dq_gluon.py) against the Triton one, and its
+    # 64-key tiles at D=128 (ptxas spills there)
+    "dq_gluon": [("gluon", lambda: _set_kernels(dq_gluon=True)),
+                 ("gluon 64 keys", lambda: _set_kernels(dq_gluon=True, dq_config=(64, 2))),
+                 ("triton", lambda: _set_kernels(dq_gluon=False))],
 }
 
 
@@ -503,6 +512,7 @@ REPEAT_VARIANTS = [("descriptors, default launch", lambda: _set_kernels()),
                    ("pointers", lambda: _set_kernels(tma=False)),
                    ("Gluon warp-specialized", lambda: _set_kernels(gluon=True)),
                    ("Triton forward", lambda: _set_kernels(fwd_gluon=False)),
+                   ("Triton dq/dr", lambda: _set_kernels(dq_gluon=False)),
                    ("descriptors, MHA D=128 warp specialized (unsafe)",
                     lambda: _set_kernels(mha128=(32, 128, 4, 3, True)))]
 
@@ -527,7 +537,7 @@ def run_isolation_check(log, shape=(3, 8, 2, 1000, 128)):
     names = ("o", "dq", "dr", "dk", "dv")
     out = {}
     for kernels, setter in (("default", lambda: _set_kernels()),
-                            ("triton", lambda: _set_kernels(gluon=False, fwd_gluon=False))):
+                            ("triton", lambda: _set_kernels(gluon=False, fwd_gluon=False, dq_gluon=False))):
         setter()
         alone = _grads(dense, clean[:4], clean[4])
         for layout, f in (("dense", dense), ("varlen", packed)):

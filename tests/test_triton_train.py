@@ -475,3 +475,48 @@ def test_fwd_gluon_launch_varlen(monkeypatch):
     (grid, args, kw), = launches
     assert grid == (3 * 4, 3) and args[8] is cu and args[9] is cu and kw["VARLEN"] is True
     assert args[10:14] == (0, sum(lens), 300, 300)
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_dq_gluon_launch(varlen, monkeypatch):
+    # On Hopper the warp-specialized Gluon kernel takes dq/dr; its launch is recorded: one program
+    # per (sequence, query head) x 128 query rows, the per-head-dim key tile, the statistics and
+    # output tensors in the Triton kernel's order, and the register budget of 12 warps
+    from parallax_attention.ops.triton import dq_gluon
+    if not dq_gluon.HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid, args, kwargs))
+    monkeypatch.setattr(dq_gluon, "_dq_ws_kernel", Recorder())
+    monkeypatch.setattr(dq_gluon, "usable", lambda q, k, d, tensors: d in dq_gluon.CONFIG)
+    monkeypatch.setattr(dq_gluon, "ENABLED", True)
+    hq, hkv, d, L = 4, 2, 64, 200
+    q, r, k, v, do = _make(2, L, L, hq, hkv, d, torch.float16)
+    if varlen:
+        cu = torch.tensor([0, L, 2 * L], dtype=torch.int32, device=DEV)
+        q, r, k, v, do = (x.flatten(0, 1) for x in (q, r, k, v, do))
+        f = lambda *x: parallax_attn_varlen(*x, cu, cu, L, L, causal=True, backend="triton")  # noqa: E731
+    else:
+        f = lambda *x: parallax_attn(*x, causal=True, backend="triton")  # noqa: E731
+    _fwd_bwd(f, (q, r, k, v), do)
+    (grid, args, kw), = launches
+    assert grid == (2 * hq, -(-L // dq_gluon.BLOCK_M))
+    lse, tbar, delta, beta = args[7:11]
+    assert lse.shape == delta.shape == (hq, 2 * L) if varlen else lse.shape == (2, hq, L)
+    assert args[11].shape == args[12].shape == q.shape and args[6] is not None
+    assert args[15:19] == ((0, 2 * L) if varlen else (hq * L, L)) + (L, L)
+    assert args[19] == pytest.approx(d ** -0.5) and args[20] == pytest.approx(d ** -0.5 * dq_gluon.LOG2E)
+    assert kw["VARLEN"] is varlen and (kw["BLOCK_N"], kw["STAGES"]) == dq_gluon.CONFIG[d]
+    assert kw["HQ"] == hq and kw["HKV"] == hkv and kw["G"] == hq // hkv and kw["D"] == d
+    assert kw["num_warps"] == 4 and kw["maxnreg"] * 12 * 32 <= 65536
+
+
+def test_dq_gluon_gate():
+    from parallax_attention.ops.triton import dq_gluon
+    q = torch.zeros(1, 8, 2, 128, dtype=torch.float16)
+    assert not dq_gluon.usable(q, q, 128, (q,))
+    assert not dq_gluon.usable(q.float(), q.float(), 128, (q.float(),))
+    assert not dq_gluon.usable(q[..., :96], q[..., :96], 96, (q[..., :96],))

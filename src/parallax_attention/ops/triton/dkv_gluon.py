@@ -95,40 +95,44 @@ if HAVE_GLUON:
             st = warpgroup_mma(k_t, q_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
             tt = warpgroup_mma(k_t, r_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
             at = warpgroup_mma(v_t, do_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            # the row statistics load while the products run
             g = it // blocks
             m0 = start + (it - g * blocks) * BLOCK_M
             offs_m = m0 + gl.arange(0, BLOCK_M, layout=queries_l)
             in_q = offs_m < lq
-            s_off = s_base + g * stride_sh + offs_m
-            if STATS_TMA:
-                # the producer copied them with the tiles (rows past the sequence are masked below)
-                lse2 = stat_bufs.index(stage * 4 + 0).load(queries_l)
-                tb = stat_bufs.index(stage * 4 + 1).load(queries_l)
-                delta = stat_bufs.index(stage * 4 + 2).load(queries_l)
-                beta = stat_bufs.index(stage * 4 + 3).load(queries_l)
-            else:
+            if not STATS_TMA:
+                # from global memory: loaded while the products run
+                s_off = s_base + g * stride_sh + offs_m
                 lse2 = gl.load(LSE + s_off, mask=in_q, other=0.0)
                 tb = gl.load(TB + s_off, mask=in_q, other=0.0)
                 delta = gl.load(DELTA + s_off, mask=in_q, other=0.0)
                 beta = gl.load(BETA + s_off, mask=in_q, other=0.0)
-            vis = (offs_n[:, None] < lk) & in_q[None, :]
-            if HAS_LEFT:
-                vis = vis & (offs_n[:, None] >= offs_m[None, :] + shift - left)
-            if HAS_RIGHT:
-                vis = vis & (offs_n[:, None] <= offs_m[None, :] + shift + right)
 
             st = warpgroup_mma_wait(num_outstanding=2, deps=(st,))
             if IN_FLIGHT:
                 # in-order completion: the previous step's dv and dk products are done too
                 mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=it > 0)
+            vis = (offs_n[:, None] < lk) & in_q[None, :]
+            if HAS_LEFT:
+                vis = vis & (offs_n[:, None] >= offs_m[None, :] + shift - left)
+            if HAS_RIGHT:
+                vis = vis & (offs_n[:, None] <= offs_m[None, :] + shift + right)
+            # from shared memory (the producer copied them with the tiles) each right before its use:
+            # one value per query column is 4 x BLOCK_M / 8 registers a thread for the four
+            if STATS_TMA:
+                lse2 = stat_bufs.index(stage * 4 + 0).load(queries_l)
             pt = gl.exp2(gl.where(vis, st * scale_log2, float("-inf")) - lse2[None, :])
             tt = warpgroup_mma_wait(num_outstanding=1, deps=(tt,))
+            if STATS_TMA:
+                tb = stat_bufs.index(stage * 4 + 1).load(queries_l)
             tc = tb[None, :] - tt
             w = gl.convert_layout((pt * (1.0 + tc)).to(dtype), op_layout)
             dv = warpgroup_mma(w, do_s, dv, is_async=True)
             at = warpgroup_mma_wait(num_outstanding=1, deps=(at,))
+            if STATS_TMA:
+                beta = stat_bufs.index(stage * 4 + 3).load(queries_l)
             pa = pt * (at - beta[None, :])
+            if STATS_TMA:
+                delta = stat_bufs.index(stage * 4 + 2).load(queries_l)
             ds1 = (pt * (at - delta[None, :]) + pa * tc) * scale
             dk = warpgroup_mma(gl.convert_layout(ds1.to(dtype), op_layout), q_s, dk, is_async=True)
             dk = warpgroup_mma(gl.convert_layout((-pa).to(dtype), op_layout), r_s, dk, is_async=True)

@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import dkv_gluon, fwd_gluon
+from . import dkv_gluon, dq_gluon, fwd_gluon
 from ._device import on_input_device
 
 LOG2E = 1.4426950408889634
@@ -887,9 +887,14 @@ def bwd(dout, q, r, k, v, out, vbar, lse, tbar, cu_q, cu_k, max_q: int, max_k: i
     if bwd_mode() == "atomic":
         return _bwd_atomic(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
                            batch, hq, hkv, sq, sk, ss, max_q, max_k, scale, left, right, key, meta)
-    head = (q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg, cu_k_arg)
-    _launch(_dq_tuned, _bwd_dq_kernel, "dq", lambda m: (batch * hq, triton.cdiv(max_q, m["BLOCK_M"])),
-            head, tail, dict(HQ=hq, **meta), ((k, "N"), (v, "N")))
+    if dq_gluon.ENABLED and dq_gluon.usable(q, k, d, (q, r, k, v, out, vbar, dout)) and q.numel():
+        LAST_COMPILED["dq"] = _with_scratch(lambda: dq_gluon.launch(
+            q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg, cu_k_arg, batch, hkv, ss,
+            max_q, max_k, scale, left, right, meta))
+    else:
+        head = (q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg, cu_k_arg)
+        _launch(_dq_tuned, _bwd_dq_kernel, "dq", lambda m: (batch * hq, triton.cdiv(max_q, m["BLOCK_M"])),
+                head, tail, dict(HQ=hq, **meta), ((k, "N"), (v, "N")))
     if k.numel() == 0:
         return dq, dr, dk, dv
     tensors = (q, r, k, v, dout, lse, tbar, delta, beta)
