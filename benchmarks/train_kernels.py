@@ -547,8 +547,10 @@ def run_isolation_check(log, shape=(3, 8, 2, 1000, 128)):
                         rel=float("%.2e" % rel(m[1].nan_to_num(1e30), a[0])))
                 for n, m, a in zip(names, mixed, alone)}
     _set_kernels()
-    # (the packed layout may take other launches than the dense one: equal to rounding there)
-    ok = all(x["finite"] and x["rel"] <= 1e-6 for case in out.values() for x in case.values())
+    # (the packed layout may take other code paths than the dense one, e.g. the dk/dv kernel's row
+    # statistics from global instead of shared memory, which ptxas contracts into other FMAs: equal
+    # to a few fp32 roundings there, 4e-5 measured; a neighbour's rows would give NaN)
+    ok = all(x["finite"] and x["rel"] <= 1e-4 for case in out.values() for x in case.values())
     log(f"isolation {shape}: {'ok' if ok else 'FAILED'} {json.dumps(out)}")
     return dict(ok=ok, **out)
 
