@@ -44,6 +44,12 @@ LOG2E = 1.4426950408889634
 # (BLOCK_M query rows per step, stages of the q/r/dO ring, dk/dv products left in flight into the
 # next step) by head dim; the key block is 128 (64 per consumer warpgroup).
 CONFIG = {64: (32, 4, False), 128: (32, 3, False)}
+# (64 query rows at D = 128 would halve the shared-memory reads per flop of the score products
+# (m64n32k16 with both operands in shared memory reads 192 bytes a clock, more than the 128 an SM
+# has), but the per-query statistics take 4 x 64 / 8 registers a thread in this keys x queries
+# layout and ptxas spills about 70 values a step even with each statistic read from shared memory
+# right before its use; timed on the H200: 4.541 against 4.346 ms forward+backward. Reading the
+# statistics right before use at 32 rows cost 3% of the kernel, 1.767 against 1.715 ms.)
 BLOCK_N = 128
 # registers per thread of the second consumer warpgroup and of the producer warp; the first
 # consumer warpgroup (the default partition) gets what is left of the kernel's budget
@@ -95,44 +101,40 @@ if HAVE_GLUON:
             st = warpgroup_mma(k_t, q_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
             tt = warpgroup_mma(k_t, r_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
             at = warpgroup_mma(v_t, do_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            # the row statistics load while the products run
             g = it // blocks
             m0 = start + (it - g * blocks) * BLOCK_M
             offs_m = m0 + gl.arange(0, BLOCK_M, layout=queries_l)
             in_q = offs_m < lq
-            if not STATS_TMA:
-                # from global memory: loaded while the products run
-                s_off = s_base + g * stride_sh + offs_m
+            s_off = s_base + g * stride_sh + offs_m
+            if STATS_TMA:
+                # the producer copied them with the tiles (rows past the sequence are masked below)
+                lse2 = stat_bufs.index(stage * 4 + 0).load(queries_l)
+                tb = stat_bufs.index(stage * 4 + 1).load(queries_l)
+                delta = stat_bufs.index(stage * 4 + 2).load(queries_l)
+                beta = stat_bufs.index(stage * 4 + 3).load(queries_l)
+            else:
                 lse2 = gl.load(LSE + s_off, mask=in_q, other=0.0)
                 tb = gl.load(TB + s_off, mask=in_q, other=0.0)
                 delta = gl.load(DELTA + s_off, mask=in_q, other=0.0)
                 beta = gl.load(BETA + s_off, mask=in_q, other=0.0)
-
-            st = warpgroup_mma_wait(num_outstanding=2, deps=(st,))
-            if IN_FLIGHT:
-                # in-order completion: the previous step's dv and dk products are done too
-                mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=it > 0)
             vis = (offs_n[:, None] < lk) & in_q[None, :]
             if HAS_LEFT:
                 vis = vis & (offs_n[:, None] >= offs_m[None, :] + shift - left)
             if HAS_RIGHT:
                 vis = vis & (offs_n[:, None] <= offs_m[None, :] + shift + right)
-            # from shared memory (the producer copied them with the tiles) each right before its use:
-            # one value per query column is 4 x BLOCK_M / 8 registers a thread for the four
-            if STATS_TMA:
-                lse2 = stat_bufs.index(stage * 4 + 0).load(queries_l)
+
+            st = warpgroup_mma_wait(num_outstanding=2, deps=(st,))
+            if IN_FLIGHT:
+                # in-order completion: the previous step's dv and dk products are done too
+                mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=it > 0)
             pt = gl.exp2(gl.where(vis, st * scale_log2, float("-inf")) - lse2[None, :])
             tt = warpgroup_mma_wait(num_outstanding=1, deps=(tt,))
-            if STATS_TMA:
-                tb = stat_bufs.index(stage * 4 + 1).load(queries_l)
             tc = tb[None, :] - tt
             w = gl.convert_layout((pt * (1.0 + tc)).to(dtype), op_layout)
             dv = warpgroup_mma(w, do_s, dv, is_async=True)
             at = warpgroup_mma_wait(num_outstanding=1, deps=(at,))
-            if STATS_TMA:
-                beta = stat_bufs.index(stage * 4 + 3).load(queries_l)
             pa = pt * (at - beta[None, :])
-            if STATS_TMA:
-                delta = stat_bufs.index(stage * 4 + 2).load(queries_l)
             ds1 = (pt * (at - delta[None, :]) + pa * tc) * scale
             dk = warpgroup_mma(gl.convert_layout(ds1.to(dtype), op_layout), q_s, dk, is_async=True)
             dk = warpgroup_mma(gl.convert_layout((-pa).to(dtype), op_layout), r_s, dk, is_async=True)
