@@ -44,6 +44,10 @@ Layouts: dense (B, L, H, D) or packed varlen (total, H, D) with cu_seqlens; both
 read through the same kernels (a dense batch is a sequence at b * stride_b).
 Head dims that are not powers of two are padded to the next one with masked loads. On Hopper the
 forward streams dense 2-byte K/V through TMA tensor descriptors (USE_TMA, below).
+
+On Hopper (sm_90), for 2-byte dtypes and head dims 64 and 128, warp-specialized Gluon kernels with
+the same math take over each of the three kernels (fwd_gluon.py, dq_gluon.py, dkv_gluon.py; their
+ENABLED switches, PARALLAX_{FWD,DQ,DKV}_GLUON=0, give the Triton kernel back).
 """
 
 from __future__ import annotations
