@@ -363,6 +363,25 @@ def test_dkv_descriptor_kernel_varlen(monkeypatch):
         assert _rel(a, p) < 1e-3
 
 
+def _record_gluon_launches(monkeypatch, module, kernel, after=None):
+    """Replace a Gluon module's kernel by a recorder of its launches (grid, args, kwargs) and take it
+    wherever it has a configuration (the GPU gate would refuse this machine); after(args) runs on
+    each recorded launch."""
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def record(*args, **kwargs):
+                launches.append((grid, args, kwargs))
+                if after is not None:
+                    after(args)
+            return record
+    monkeypatch.setattr(module, kernel, Recorder())
+    monkeypatch.setattr(module, "usable", lambda q, k, d, tensors: d in module.CONFIG)
+    monkeypatch.setattr(module, "ENABLED", True)
+    return launches
+
+
 @pytest.mark.parametrize("hq, hkv, L, d, window", [(2, 2, 64, 128, (-1, -1)), (4, 2, 45, 128, (-1, -1)),
                                                    (2, 2, 64, 64, (16, -1)), (2, 2, 64, 96, (-1, -1))],
                          ids=["mha", "gqa_rows_not_multiple_of_4", "d64_window", "d96_not_taken"])
@@ -374,20 +393,13 @@ def test_dkv_gluon_launch(hq, hkv, L, d, window, monkeypatch):
     from parallax_attention.ops.triton import dkv_gluon
     if not dkv_gluon.HAVE_GLUON:
         pytest.skip("this Triton has no Gluon")
-    launches = []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((grid, kwargs))
-    monkeypatch.setattr(dkv_gluon, "_dkv_ws_kernel", Recorder())
-    monkeypatch.setattr(dkv_gluon, "usable", lambda q, k, d, tensors: d in dkv_gluon.CONFIG)
-    monkeypatch.setattr(dkv_gluon, "ENABLED", True)
+    launches = _record_gluon_launches(monkeypatch, dkv_gluon, "_dkv_ws_kernel")
     q, r, k, v, do = _make(2, L, L, hq, hkv, d, torch.float16)
     _fwd_bwd(lambda *x: parallax_attn(*x, causal=True, window_size=window, backend="triton"), (q, r, k, v), do)
     if d not in dkv_gluon.CONFIG:
         assert not launches
         return
-    (grid, kw), = launches
+    (grid, _, kw), = launches
     assert grid == (2 * hkv, -(-L // dkv_gluon.BLOCK_N))
     assert (kw["BLOCK_M"], kw["STAGES"], kw["IN_FLIGHT"]) == dkv_gluon.CONFIG[d]
     assert kw["G"] == hq // hkv and kw["D"] == d and kw["HAS_LEFT"] == (window[0] >= 0)
@@ -414,14 +426,7 @@ def test_fwd_gluon_launch(hq, hkv, lq, lk, d, window, monkeypatch):
     from parallax_attention.ops.triton import fwd_gluon
     if not fwd_gluon.HAVE_GLUON:
         pytest.skip("this Triton has no Gluon")
-    launches = []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((grid, args, kwargs))
-    monkeypatch.setattr(fwd_gluon, "_fwd_ws_kernel", Recorder())
-    monkeypatch.setattr(fwd_gluon, "usable", lambda q, k, d, tensors: d in fwd_gluon.CONFIG)
-    monkeypatch.setattr(fwd_gluon, "ENABLED", True)
+    launches = _record_gluon_launches(monkeypatch, fwd_gluon, "_fwd_ws_kernel")
     gen = torch.Generator().manual_seed(47)
     q, r, _, _, _ = _make(2, lq, lq, hq, hkv, d, torch.float16, gen=gen)
     _, _, k, v, _ = _make(2, lk, lk, hq, hkv, d, torch.float16, gen=gen)
@@ -434,7 +439,7 @@ def test_fwd_gluon_launch(hq, hkv, lq, lk, d, window, monkeypatch):
     assert grid == (2 * hq, -(-lq // fwd_gluon.BLOCK_M))
     lse = args[6]
     assert lse.shape == (2, hq, lq) and args[10:14] == (lse.stride(0), lse.stride(1), lq, lk)
-    assert args[14] == pytest.approx(d ** -0.5 * fwd_gluon.LOG2E)
+    assert args[14] == pytest.approx(d ** -0.5 * train_mod.LOG2E)
     # causal folds into the right bound (0); a left window passes its width
     assert args[15:17] == (max(window[0], 0), 0) and kw["HAS_LEFT"] == (window[0] >= 0) and kw["HAS_RIGHT"]
     assert kw["VARLEN"] is False
@@ -459,14 +464,7 @@ def test_fwd_gluon_launch_varlen(monkeypatch):
     from parallax_attention.ops.triton import fwd_gluon
     if not fwd_gluon.HAVE_GLUON:
         pytest.skip("this Triton has no Gluon")
-    launches = []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((grid, args, kwargs))
-    monkeypatch.setattr(fwd_gluon, "_fwd_ws_kernel", Recorder())
-    monkeypatch.setattr(fwd_gluon, "usable", lambda q, k, d, tensors: d in fwd_gluon.CONFIG)
-    monkeypatch.setattr(fwd_gluon, "ENABLED", True)
+    launches = _record_gluon_launches(monkeypatch, fwd_gluon, "_fwd_ws_kernel")
     lens = [100, 300, 7]
     cu = torch.tensor([0, 100, 400, 407], dtype=torch.int32, device=DEV)
     q, r, k, v, _ = (x[0] for x in _make(1, sum(lens), sum(lens), 4, 2, 64, torch.float16))
@@ -485,18 +483,9 @@ def test_dq_gluon_launch(varlen, monkeypatch):
     from parallax_attention.ops.triton import dq_gluon
     if not dq_gluon.HAVE_GLUON:
         pytest.skip("this Triton has no Gluon")
-    launches = []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            def record(*args, **kwargs):
-                launches.append((grid, args, kwargs))
-                for out in args[9:13]:  # delta, beta, dq, dr: defined values for the dk/dv kernel after it
-                    out.zero_()
-            return record
-    monkeypatch.setattr(dq_gluon, "_dq_ws_kernel", Recorder())
-    monkeypatch.setattr(dq_gluon, "usable", lambda q, k, d, tensors: d in dq_gluon.CONFIG)
-    monkeypatch.setattr(dq_gluon, "ENABLED", True)
+    # delta, beta, dq, dr get defined values for the dk/dv kernel after it
+    launches = _record_gluon_launches(monkeypatch, dq_gluon, "_dq_ws_kernel",
+                                      after=lambda args: [out.zero_() for out in args[9:13]])
     hq, hkv, d, L = 4, 2, 64, 200
     q, r, k, v, do = _make(2, L, L, hq, hkv, d, torch.float16)
     if varlen:

@@ -27,19 +27,18 @@ from __future__ import annotations
 
 import os
 
-import torch
 import triton
 
-try:  # Gluon ships with Triton >= 3.5; without it the Triton kernel runs
+from . import _gluon
+from ._gluon import HAVE_GLUON, LOG2E, MAXNREG
+
+if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
     from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_init
-    HAVE_GLUON = True
-except (ImportError, AttributeError):  # pragma: no cover - depends on the installed Triton
-    HAVE_GLUON = False
 
-LOG2E = 1.4426950408889634
+    from ._gluon import ring_barriers, sequence, store_zeros
 
 # (BLOCK_M query rows per step, stages of the q/r/dO ring, dk/dv products left in flight into the
 # next step) by head dim; the key block is 128 (64 per consumer warpgroup).
@@ -51,14 +50,6 @@ CONFIG = {64: (32, 4, False), 128: (32, 3, False)}
 # right before its use; timed on the H200: 4.541 against 4.346 ms forward+backward. Reading the
 # statistics right before use at 32 rows cost 3% of the kernel, 1.767 against 1.715 ms.)
 BLOCK_N = 128
-# registers per thread of the second consumer warpgroup and of the producer warp; the first
-# consumer warpgroup (the default partition) gets what is left of the kernel's budget
-CONSUMER_REGS = 240
-PRODUCER_REGS = 24
-# total registers per thread the kernel launches with: 12 warps (4 + 4 + the producer's, rounded
-# up to a warpgroup) x 32 x 168 fits the 65,536 of an SM, and the first warpgroup is left with
-# (12 x 168 - 4 x 240 - 4 x 24) / 4 = 240
-MAXNREG = 168
 # the producer also copies each step's row statistics (lse, tbar, delta, beta) into shared memory
 # where their rows are 16-byte aligned; else the consumers load them from global memory
 STATS_TMA = True
@@ -186,18 +177,6 @@ if HAVE_GLUON:
             tma.async_copy_global_to_shared(do_desc, [m0, col], bar, do_bufs.index(stage))
 
     @gluon.jit
-    def _store_zero_rows(DK, DV, out_base, stride_kl, n0, lk, D: gl.constexpr, BLOCK_N: gl.constexpr):
-        """dk = dv = 0 for the keys of a sequence without queries (no descriptor can be made over
-        zero rows)."""
-        layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
-        rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
-        cols = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
-        off = out_base + rows[:, None].to(gl.int64) * stride_kl + cols[None, :]
-        mask = (rows < lk)[:, None] & (cols < D)[None, :]
-        gl.store(DK + off, gl.zeros([BLOCK_N, D], DK.dtype.element_ty, layout), mask=mask)
-        gl.store(DV + off, gl.zeros([BLOCK_N, D], DV.dtype.element_ty, layout), mask=mask)
-
-    @gluon.jit
     def _dkv_ws_kernel(
         Q, R, K, V, DO, LSE, TB, DELTA, BETA, DK, DV, CUQ, CUK,
         stride_kb, stride_kl, stride_kh, stride_sb, stride_sh,
@@ -210,20 +189,7 @@ if HAVE_GLUON:
         pid_bh = gl.program_id(0)
         b32 = pid_bh // HKV
         hk = pid_bh % HKV
-        if VARLEN:
-            qs = gl.load(CUQ + b32)
-            lq = gl.load(CUQ + b32 + 1) - qs
-            ks = gl.load(CUK + b32)
-            lk = gl.load(CUK + b32 + 1) - ks
-            q_row0 = qs
-            k_row0 = ks
-        else:
-            qs = 0
-            lq = seqlen_q
-            ks = 0
-            lk = seqlen_k
-            q_row0 = b32 * seqlen_q
-            k_row0 = b32 * seqlen_k
+        qs, lq, ks, lk, q_row0, k_row0 = sequence(CUQ, CUK, b32, seqlen_q, seqlen_k, VARLEN)
         n0 = gl.program_id(1) * BLOCK_N
         shift = lk - lq
         # query blocks that see keys [n0, n0 + BLOCK_N) (see train._query_ranges)
@@ -241,9 +207,11 @@ if HAVE_GLUON:
         blocks = gl.maximum(gl.where(n0 < lk, gl.cdiv(hi - start, BLOCK_M), 1), 1)
         steps = G * blocks
 
+        out_base = b32.to(gl.int64) * stride_kb + ks.to(gl.int64) * stride_kl + hk * stride_kh
         if (n0 < lk) & (lq == 0):
-            _store_zero_rows(DK, DV, b32.to(gl.int64) * stride_kb + ks.to(gl.int64) * stride_kl + hk * stride_kh,
-                             stride_kl, n0, lk, D, BLOCK_N)
+            # the keys of a sequence without queries (no descriptor can be made over zero rows)
+            store_zeros(DK, out_base, stride_kl, n0, lk, BLOCK_N, D)
+            store_zeros(DV, out_base, stride_kl, n0, lk, BLOCK_N, D)
         elif n0 < lk:
             # descriptors over this sequence's rows only (the statistics: its query heads' rows): the
             # copy engine zero-fills rows past its end instead of reading the next sequence's, whose
@@ -278,15 +246,9 @@ if HAVE_GLUON:
                           tma.make_tensor_descriptor(DELTA + d_base, [n_stats], [1], [BLOCK_M], stat_layout),
                           tma.make_tensor_descriptor(BETA + d_base, [n_stats], [1], [BLOCK_M], stat_layout))
             kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-            ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-            empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
             mbarrier.init(kv_bar, count=1)
-            for i in gl.static_range(STAGES):
-                mbarrier.init(ready.index(i), count=1)
-                # one arrival from each consumer warpgroup
-                mbarrier.init(empty.index(i), count=2)
+            ready, empty = ring_barriers(STAGES)
 
-            out_base = b32.to(gl.int64) * stride_kb + ks.to(gl.int64) * stride_kl + hk * stride_kh
             p = (k_smem, v_smem, q_bufs, r_bufs, do_bufs, stat_bufs, kv_bar, ready, empty, q_desc, r_desc, do_desc,
                  k_desc, v_desc, stat_descs, LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl,
                  n0, lq, lk, shift, left, right, start, blocks, steps, q_row0, k_row0, hk)
@@ -294,20 +256,12 @@ if HAVE_GLUON:
                 (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT, STATS_TMA, 0)),
                 (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT, STATS_TMA, 1)),
                 (_dkv_producer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT, STATS_TMA, 0)),
-            ], [4, 1], [240, 24])  # CONSUMER_REGS, PRODUCER_REGS
+            ], [4, 1], [240, 24])  # _gluon.CONSUMER_REGS, PRODUCER_REGS
 
 
 def usable(q, k, d: int, tensors) -> bool:
-    """Whether the Gluon dk/dv kernel can run: Gluon present, Hopper (sm_90; the kernel uses
-    warp-group MMAs), not the interpreter, a 2-byte dtype, head dim 64 or 128 and contiguous
-    16-byte aligned tensors."""
-    if not HAVE_GLUON or d not in CONFIG or q.element_size() != 2:
-        return False
-    if os.environ.get("TRITON_INTERPRET") == "1":  # Gluon kernels do not run in the interpreter
-        return False
-    if any(t.data_ptr() % 16 or not t.is_contiguous() for t in tensors):
-        return False
-    return q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)
+    """Whether the Gluon dk/dv kernel can run (see _gluon.usable): head dims 64 and 128."""
+    return _gluon.usable(q, d, CONFIG, tensors)
 
 
 def launch(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg, batch, hkv, sk, ss,

@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import os
 
-import torch
-
-from .fwd_gluon import HAVE_GLUON, LOG2E, MAXNREG
+from . import _gluon
+from ._gluon import HAVE_GLUON, LOG2E, MAXNREG
 
 if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-    from .fwd_gluon import _key_ranges
+    from ._gluon import ROWS_LAYOUT, key_ranges, ring_barriers, sequence, store_zeros, stream_kv
 
 # (BLOCK_N keys per tile, stages of the K/V ring) by head dim; 128 query rows per CTA (64 per
 # consumer warpgroup)
@@ -58,7 +57,7 @@ if HAVE_GLUON:
         do_t = do_smem.slice(WG * HALF, HALF)
 
         # delta = dO.o and beta = dO.vbar of this warpgroup's rows, stored for the dk/dv kernel
-        io_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        io_l: gl.constexpr = ROWS_LAYOUT
         io_rows = m0w + gl.arange(0, HALF, layout=gl.SliceLayout(1, io_l))
         io_cols = gl.arange(0, D, layout=gl.SliceLayout(0, io_l))
         io_off = io_base + io_rows[:, None].to(gl.int64) * stride_ql + io_cols[None, :]
@@ -75,7 +74,7 @@ if HAVE_GLUON:
         in_q = offs_m < lq
         lse2 = gl.load(LSE + s_base + offs_m, mask=in_q, other=float("inf"))
         tb = gl.load(TB + s_base + offs_m, mask=in_q, other=0.0)
-        _s, a, c, _e = _key_ranges(m0w, HALF, lq, lk, shift, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+        _s, a, c, _e = key_ranges(m0w, HALF, lq, lk, shift, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
         zero_s = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
         dq = gl.zeros([HALF, D], gl.float32, acc_layout)
         dr = gl.zeros([HALF, D], gl.float32, acc_layout)
@@ -131,22 +130,14 @@ if HAVE_GLUON:
         tma.async_copy_global_to_shared(q_d, [m0, col], q_bar, q_smem)
         tma.async_copy_global_to_shared(r_d, [m0, col], q_bar, r_smem)
         tma.async_copy_global_to_shared(do_d, [m0, col], q_bar, do_smem)
-        for it in range(n_tiles):
-            stage = it % STAGES
-            # a fresh mbarrier counts as having completed the phase before phase 0
-            mbarrier.wait(empty.index(stage), ((it // STAGES) & 1) ^ 1)
-            bar = ready.index(stage)
-            mbarrier.expect(bar, 2 * k_d.block_type.nbytes)
-            n0 = start + it * BLOCK_N
-            tma.async_copy_global_to_shared(k_d, [n0, kcol], bar, k_bufs.index(stage))
-            tma.async_copy_global_to_shared(v_d, [n0, kcol], bar, v_bufs.index(stage))
+        stream_kv(k_d, v_d, k_bufs, v_bufs, ready, empty, start, n_tiles, kcol, BLOCK_N, STAGES)
 
     @gluon.jit
     def _keyless_rows(O, VB, DO, DELTA, BETA, DQ, DR, io_base, stride_ql, s_base, m0, lq, D: gl.constexpr,
                       BLOCK_M: gl.constexpr):
         """Rows of a sequence without keys (no descriptor can be made over zero rows): dq = dr = 0,
         and their delta and beta for the dk/dv kernel."""
-        layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
+        layout: gl.constexpr = ROWS_LAYOUT
         rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
         cols = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
         in_q = rows < lq
@@ -157,9 +148,8 @@ if HAVE_GLUON:
                  mask=in_q)
         gl.store(BETA + s_base + rows, gl.sum(do_rows * gl.load(VB + off, mask=mask, other=0.0).to(gl.float32), 1),
                  mask=in_q)
-        zero = gl.zeros([BLOCK_M, D], DQ.dtype.element_ty, layout)
-        gl.store(DQ + off, zero, mask=mask)
-        gl.store(DR + off, zero, mask=mask)
+        store_zeros(DQ, io_base, stride_ql, m0, lq, BLOCK_M, D)
+        store_zeros(DR, io_base, stride_ql, m0, lq, BLOCK_M, D)
 
     @gluon.jit
     def _dq_ws_kernel(
@@ -175,26 +165,14 @@ if HAVE_GLUON:
         b32 = pid_bh // HQ
         h = pid_bh % HQ
         hk = h // G
-        if VARLEN:
-            qs = gl.load(CUQ + b32)
-            lq = gl.load(CUQ + b32 + 1) - qs
-            ks = gl.load(CUK + b32)
-            lk = gl.load(CUK + b32 + 1) - ks
-            q_row0 = qs
-            k_row0 = ks
-        else:
-            qs = 0
-            lq = seqlen_q
-            lk = seqlen_k
-            q_row0 = b32 * seqlen_q
-            k_row0 = b32 * seqlen_k
+        qs, lq, _ks, lk, q_row0, k_row0 = sequence(CUQ, CUK, b32, seqlen_q, seqlen_k, VARLEN)
         m0 = pid_m * BLOCK_M
         if (m0 < lq) & (lk == 0):
             _keyless_rows(O, VB, DO, DELTA, BETA, DQ, DR, q_row0.to(gl.int64) * (HQ * D) + h * D, HQ * D,
                           b32.to(gl.int64) * stride_sb + h * stride_sh + qs, m0, lq, D, BLOCK_M)
         elif m0 < lq:
             shift = lk - lq
-            start, _a, _c, hi = _key_ranges(m0, BLOCK_M, lq, lk, shift, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+            start, _a, _c, hi = key_ranges(m0, BLOCK_M, lq, lk, shift, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
             # at least one tile, even for rows that see no key (outside every window): it is fully
             # masked and those rows store dq = dr = 0
             n_tiles = gl.maximum(gl.cdiv(hi - start, BLOCK_N), 1)
@@ -216,13 +194,8 @@ if HAVE_GLUON:
             k_bufs = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, BLOCK_N, D], kv_layout)
             v_bufs = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, BLOCK_N, D], kv_layout)
             q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-            ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-            empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
             mbarrier.init(q_bar, count=1)
-            for i in gl.static_range(STAGES):
-                mbarrier.init(ready.index(i), count=1)
-                # one arrival from each consumer warpgroup
-                mbarrier.init(empty.index(i), count=2)
+            ready, empty = ring_barriers(STAGES)
 
             io_base = q_off + h * D
             s_base = b32.to(gl.int64) * stride_sb + h * stride_sh + qs
@@ -232,19 +205,12 @@ if HAVE_GLUON:
                 (_dq_consumer, (p, scale, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
                 (_dq_consumer, (p, scale, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 1)),
                 (_dq_producer, (p, scale, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
-            ], [4, 1], [240, 24])  # fwd_gluon.CONSUMER_REGS, PRODUCER_REGS
+            ], [4, 1], [240, 24])  # _gluon.CONSUMER_REGS, PRODUCER_REGS
 
 
 def usable(q, k, d: int, tensors) -> bool:
-    """Whether the Gluon dq/dr kernel can run: Gluon present, Hopper (sm_90), not the interpreter,
-    contiguous 16-byte aligned tensors of a 2-byte dtype, head dim 64 or 128."""
-    if not HAVE_GLUON or d not in CONFIG or q.element_size() != 2:
-        return False
-    if os.environ.get("TRITON_INTERPRET") == "1":  # Gluon kernels do not run in the interpreter
-        return False
-    if any(t.data_ptr() % 16 or not t.is_contiguous() for t in tensors):
-        return False
-    return q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)
+    """Whether the Gluon dq/dr kernel can run (see _gluon.usable): head dims 64 and 128."""
+    return _gluon.usable(q, d, CONFIG, tensors)
 
 
 def launch(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg, cu_k_arg, batch, hkv, ss,

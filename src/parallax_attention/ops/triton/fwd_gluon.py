@@ -34,53 +34,23 @@ from __future__ import annotations
 
 import os
 
-import torch
+from . import _gluon
+from ._gluon import HAVE_GLUON, MAXNREG
 
-try:  # Gluon ships with Triton >= 3.5; without it the Triton kernel runs
+if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
-    HAVE_GLUON = True
-except (ImportError, AttributeError):  # pragma: no cover - depends on the installed Triton
-    HAVE_GLUON = False
 
-LOG2E = 1.4426950408889634
+    from ._gluon import ROWS_LAYOUT, key_ranges, ring_barriers, sequence, store_zeros, stream_kv
 
 # (BLOCK_N keys per tile, stages of the K/V ring) by head dim; 128 query rows per CTA (64 per
 # consumer warpgroup)
 CONFIG = {64: (128, 3), 128: (64, 3)}
 BLOCK_M = 128
-# registers per thread of the second consumer warpgroup and of the producer warp, and the kernel's
-# total (see dkv_gluon: 12 warps x 32 x 168 fit the 65,536 of an SM and leave the first consumer 240)
-CONSUMER_REGS = 240
-PRODUCER_REGS = 24
-MAXNREG = 168
 
 
 if HAVE_GLUON:
-    @gluon.jit
-    def _key_ranges(m0, rows: gl.constexpr, lq, lk, shift, left, right, BLOCK_N: gl.constexpr,
-                    HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
-        """Keys seen by query rows [m0, m0 + rows): tiles from start (BLOCK_N-aligned) up to hi;
-        those in [a, c) are visible to every one of the rows (see train._key_ranges)."""
-        m_last = gl.minimum(m0 + rows, lq) - 1
-        lo = 0
-        full_lo = 0
-        if HAS_LEFT:
-            lo = gl.maximum(0, m0 + shift - left)
-            full_lo = (gl.maximum(0, m_last + shift - left) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-        hi = lk
-        upper = lk
-        if HAS_RIGHT:
-            hi = gl.minimum(lk, m_last + shift + right + 1)
-            upper = gl.minimum(lk, m0 + shift + right + 1)
-        hi = gl.maximum(hi, lo)
-        start = lo // BLOCK_N * BLOCK_N
-        full_hi = gl.maximum(upper, 0) // BLOCK_N * BLOCK_N
-        a = gl.minimum(gl.maximum(full_lo, start), hi)
-        c = gl.maximum(a, gl.minimum(full_hi, hi))
-        return start, a, c, hi
-
     @gluon.jit
     def _weights(s, m_i, o1, o2, n0, a, c, offs_m, lk, shift, left, right, scale_log2, BLOCK_N: gl.constexpr,
                  HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, keys_s: gl.constexpr,
@@ -129,7 +99,7 @@ if HAVE_GLUON:
         r_t = r_smem.slice(WG * HALF, HALF)
         offs_m = m0w + gl.arange(0, HALF, layout=rows_s)
         # this warpgroup's fully visible keys [a, c); tiles outside them are masked
-        _s, a, c, _e = _key_ranges(m0w, HALF, lq, lk, shift, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+        _s, a, c, _e = key_ranges(m0w, HALF, lq, lk, shift, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
         zero_s = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
         o1 = gl.zeros([HALF, D], gl.float32, acc_layout)
         o2 = gl.zeros([HALF, D], gl.float32, acc_layout)
@@ -188,32 +158,17 @@ if HAVE_GLUON:
         mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [m0, h * D], q_bar, q_smem)
         tma.async_copy_global_to_shared(r_desc, [m0, h * D], q_bar, r_smem)
-        for it in range(n_tiles):
-            stage = it % STAGES
-            # a fresh mbarrier counts as having completed the phase before phase 0
-            mbarrier.wait(empty.index(stage), ((it // STAGES) & 1) ^ 1)
-            bar = ready.index(stage)
-            mbarrier.expect(bar, 2 * k_desc.block_type.nbytes)
-            n0 = start + it * BLOCK_N
-            tma.async_copy_global_to_shared(k_desc, [n0, hk * D], bar, k_bufs.index(stage))
-            tma.async_copy_global_to_shared(v_desc, [n0, hk * D], bar, v_bufs.index(stage))
+        stream_kv(k_desc, v_desc, k_bufs, v_bufs, ready, empty, start, n_tiles, hk * D, BLOCK_N, STAGES)
 
     @gluon.jit
     def _store_keyless(O, VB, LSE, TB, io_base, stride_ql, s_base, m0, lq, D: gl.constexpr, BLOCK_M: gl.constexpr):
-        """Rows of a sequence without keys: o = vbar = 0, lse2 = +inf, tbar = 0 (no descriptor can
-        be made over zero rows)."""
-        layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
-        rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
-        cols = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
-        in_q = rows < lq
-        zero = gl.zeros([BLOCK_M, D], O.dtype.element_ty, layout)
-        off = io_base + rows[:, None].to(gl.int64) * stride_ql + cols[None, :]
-        mask = in_q[:, None] & (cols < D)[None, :]
-        gl.store(O + off, zero, mask=mask)
-        gl.store(VB + off, zero, mask=mask)
-        row_l: gl.constexpr = gl.SliceLayout(1, layout)
-        gl.store(LSE + s_base + rows, gl.full([BLOCK_M], float("inf"), gl.float32, row_l), mask=in_q)
-        gl.store(TB + s_base + rows, gl.zeros([BLOCK_M], gl.float32, row_l), mask=in_q)
+        """Rows of a sequence without keys: o = vbar = 0, lse2 = +inf, tbar = 0."""
+        store_zeros(O, io_base, stride_ql, m0, lq, BLOCK_M, D)
+        store_zeros(VB, io_base, stride_ql, m0, lq, BLOCK_M, D)
+        row_l: gl.constexpr = gl.SliceLayout(1, ROWS_LAYOUT)
+        rows = m0 + gl.arange(0, BLOCK_M, layout=row_l)
+        gl.store(LSE + s_base + rows, gl.full([BLOCK_M], float("inf"), gl.float32, row_l), mask=rows < lq)
+        gl.store(TB + s_base + rows, gl.zeros([BLOCK_M], gl.float32, row_l), mask=rows < lq)
 
     @gluon.jit
     def _fwd_ws_kernel(
@@ -229,26 +184,14 @@ if HAVE_GLUON:
         b32 = pid_bh // HQ
         h = pid_bh % HQ
         hk = h // G
-        if VARLEN:
-            qs = gl.load(CUQ + b32)
-            lq = gl.load(CUQ + b32 + 1) - qs
-            ks = gl.load(CUK + b32)
-            lk = gl.load(CUK + b32 + 1) - ks
-            q_row0 = qs
-            k_row0 = ks
-        else:
-            qs = 0
-            lq = seqlen_q
-            lk = seqlen_k
-            q_row0 = b32 * seqlen_q
-            k_row0 = b32 * seqlen_k
+        qs, lq, _ks, lk, q_row0, k_row0 = sequence(CUQ, CUK, b32, seqlen_q, seqlen_k, VARLEN)
         m0 = pid_m * BLOCK_M
         if (m0 < lq) & (lk == 0):
             _store_keyless(O, VB, LSE, TB, q_row0.to(gl.int64) * (HQ * D) + h * D, HQ * D,
                            b32.to(gl.int64) * stride_sb + h * stride_sh + qs, m0, lq, D, BLOCK_M)
         elif m0 < lq:
             shift = lk - lq
-            start, _a, _c, hi = _key_ranges(m0, BLOCK_M, lq, lk, shift, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+            start, _a, _c, hi = key_ranges(m0, BLOCK_M, lq, lk, shift, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
             # at least one tile, even for rows that see no key (outside every window): it is fully
             # masked and those rows store o = 0 and lse2 = +inf
             n_tiles = gl.maximum(gl.cdiv(hi - start, BLOCK_N), 1)
@@ -268,13 +211,8 @@ if HAVE_GLUON:
             k_bufs = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, BLOCK_N, D], kv_layout)
             v_bufs = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, BLOCK_N, D], kv_layout)
             q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-            ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-            empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
             mbarrier.init(q_bar, count=1)
-            for i in gl.static_range(STAGES):
-                mbarrier.init(ready.index(i), count=1)
-                # one arrival from each consumer warpgroup
-                mbarrier.init(empty.index(i), count=2)
+            ready, empty = ring_barriers(STAGES)
 
             io_base = q_off + h * D
             s_base = b32.to(gl.int64) * stride_sb + h * stride_sh + qs
@@ -284,19 +222,12 @@ if HAVE_GLUON:
                 (_fwd_consumer, (p, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
                 (_fwd_consumer, (p, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 1)),
                 (_fwd_producer, (p, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
-            ], [4, 1], [240, 24])  # CONSUMER_REGS, PRODUCER_REGS
+            ], [4, 1], [240, 24])  # _gluon.CONSUMER_REGS, PRODUCER_REGS
 
 
 def usable(q, k, d: int, tensors) -> bool:
-    """Whether the Gluon forward can run: Gluon present, Hopper (sm_90: warp-group MMAs), not the
-    interpreter, contiguous 16-byte aligned tensors of a 2-byte dtype, head dim 64 or 128."""
-    if not HAVE_GLUON or d not in CONFIG or q.element_size() != 2:
-        return False
-    if os.environ.get("TRITON_INTERPRET") == "1":  # Gluon kernels do not run in the interpreter
-        return False
-    if any(t.data_ptr() % 16 or not t.is_contiguous() for t in tensors):
-        return False
-    return q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)
+    """Whether the Gluon forward can run (see _gluon.usable): head dims 64 and 128."""
+    return _gluon.usable(q, d, CONFIG, tensors)
 
 
 def launch(q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg, batch, hkv, ss, max_q, max_k, scale_log2,

@@ -1,0 +1,127 @@
+"""What the warp-specialized Gluon kernels (fwd_gluon, dq_gluon, dkv_gluon) share: the register
+budget of their partitions, a program's sequence bounds, the K/V ring a producer warp streams, the
+stores for rows no descriptor can cover, and the gate."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Gluon ships with Triton >= 3.5; without it the Triton kernels run
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+    HAVE_GLUON = True
+except (ImportError, AttributeError):  # pragma: no cover - depends on the installed Triton
+    HAVE_GLUON = False
+
+LOG2E = 1.4426950408889634
+
+# Every kernel runs a default partition (consumer warpgroup 0) and two workers: consumer warpgroup 1
+# with CONSUMER_REGS registers per thread and one producer warp with PRODUCER_REGS. The kernel
+# launches with MAXNREG per thread: 12 warps (4 + 4 + the producer's, rounded up to a warpgroup) x 32
+# x 168 fit the 65,536 registers of an SM and leave the first consumer (12 x 168 - 4 x 240 - 4 x 24)
+# / 4 = 240.
+CONSUMER_REGS = 240
+PRODUCER_REGS = 24
+MAXNREG = 168
+
+
+if HAVE_GLUON:
+    # rows of D columns over a kernel's 4 warps, 8 contiguous columns a thread: for the plain loads
+    # and stores outside the warp-group MMAs
+    ROWS_LAYOUT = gl.constexpr(gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0]))
+
+    @gluon.jit
+    def sequence(CUQ, CUK, b32, seqlen_q, seqlen_k, VARLEN: gl.constexpr):
+        """Sequence b32's first query and key (qs, ks: offsets into the statistics and the packed
+        rows; 0 for a dense batch), lengths, and first rows in the (rows, H * D) view of the tensors."""
+        if VARLEN:
+            qs = gl.load(CUQ + b32)
+            lq = gl.load(CUQ + b32 + 1) - qs
+            ks = gl.load(CUK + b32)
+            lk = gl.load(CUK + b32 + 1) - ks
+            q_row0 = qs
+            k_row0 = ks
+        else:
+            qs = 0
+            lq = seqlen_q
+            ks = 0
+            lk = seqlen_k
+            q_row0 = b32 * seqlen_q
+            k_row0 = b32 * seqlen_k
+        return qs, lq, ks, lk, q_row0, k_row0
+
+    @gluon.jit
+    def key_ranges(m0, rows: gl.constexpr, lq, lk, shift, left, right, BLOCK_N: gl.constexpr,
+                   HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+        """Keys seen by query rows [m0, m0 + rows): tiles from start (BLOCK_N-aligned) up to hi;
+        those in [a, c) are visible to every one of the rows (train._key_ranges, in Gluon)."""
+        m_last = gl.minimum(m0 + rows, lq) - 1
+        lo = 0
+        full_lo = 0
+        if HAS_LEFT:
+            lo = gl.maximum(0, m0 + shift - left)
+            full_lo = (gl.maximum(0, m_last + shift - left) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        hi = lk
+        upper = lk
+        if HAS_RIGHT:
+            hi = gl.minimum(lk, m_last + shift + right + 1)
+            upper = gl.minimum(lk, m0 + shift + right + 1)
+        hi = gl.maximum(hi, lo)
+        start = lo // BLOCK_N * BLOCK_N
+        full_hi = gl.maximum(upper, 0) // BLOCK_N * BLOCK_N
+        a = gl.minimum(gl.maximum(full_lo, start), hi)
+        c = gl.maximum(a, gl.minimum(full_hi, hi))
+        return start, a, c, hi
+
+    @gluon.jit
+    def ring_barriers(STAGES: gl.constexpr):
+        """The ring's barriers: ready[i] (the producer's copies into stage i landed) and empty[i]
+        (both consumer warpgroups are done with stage i: one arrival from each)."""
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)
+        return ready, empty
+
+    @gluon.jit
+    def stream_kv(k_desc, v_desc, k_bufs, v_bufs, ready, empty, start, n_tiles, col, BLOCK_N: gl.constexpr,
+                  STAGES: gl.constexpr):
+        """The producer's loop: K and V tiles of keys [start + i BLOCK_N, ...) of columns [col, col + D),
+        i < n_tiles, into the ring."""
+        for it in range(n_tiles):
+            stage = it % STAGES
+            # a fresh mbarrier counts as having completed the phase before phase 0
+            mbarrier.wait(empty.index(stage), ((it // STAGES) & 1) ^ 1)
+            bar = ready.index(stage)
+            mbarrier.expect(bar, 2 * k_desc.block_type.nbytes)
+            n0 = start + it * BLOCK_N
+            tma.async_copy_global_to_shared(k_desc, [n0, col], bar, k_bufs.index(stage))
+            tma.async_copy_global_to_shared(v_desc, [n0, col], bar, v_bufs.index(stage))
+
+    @gluon.jit
+    def store_zeros(P, base, stride_l, row0, limit, ROWS: gl.constexpr, D: gl.constexpr):
+        """Zeros into rows [row0, min(row0 + ROWS, limit)) of a (rows, D) view at P + base (rows of a
+        sequence that no descriptor can cover: one of zero rows cannot be made)."""
+        layout: gl.constexpr = ROWS_LAYOUT
+        rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
+        cols = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
+        off = base + rows[:, None].to(gl.int64) * stride_l + cols[None, :]
+        mask = (rows < limit)[:, None] & (cols < D)[None, :]
+        gl.store(P + off, gl.zeros([ROWS, D], P.dtype.element_ty, layout), mask=mask)
+
+
+def usable(q, d: int, head_dims, tensors) -> bool:
+    """Whether a Gluon kernel can run: Gluon present, Hopper (sm_90: warp-group MMAs), not the
+    interpreter (Gluon kernels do not run there), a 2-byte dtype, a head dim in head_dims, and
+    contiguous 16-byte aligned tensors."""
+    if not HAVE_GLUON or d not in head_dims or q.element_size() != 2:
+        return False
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    if any(t.data_ptr() % 16 or not t.is_contiguous() for t in tensors):
+        return False
+    return q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)
