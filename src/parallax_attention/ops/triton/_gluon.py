@@ -77,6 +77,21 @@ if HAVE_GLUON:
         return start, a, c, hi
 
     @gluon.jit
+    def mask_scores(s, n0, a, c, offs_m, lk, shift, left, right, BLOCK_N: gl.constexpr, HAS_LEFT: gl.constexpr,
+                    HAS_RIGHT: gl.constexpr, keys_layout: gl.constexpr):
+        """A (rows x BLOCK_N keys from n0) score tile with -inf where a key is out of range or outside
+        a row's window; tiles inside the rows' fully visible keys [a, c) pass as they are."""
+        if (n0 < a) | (n0 + BLOCK_N > c):
+            offs_n = n0 + gl.arange(0, BLOCK_N, layout=keys_layout)
+            vis = (offs_n[None, :] < lk) & (offs_m[:, None] >= 0)
+            if HAS_LEFT:
+                vis = vis & (offs_n[None, :] >= offs_m[:, None] + shift - left)
+            if HAS_RIGHT:
+                vis = vis & (offs_n[None, :] <= offs_m[:, None] + shift + right)
+            s = gl.where(vis, s, float("-inf"))
+        return s
+
+    @gluon.jit
     def ring_barriers(STAGES: gl.constexpr):
         """The ring's barriers: ready[i] (the producer's copies into stage i landed) and empty[i]
         (both consumer warpgroups are done with stage i: one arrival from each)."""

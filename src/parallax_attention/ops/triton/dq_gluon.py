@@ -27,7 +27,7 @@ if HAVE_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-    from ._gluon import ROWS_LAYOUT, key_ranges, ring_barriers, sequence, store_zeros, stream_kv
+    from ._gluon import ROWS_LAYOUT, key_ranges, mask_scores, ring_barriers, sequence, store_zeros, stream_kv
 
 # (BLOCK_N keys per tile, stages of the K/V ring) by head dim; 128 query rows per CTA (64 per
 # consumer warpgroup)
@@ -90,14 +90,7 @@ if HAVE_GLUON:
             av = warpgroup_mma(do_t, v_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
             n0 = start + it * BLOCK_N
             s = warpgroup_mma_wait(num_outstanding=2, deps=(s,))
-            if (n0 < a) | (n0 + BLOCK_N > c):
-                offs_n = n0 + gl.arange(0, BLOCK_N, layout=keys_s)
-                vis = (offs_n[None, :] < lk) & (offs_m[:, None] >= 0)
-                if HAS_LEFT:
-                    vis = vis & (offs_n[None, :] >= offs_m[:, None] + shift - left)
-                if HAS_RIGHT:
-                    vis = vis & (offs_n[None, :] <= offs_m[:, None] + shift + right)
-                s = gl.where(vis, s, float("-inf"))
+            s = mask_scores(s, n0, a, c, offs_m, lk, shift, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT, keys_s)
             pr = gl.exp2(s * scale_log2 - lse2[:, None])
             t = warpgroup_mma_wait(num_outstanding=1, deps=(t,))
             tc = tb[:, None] - t

@@ -42,7 +42,7 @@ if HAVE_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-    from ._gluon import ROWS_LAYOUT, key_ranges, ring_barriers, sequence, store_zeros, stream_kv
+    from ._gluon import ROWS_LAYOUT, key_ranges, mask_scores, ring_barriers, sequence, store_zeros, stream_kv
 
 # (BLOCK_N keys per tile, stages of the K/V ring) by head dim; 128 query rows per CTA (64 per
 # consumer warpgroup)
@@ -52,20 +52,10 @@ BLOCK_M = 128
 
 if HAVE_GLUON:
     @gluon.jit
-    def _weights(s, m_i, o1, o2, n0, a, c, offs_m, lk, shift, left, right, scale_log2, BLOCK_N: gl.constexpr,
-                 HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, keys_s: gl.constexpr,
-                 rows_acc: gl.constexpr):
-        """One tile's unnormalized weights e = exp2(scale_log2 s - m) from its raw scores s (masked
-        where the tile reaches past the rows' fully visible keys [a, c)), the factor alpha the
-        running sums are rescaled by, the new running max, and the rescaled accumulators."""
-        if (n0 < a) | (n0 + BLOCK_N > c):
-            offs_n = n0 + gl.arange(0, BLOCK_N, layout=keys_s)
-            vis = (offs_n[None, :] < lk) & (offs_m[:, None] >= 0)
-            if HAS_LEFT:
-                vis = vis & (offs_n[None, :] >= offs_m[:, None] + shift - left)
-            if HAS_RIGHT:
-                vis = vis & (offs_n[None, :] <= offs_m[:, None] + shift + right)
-            s = gl.where(vis, s, float("-inf"))
+    def _weights(s, m_i, o1, o2, scale_log2, rows_acc: gl.constexpr):
+        """One tile's unnormalized weights e = exp2(scale_log2 s - m) from its raw (masked) scores s,
+        the factor alpha the running sums are rescaled by, the new running max, and the rescaled
+        accumulators."""
         # (the max of the raw scores, scaled after: scale_log2 > 0, and exp2 takes s * scale - m as
         # one fused multiply-add)
         m_new = gl.maximum(m_i, gl.max(s, 1) * scale_log2)
@@ -117,9 +107,9 @@ if HAVE_GLUON:
             s = warpgroup_mma(q_t, k_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
             t = warpgroup_mma(r_t, k_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
-            e, alpha, m_i, o1, o2 = _weights(s, m_i, o1, o2, start + it * BLOCK_N, a, c, offs_m, lk, shift,
-                                             left, right, scale_log2, BLOCK_N, HAS_LEFT, HAS_RIGHT,
-                                             keys_s, rows_acc)
+            s = mask_scores(s, start + it * BLOCK_N, a, c, offs_m, lk, shift, left, right, BLOCK_N, HAS_LEFT,
+                            HAS_RIGHT, keys_s)
+            e, alpha, m_i, o1, o2 = _weights(s, m_i, o1, o2, scale_log2, rows_acc)
             d1 = d1 * alpha + gl.sum(e, 1)
             p1 = gl.convert_layout(e.to(dtype), op_layout)
             t = warpgroup_mma_wait(num_outstanding=0, deps=(t,))
