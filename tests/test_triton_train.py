@@ -513,3 +513,54 @@ def test_dq_gluon_gate():
     assert not dq_gluon.usable(q, q, 128, (q,))
     assert not dq_gluon.usable(q.float(), q.float(), 128, (q.float(),))
     assert not dq_gluon.usable(q[..., :96], q[..., :96], 96, (q[..., :96],))
+
+
+def test_gluon_fast_launch_cache(monkeypatch):
+    # _gluon.launch compiles through Triton once per specialization and then calls the compiled
+    # kernel's launcher itself; a runtime argument whose specialized properties differ (an int that
+    # becomes 1 or stops being a multiple of 16, a tensor's alignment) must compile anew, never reuse
+    from parallax_attention.ops.triton import _gluon
+    if not _gluon.HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    compiles, runs = [], []
+
+    class Compiled:
+        function = "fn"
+        packed_metadata = "meta"
+
+        def launch_metadata(self, grid, stream, *args):
+            return None
+
+        def run(self, *a):
+            runs.append(a)
+
+    class Kernel:
+        arg_names = ["X", "n", "scale", "BLOCK"]
+        constexprs = [3]
+
+        def __getitem__(self, grid):
+            def compile_and_launch(*args, **kwargs):
+                compiles.append((grid, args, kwargs))
+                return Compiled()
+            return compile_and_launch
+
+    monkeypatch.setattr(_gluon, "FAST_LAUNCH", True)
+    monkeypatch.setattr(_gluon, "_current_stream", lambda device: 7)
+    kernel = Kernel()
+    x = torch.zeros(64)
+    _gluon.launch(kernel, (2, 3), x, 32, 0.5, BLOCK=16, num_warps=4)
+    assert len(compiles) == 1 and not runs
+    _gluon.launch(kernel, (5,), x, 48, 0.25, BLOCK=16, num_warps=4)  # same properties: no compile
+    assert len(compiles) == 1 and len(runs) == 1
+    grid_and_stream, params = runs[0][:4], runs[0][9:]
+    assert grid_and_stream == (5, 1, 1, 7) and runs[0][4:6] == ("fn", "meta")
+    assert params[0] is x and params[1:] == (48, 0.25, 16)
+    for call in ((x, 33, 0.5), (x, 1, 0.5), (x[1:], 32, 0.5), (x.double(), 32, 0.5), (x, 2 ** 40, 0.5)):
+        _gluon.launch(kernel, (1,), *call, BLOCK=16, num_warps=4)
+    assert len(compiles) == 6, "each changed property compiles its own kernel"
+    _gluon.launch(kernel, (1,), x, 32, 0.5, BLOCK=32, num_warps=4)  # another constexpr
+    _gluon.launch(kernel, (1,), x, 32, 0.5, BLOCK=16, num_warps=8)  # another launch option
+    assert len(compiles) == 8 and len(runs) == 1
+    monkeypatch.setattr(_gluon, "FAST_LAUNCH", False)
+    _gluon.launch(kernel, (1,), x, 48, 0.5, BLOCK=16, num_warps=4)
+    assert len(compiles) == 9 and len(runs) == 1

@@ -129,6 +129,60 @@ if HAVE_GLUON:
         gl.store(P + off, gl.zeros([ROWS, D], P.dtype.element_ty, layout), mask=mask)
 
 
+# Kernels already compiled, by kernel, constexpr values and the properties of the other arguments that
+# Triton specializes on; see launch().
+_COMPILED: dict = {}
+FAST_LAUNCH = os.environ.get("PARALLAX_FAST_LAUNCH", "1") != "0"
+
+
+def _arg_key(a):
+    # what Triton's binder specializes a runtime argument on: a tensor's dtype and 16-byte alignment;
+    # an int's value 1, divisibility by 16 and width (i32 or i64); other types by type
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    if isinstance(a, bool):
+        return ("b", a)
+    if isinstance(a, int):
+        return ("i", a == 1, a % 16 == 0, -2 ** 31 <= a < 2 ** 31)
+    return type(a)
+
+
+def _current_stream(device):
+    return torch._C._cuda_getCurrentRawStream(device)
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """kernel[grid](*args, **kwargs), minus most of Triton's per-call Python: the first launch of a
+    specialization goes through Triton (compiling it), later ones call the compiled kernel's launcher
+    directly. On the H200 machine's host each Gluon launch through JITFunction.run cost tens of
+    microseconds, and a forward+backward at L=1024 was bound by the host.
+
+    The cache key holds every constexpr and launch option and, for the runtime arguments, what
+    Triton's binder specializes on (see _arg_key), so a launch never reuses a kernel compiled for other
+    argument properties."""
+    from triton import knobs
+    if not FAST_LAUNCH or not hasattr(kernel, "arg_names"):
+        return kernel[grid](*args, **kwargs)
+    names = kernel.arg_names
+    params = list(args) + [kwargs[n] for n in names[len(args):]]
+    options = tuple(sorted((k, v) for k, v in kwargs.items() if k not in names))
+    device = next(a for a in params if isinstance(a, torch.Tensor)).device.index
+    constexprs = kernel.constexprs
+    key = (kernel, device, tuple(a if i in constexprs else _arg_key(a) for i, a in enumerate(params)), options)
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        compiled = kernel[grid](*args, **kwargs)
+        _COMPILED[key] = compiled
+        return compiled
+    stream = _current_stream(device)
+    grid = tuple(grid) + (1,) * (3 - len(grid))
+    # as JITFunction.run launches (the metadata is None unless a launch hook is installed)
+    metadata = compiled.launch_metadata(grid, stream, *params)
+    compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, metadata,
+                 knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *params)
+    return compiled
+
+
 def usable(q, d: int, head_dims, tensors) -> bool:
     """Whether a Gluon kernel can run: Gluon present, Hopper (sm_90: warp-group MMAs), not the
     interpreter (Gluon kernels do not run there), a 2-byte dtype, a head dim in head_dims, and

@@ -227,7 +227,7 @@ def launch(q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg, batch, hkv, ss,
     hq, d = q.shape[-2], q.shape[-1]
     block_n, stages = CONFIG[d]
     grid = (batch * hq, (max_q + BLOCK_M - 1) // BLOCK_M)
-    return _fwd_ws_kernel[grid](
+    return _gluon.launch(_fwd_ws_kernel, grid,
         q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg, *ss, max_q, max_k, scale_log2, left, right,
         HQ=hq, HKV=hkv, G=hq // hkv, D=d, BLOCK_N=block_n, STAGES=stages, VARLEN=meta["VARLEN"],
         HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"], num_warps=4, maxnreg=MAXNREG)
