@@ -431,14 +431,6 @@ def _set_kernels(tma=None, mha128=None, gluon=None, fwd_gluon=None, dq_gluon=Non
     tr.DKV_TMA_CONFIG = {**_DEFAULTS["dkv"], **({(128, "mha"): mha128} if mha128 else {})}
 
 
-def _set_a_regs(dq=0, dkv=0):
-    """Register A operands of the Gluon dq/dr kernel's (dq: 1 = q, 2 = q and r, 3 = q, r and dO) and
-    the Gluon dk/dv kernel's (dkv: 1 = k, 2 = k and v) score products, at every head dim."""
-    from parallax_attention.ops.triton import dkv_gluon, dq_gluon as dg
-    dg.A_REGS = {d: dq for d in dg.A_REGS}
-    dkv_gluon.A_REGS = {d: dkv for d in dkv_gluon.A_REGS}
-
-
 def _set_fast_launch(on):
     from parallax_attention.ops.triton import _gluon
     _gluon.FAST_LAUNCH = on
@@ -457,12 +449,6 @@ VARIANT_AB = {
     "dq_gluon": [("gluon", lambda: _set_kernels(dq_gluon=True)),
                  ("gluon 64 keys", lambda: _set_kernels(dq_gluon=True, dq_config=(64, 2))),
                  ("triton", lambda: _set_kernels(dq_gluon=False))],
-    # register A operands of the score products (compiled for sm_90a without spills: dq/dr q at D=128;
-    # dq/dr q, r, dO and dk/dv k, v at D=64); the first variant is today's default
-    "a_regs128": [("shared", lambda: _set_a_regs()), ("dq q", lambda: _set_a_regs(dq=1))],
-    "a_regs64": [("shared", lambda: _set_a_regs()), ("dq q", lambda: _set_a_regs(dq=1)),
-                 ("dq q r", lambda: _set_a_regs(dq=2)), ("dq q r dO", lambda: _set_a_regs(dq=3)),
-                 ("dkv k v", lambda: _set_a_regs(dkv=2)), ("dq q r dO, dkv k v", lambda: _set_a_regs(dq=3, dkv=2))],
     # Gluon launches through the cached compiled kernel (_gluon.launch) or Triton's JITFunction.run
     "fast_launch": [("cached", lambda: _set_fast_launch(True)), ("triton run", lambda: _set_fast_launch(False))],
 }

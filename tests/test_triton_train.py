@@ -516,12 +516,10 @@ def test_dq_gluon_gate():
 
 
 def test_gluon_fast_launch_cache(monkeypatch):
-    # _gluon.launch compiles through Triton once per specialization and then calls the compiled
-    # kernel's launcher itself; a runtime argument whose specialized properties differ (an int that
-    # becomes 1 or stops being a multiple of 16, a tensor's alignment) must compile anew, never reuse
+    # _gluon.launch compiles through JITFunction.run once per specialization (Triton's binder says
+    # what that is) and then calls the compiled kernel's launcher itself with the bound arguments; a
+    # call whose specialization or launch options differ must compile anew, never reuse
     from parallax_attention.ops.triton import _gluon
-    if not _gluon.HAVE_GLUON:
-        pytest.skip("this Triton has no Gluon")
     compiles, runs = [], []
 
     class Compiled:
@@ -534,9 +532,16 @@ def test_gluon_fast_launch_cache(monkeypatch):
         def run(self, *a):
             runs.append(a)
 
+    def binder(X, n, scale, BLOCK, **options):
+        # as Triton's: a tensor by dtype and 16-byte alignment, an int by value 1 and divisibility
+        # by 16, constexprs by value
+        spec = [(str(X.dtype), X.data_ptr() % 16 == 0), ("i32", n == 1, n % 16 == 0), ("fp32",),
+                ("constexpr", BLOCK)]
+        return dict(X=X, n=n, scale=scale, BLOCK=BLOCK), spec, options
+
     class Kernel:
-        arg_names = ["X", "n", "scale", "BLOCK"]
-        constexprs = [3]
+        device_caches = {None: (None, None, None, None, binder)}
+        pre_run_hooks = []
 
         def __getitem__(self, grid):
             def compile_and_launch(*args, **kwargs):
@@ -550,17 +555,20 @@ def test_gluon_fast_launch_cache(monkeypatch):
     x = torch.zeros(64)
     _gluon.launch(kernel, (2, 3), x, 32, 0.5, BLOCK=16, num_warps=4)
     assert len(compiles) == 1 and not runs
-    _gluon.launch(kernel, (5,), x, 48, 0.25, BLOCK=16, num_warps=4)  # same properties: no compile
+    _gluon.launch(kernel, (5,), x, 48, 0.25, BLOCK=16, num_warps=4)  # same specialization: no compile
     assert len(compiles) == 1 and len(runs) == 1
-    grid_and_stream, params = runs[0][:4], runs[0][9:]
-    assert grid_and_stream == (5, 1, 1, 7) and runs[0][4:6] == ("fn", "meta")
+    assert runs[0][:7] == (5, 1, 1, 7, "fn", "meta", None)
+    params = runs[0][9:]
     assert params[0] is x and params[1:] == (48, 0.25, 16)
-    for call in ((x, 33, 0.5), (x, 1, 0.5), (x[1:], 32, 0.5), (x.double(), 32, 0.5), (x, 2 ** 40, 0.5)):
+    for call in ((x, 33, 0.5), (x, 1, 0.5), (x[1:], 32, 0.5), (x.double(), 32, 0.5)):
         _gluon.launch(kernel, (1,), *call, BLOCK=16, num_warps=4)
-    assert len(compiles) == 6, "each changed property compiles its own kernel"
+    assert len(compiles) == 5, "each changed specialization compiles its own kernel"
     _gluon.launch(kernel, (1,), x, 32, 0.5, BLOCK=32, num_warps=4)  # another constexpr
     _gluon.launch(kernel, (1,), x, 32, 0.5, BLOCK=16, num_warps=8)  # another launch option
-    assert len(compiles) == 8 and len(runs) == 1
+    assert len(compiles) == 7 and len(runs) == 1
+    Kernel.pre_run_hooks = [lambda *a, **k: None]  # hooks: Triton's own path every time
+    _gluon.launch(kernel, (1,), x, 48, 0.5, BLOCK=16, num_warps=4)
+    Kernel.pre_run_hooks = []
     monkeypatch.setattr(_gluon, "FAST_LAUNCH", False)
     _gluon.launch(kernel, (1,), x, 48, 0.5, BLOCK=16, num_warps=4)
     assert len(compiles) == 9 and len(runs) == 1

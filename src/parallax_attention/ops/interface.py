@@ -19,14 +19,20 @@ from ._validation import check_backend, check_cu_seqlens, check_dense, check_max
 BACKENDS = ("auto", "reference", "torch", "triton")
 
 
+_HAVE_TRITON = None
+
+
 def triton_usable(q: torch.Tensor) -> bool:
     """Triton kernels can run for q: CUDA with triton installed, or the CPU interpreter."""
+    global _HAVE_TRITON
     if q.is_cuda:
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return False
-        return True
+        if _HAVE_TRITON is None:
+            try:
+                import triton  # noqa: F401
+                _HAVE_TRITON = True
+            except ImportError:
+                _HAVE_TRITON = False
+        return _HAVE_TRITON
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 

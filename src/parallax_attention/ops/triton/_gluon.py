@@ -129,22 +129,10 @@ if HAVE_GLUON:
         gl.store(P + off, gl.zeros([ROWS, D], P.dtype.element_ty, layout), mask=mask)
 
 
-# Kernels already compiled, by kernel, constexpr values and the properties of the other arguments that
-# Triton specializes on; see launch().
-_COMPILED: dict = {}
 FAST_LAUNCH = os.environ.get("PARALLAX_FAST_LAUNCH", "1") != "0"
-
-
-def _arg_key(a):
-    # what Triton's binder specializes a runtime argument on: a tensor's dtype and 16-byte alignment;
-    # an int's value 1, divisibility by 16 and width (i32 or i64); other types by type
-    if isinstance(a, torch.Tensor):
-        return (a.dtype, a.data_ptr() % 16 == 0)
-    if isinstance(a, bool):
-        return ("b", a)
-    if isinstance(a, int):
-        return ("i", a == 1, a % 16 == 0, -2 ** 31 <= a < 2 ** 31)
-    return type(a)
+# compiled kernels by (kernel, device, Triton's specialization of the arguments, launch options, the
+# debug knobs that change what Triton compiles); see launch()
+_COMPILED: dict = {}
 
 
 def _current_stream(device):
@@ -152,28 +140,27 @@ def _current_stream(device):
 
 
 def launch(kernel, grid, *args, **kwargs):
-    """kernel[grid](*args, **kwargs), minus most of Triton's per-call Python: the first launch of a
-    specialization goes through Triton (compiling it), later ones call the compiled kernel's launcher
-    directly. On the H200 machine's host each Gluon launch through JITFunction.run cost tens of
-    microseconds, and a forward+backward at L=1024 was bound by the host.
-
-    The cache key holds every constexpr and launch option and, for the runtime arguments, what
-    Triton's binder specializes on (see _arg_key), so a launch never reuses a kernel compiled for other
-    argument properties."""
+    """kernel[grid](*args, **kwargs) with less of Triton's per-call Python. The arguments are bound and
+    specialized by Triton's own (native) binder, so the key below tells apart exactly the kernels
+    Triton would compile separately; the first launch of a key goes through JITFunction.run (which
+    compiles), later ones call that compiled kernel's launcher directly. What is skipped: the device
+    and stream lookups through torch.cuda, the cache-key string, the check of global values. On the
+    H200 machine's host a forward+backward at L=1024 is bound by its launch path."""
     from triton import knobs
-    if not FAST_LAUNCH or not hasattr(kernel, "arg_names"):
+    caches = getattr(kernel, "device_caches", None)
+    if not FAST_LAUNCH or caches is None or kernel.pre_run_hooks:
         return kernel[grid](*args, **kwargs)
-    names = kernel.arg_names
-    params = list(args) + [kwargs[n] for n in names[len(args):]]
-    options = tuple(sorted((k, v) for k, v in kwargs.items() if k not in names))
-    device = next(a for a in params if isinstance(a, torch.Tensor)).device.index
-    constexprs = kernel.constexprs
-    key = (kernel, device, tuple(a if i in constexprs else _arg_key(a) for i, a in enumerate(params)), options)
+    device = args[0].device.index
+    binder = caches[device][-1]
+    bound, specialization, options = binder(*args, **kwargs)
+    key = (kernel, device, tuple(specialization), tuple(sorted(options.items())), knobs.runtime.debug,
+           getattr(knobs.compilation, "instrumentation_mode", None))
     compiled = _COMPILED.get(key)
     if compiled is None:
         compiled = kernel[grid](*args, **kwargs)
         _COMPILED[key] = compiled
         return compiled
+    params = bound.values()
     stream = _current_stream(device)
     grid = tuple(grid) + (1,) * (3 - len(grid))
     # as JITFunction.run launches (the metadata is None unless a launch hook is installed)

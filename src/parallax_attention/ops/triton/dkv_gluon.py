@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 
-import triton
 
 from . import _gluon
 from ._gluon import HAVE_GLUON, LOG2E, MAXNREG
@@ -50,8 +49,6 @@ CONFIG = {64: (32, 4, False), 128: (32, 3, False)}
 # right before its use; timed on the H200: 4.541 against 4.346 ms forward+backward. Reading the
 # statistics right before use at 32 rows cost 3% of the kernel, 1.767 against 1.715 ms.)
 BLOCK_N = 128
-# score products whose A operand (k, then v) is held in registers: 0 = none, 1 = k, 2 = k and v
-A_REGS = {64: 0, 128: 0}
 # the producer also copies each step's row statistics (lse, tbar, delta, beta) into shared memory
 # where their rows are 16-byte aligned; else the consumers load them from global memory
 STATS_TMA = True
@@ -61,7 +58,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _dkv_consumer(p, scale, scale_log2, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
                       STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, IN_FLIGHT: gl.constexpr,
-                      STATS_TMA: gl.constexpr, A_REGS: gl.constexpr, WG: gl.constexpr):
+                      STATS_TMA: gl.constexpr, WG: gl.constexpr):
         (k_smem, v_smem, q_bufs, r_bufs, do_bufs, stat_bufs, kv_bar, ready, empty, q_desc, r_desc, do_desc, k_desc,
          v_desc, stat_descs, LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl, n0, lq, lk, shift,
          left, right, start, blocks, steps, q_row0, k_row0, hk) = p
@@ -82,17 +79,6 @@ if HAVE_GLUON:
         dk = warpgroup_mma_init(gl.zeros([HALF, D], gl.float32, acc_layout))
         dv = warpgroup_mma_init(gl.zeros([HALF, D], gl.float32, acc_layout))
         mbarrier.wait(kv_bar, 0)
-        # k (A_REGS >= 1) and v (2) as register A operands of the score products: those then read
-        # only the q, r, dO tiles from shared memory
-        s_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
-        if A_REGS >= 1:
-            k_a = k_t.load(s_op)
-        else:
-            k_a = k_t
-        if A_REGS >= 2:
-            v_a = v_t.load(s_op)
-        else:
-            v_a = v_t
         # steps >= 1 (see the kernel), restated here where the compiler can see it: a loop that
         # may run zero times makes ptxas serialize every warp-group MMA (the accumulators' zero-trip
         # path is a non-MMA definition inside their pipeline stage)
@@ -102,9 +88,9 @@ if HAVE_GLUON:
             q_s = q_bufs.index(stage)
             r_s = r_bufs.index(stage)
             do_s = do_bufs.index(stage)
-            st = warpgroup_mma(k_a, q_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            tt = warpgroup_mma(k_a, r_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            at = warpgroup_mma(v_a, do_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            st = warpgroup_mma(k_t, q_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            tt = warpgroup_mma(k_t, r_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            at = warpgroup_mma(v_t, do_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
             # the row statistics load while the products run
             g = it // blocks
             m0 = start + (it - g * blocks) * BLOCK_M
@@ -163,7 +149,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _dkv_producer(p, scale, scale_log2, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
                       STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, IN_FLIGHT: gl.constexpr,
-                      STATS_TMA: gl.constexpr, A_REGS: gl.constexpr, WG: gl.constexpr):
+                      STATS_TMA: gl.constexpr, WG: gl.constexpr):
         (k_smem, v_smem, q_bufs, r_bufs, do_bufs, stat_bufs, kv_bar, ready, empty, q_desc, r_desc, do_desc, k_desc,
          v_desc, stat_descs, LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl, n0, lq, lk, shift,
          left, right, start, blocks, steps, q_row0, k_row0, hk) = p
@@ -196,7 +182,7 @@ if HAVE_GLUON:
         seqlen_q, seqlen_k, scale, scale_log2, left, right,
         HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
         STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-        IN_FLIGHT: gl.constexpr, STATS_TMA: gl.constexpr, A_REGS: gl.constexpr,
+        IN_FLIGHT: gl.constexpr, STATS_TMA: gl.constexpr,
     ):
         BLOCK_N: gl.constexpr = 128
         pid_bh = gl.program_id(0)
@@ -266,9 +252,9 @@ if HAVE_GLUON:
                  k_desc, v_desc, stat_descs, LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl,
                  n0, lq, lk, shift, left, right, start, blocks, steps, q_row0, k_row0, hk)
             gl.warp_specialize([
-                (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT, STATS_TMA, A_REGS, 0)),
-                (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT, STATS_TMA, A_REGS, 1)),
-                (_dkv_producer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT, STATS_TMA, A_REGS, 0)),
+                (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT, STATS_TMA, 0)),
+                (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT, STATS_TMA, 1)),
+                (_dkv_producer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT, STATS_TMA, 0)),
             ], [4, 1], [240, 24])  # _gluon.CONSUMER_REGS, PRODUCER_REGS
 
 
@@ -281,7 +267,7 @@ def launch(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
            max_q, max_k, scale, left, right, meta):
     """dk, dv for train.bwd (same arguments as train._launch_dkv_tma)."""
     block_m, stages, in_flight = CONFIG[meta["D"]]
-    grid = (batch * hkv, triton.cdiv(max_k, BLOCK_N))
+    grid = (batch * hkv, -(-max_k // BLOCK_N))
     # a statistics tile's offset (sequence, head, first row) must be 16-byte aligned for TMA:
     # rows of a multiple of 4 in the dense layout
     stats_tma = STATS_TMA and not meta["VARLEN"] and max_q % 4 == 0
@@ -290,7 +276,7 @@ def launch(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
         scale, scale * LOG2E, left, right,
         HQ=q.shape[-2], HKV=hkv, G=meta["G"], D=meta["D"], BLOCK_M=block_m, STAGES=stages,
         VARLEN=meta["VARLEN"], HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"],
-        IN_FLIGHT=in_flight, STATS_TMA=stats_tma, A_REGS=A_REGS[meta["D"]], num_warps=4, maxnreg=MAXNREG)
+        IN_FLIGHT=in_flight, STATS_TMA=stats_tma, num_warps=4, maxnreg=MAXNREG)
 
 
 # On by default where usable(); PARALLAX_DKV_GLUON=0 runs the Triton dk/dv kernel instead.
