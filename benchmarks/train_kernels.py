@@ -223,7 +223,11 @@ def _qrkvdo(b, hq, hkv, L, d):
     return q, r, k, v, do
 
 
-def run_bench(log, plx, grid, atomic=False):
+def run_bench(log, plx, grid, atomic=False, rounds=1):
+    """Forward and forward+backward medians of ours, SDPA (flash, cuDNN) and parallax-kernel per grid
+    shape. With rounds > 1 every implementation is timed once per round, the order reversed every
+    other round, and each figure is the median over the rounds: the GPU's clock falls under sustained
+    load (power limit), so whatever is timed first in a call runs on a cooler, faster GPU."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
     rows = []
@@ -235,30 +239,13 @@ def run_bench(log, plx, grid, atomic=False):
         pairs = visible_pairs(L, L, True, window) * b * hq
         row = dict(B=b, Hq=hq, Hkv=hkv, L=L, D=d, window=list(window), pairs=pairs)
         flops = {"plx": (8 * d * pairs, 24 * d * pairs), "sm": (4 * d * pairs, 14 * d * pairs)}
+        impls = []  # (name, forward, leaves, kind, environment while timed)
 
-        def time_pair(name, fwd, leaves, kind):
-            try:
-                tf = bench_ms(fwd)
-                def fb():
-                    fwd().backward(doh if kind != "ours" else do)
-                tfb = bench_ms(fb, grad_to_none=leaves)
-                fl = flops["plx" if kind in ("ours", "plx") else "sm"]
-                row[name] = dict(fwd_ms=tf, fwdbwd_ms=tfb, fwd_tflops=fl[0] / tf / 1e9, fwdbwd_tflops=fl[1] / tfb / 1e9)
-                # the anchors (../shared/anchors) were timed without clearing the gradients, so each
-                # call also adds into .grad; this is the same harness, for comparing with them
-                row[name]["fwdbwd_accum_ms"] = bench_ms(fb)
-                for x in leaves:
-                    x.grad = None
-            except Exception as e:
-                row[name] = dict(error=repr(e)[:200])
-
-        time_pair("ours", lambda: parallax_attn(q, r, k, v, causal=True, window_size=window, backend="triton"),
-                  [q, r, k, v], "ours")
+        def ours():
+            return parallax_attn(q, r, k, v, causal=True, window_size=window, backend="triton")
+        impls.append(("ours", ours, [q, r, k, v], "ours", {}))
         if atomic:
-            os.environ["PARALLAX_TRAIN_BWD"] = "atomic"
-            time_pair("ours_atomic_bwd", lambda: parallax_attn(q, r, k, v, causal=True, window_size=window,
-                                                               backend="triton"), [q, r, k, v], "ours")
-            os.environ.pop("PARALLAX_TRAIN_BWD")
+            impls.append(("ours_atomic_bwd", ours, [q, r, k, v], "ours", {"PARALLAX_TRAIN_BWD": "atomic"}))
         if window == (-1, -1):
             gqa = hq != hkv
             for name, be in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
@@ -266,7 +253,7 @@ def run_bench(log, plx, grid, atomic=False):
                     with sdpa_kernel([be]):
                         return F.scaled_dot_product_attention(qh, kh, vh,
                                                               is_causal=True, enable_gqa=gqa)
-                time_pair(name, f, [qh, kh, vh], "sm")
+                impls.append((name, f, [qh, kh, vh], "sm", {}))
             if plx is not None:
                 if gqa:
                     # MHA only: the K/V repeat is part of its cost for a GQA layer
@@ -276,7 +263,41 @@ def run_bench(log, plx, grid, atomic=False):
                 else:
                     def fp():
                         return plx.parallax_func(qh, rh, kh, vh, d ** -0.5)
-                time_pair("plx_kernel", fp, [qh, rh, kh, vh], "plx")
+                impls.append(("plx_kernel", fp, [qh, rh, kh, vh], "plx", {}))
+
+        times = {name: [] for name, *_ in impls}
+        failed = {}
+        for rnd in range(rounds):
+            for name, fwd, leaves, kind, env in (impls if rnd % 2 == 0 else impls[::-1]):
+                if name in failed:
+                    continue
+                os.environ.update(env)
+                try:
+                    tf = bench_ms(fwd)
+
+                    def fb():
+                        fwd().backward(doh if kind != "ours" else do)
+                    tfb = bench_ms(fb, grad_to_none=leaves)
+                    # the anchors (../shared/anchors) were timed without clearing the gradients, so each
+                    # call also adds into .grad; this is the same harness, for comparing with them
+                    times[name].append((tf, tfb, bench_ms(fb)))
+                    for x in leaves:
+                        x.grad = None
+                except Exception as e:
+                    failed[name] = repr(e)[:200]
+                finally:
+                    for key in env:
+                        os.environ.pop(key)
+        for name, fwd, leaves, kind, env in impls:
+            if name in failed:
+                row[name] = dict(error=failed[name])
+                continue
+            tf, tfb, tacc = (sorted(x)[len(x) // 2] for x in zip(*times[name]))
+            fl = flops["plx" if kind in ("ours", "plx") else "sm"]
+            row[name] = dict(fwd_ms=tf, fwdbwd_ms=tfb, fwd_tflops=fl[0] / tf / 1e9, fwdbwd_tflops=fl[1] / tfb / 1e9,
+                             fwdbwd_accum_ms=tacc)
+            if rounds > 1:
+                row[name]["rounds"] = times[name]
         rows.append(row)
         log(json.dumps(row))
         del q, r, k, v, do, qh, rh, kh, vh, doh
@@ -816,6 +837,8 @@ def main():
     ap.add_argument("--shapes", default=None, help="comma-separated indexes into BENCH_GRID (default: all)")
     ap.add_argument("--atomic", action="store_true",
                     help="also time the opt-in fused backward (PARALLAX_TRAIN_BWD=atomic, non-deterministic)")
+    ap.add_argument("--bench-rounds", type=int, default=1,
+                    help="--bench: time every implementation this many times, interleaved, and take medians")
     ap.add_argument("--no-plx", action="store_true", help="skip parallax-kernel (its first call compiles a while)")
     ap.add_argument("--overhead", action="store_true", help="host vs device time per call")
     ap.add_argument("--profile", action="store_true", help="GPU time per kernel of forward+backward on --sweep-shape")
@@ -914,7 +937,7 @@ def main():
             except Exception:
                 traceback.print_exc()
         grid = BENCH_GRID if args.shapes is None else [BENCH_GRID[int(i)] for i in args.shapes.split(",")]
-        result["bench"] = run_bench(log, plx, grid, args.atomic)
+        result["bench"] = run_bench(log, plx, grid, args.atomic, args.bench_rounds)
         save()
         log(table(result["bench"]))
     if args.check:
