@@ -457,8 +457,8 @@ def _set_fast_launch(on):
     _gluon.FAST_LAUNCH = on
 
 
-# --ab NAME: variants of the whole forward+backward, each (label, setter of its setting); the last
-# comparison ends with the defaults set again
+# --ab NAME: variants of the whole forward+backward, each (label, setter of its setting); the first
+# is the default, set again when the comparison ends
 VARIANT_AB = {
     "dkv_kernel": [("descriptors", lambda: _set_kernels()), ("pointers", lambda: _set_kernels(tma=False))],
     # the warp-specialized Gluon dk/dv kernel (ops/triton/dkv_gluon.py) against the Triton one

@@ -9,6 +9,7 @@ Backends:
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -19,20 +20,19 @@ from ._validation import check_backend, check_cu_seqlens, check_dense, check_max
 BACKENDS = ("auto", "reference", "torch", "triton")
 
 
-_HAVE_TRITON = None
+@functools.cache
+def _have_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def triton_usable(q: torch.Tensor) -> bool:
     """Triton kernels can run for q: CUDA with triton installed, or the CPU interpreter."""
-    global _HAVE_TRITON
     if q.is_cuda:
-        if _HAVE_TRITON is None:
-            try:
-                import triton  # noqa: F401
-                _HAVE_TRITON = True
-            except ImportError:
-                _HAVE_TRITON = False
-        return _HAVE_TRITON
+        return _have_triton()
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 

@@ -1,4 +1,5 @@
-"""Triton launches its kernels on the current CUDA device, whatever device the tensors are on."""
+"""Host-side pieces of a launch: the device to launch on (Triton launches its kernels on the current
+CUDA device, whatever device the tensors are on) and grid arithmetic."""
 
 from __future__ import annotations
 
@@ -18,3 +19,12 @@ def on_input_device(fn):
                 return fn(*args, **kwargs)
         return fn(*args, **kwargs)
     return wrapper
+
+
+# triton.cdiv and triton.next_power_of_2 are constexpr functions: a few microseconds a call on the host
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1

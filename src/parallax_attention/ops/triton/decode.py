@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ._device import on_input_device
+from ._device import cdiv, on_input_device
 
 LOG2E = 1.4426950408889634
 
@@ -298,10 +298,6 @@ def _sms(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 # Why a wave model: the kernel is memory-bound and every program streams the same number of
 # keys, so what decides the time is how the programs fill the SMs. On the H200 (132 SMs) the
 # previous rule (about 4 programs per SM) left 1.3-1.5 waves at B=8 and B=1 (the second wave
@@ -361,15 +357,15 @@ def _model_time(base: int, keys: int, splits: int, occ: int, depth: int, rows: i
     SM it holds, but never less than SATURATE_BY_MODEL programs' worth (fewer cannot keep HBM busy).
     Splits add the merge: a launch plus writing and reading the (m, d1, d2, O1, O2) partials.
     """
-    chunk = _cdiv(_cdiv(keys, splits), block_n) * block_n
-    used = _cdiv(keys, chunk)          # splits that get keys when the cache is full
+    chunk = cdiv(cdiv(keys, splits), block_n) * block_n
+    used = cdiv(keys, chunk)          # splits that get keys when the cache is full
     programs = base * used
     model = _CONFIG["MODEL"]
     per_program = chunk // block_n + PROGRAM_OVERHEAD_BY_MODEL[model][depth]
     t, left = 0.0, programs
     while left > 0:
         wave = min(left, sms * occ)
-        t += per_program * max(_cdiv(wave, sms), SATURATE_BY_MODEL[model][depth])
+        t += per_program * max(cdiv(wave, sms), SATURATE_BY_MODEL[model][depth])
         left -= wave
     if used > 1:
         tile = 2 * block_n * d * esize
@@ -387,7 +383,7 @@ def launch_config(batch: int, heads_kv: int, rows: int, keys: int, d: int, esize
     sms = _sms(device)
     # Decisions are made per whole K/V tile, so a cache that grows by one token per step (transformers'
     # DynamicCache) reuses one decision for BLOCK_N steps.
-    keys = _cdiv(keys, _CONFIG["BLOCK_N"]) * _CONFIG["BLOCK_N"]
+    keys = cdiv(keys, _CONFIG["BLOCK_N"]) * _CONFIG["BLOCK_N"]
     return _choose(batch, heads_kv, rows, keys, d, esize, paged, sms, tuple(sorted(_CONFIG.items())))
 
 
@@ -403,7 +399,7 @@ def _choose(batch: int, heads_kv: int, rows: int, keys: int, d: int, esize: int,
         # of every (sequence, kv head) fit one wave at one program per SM, each program's fixed cost
         # dominates and half as many 2-tile splits win (H200, B=1 L=1024 Hq/Hkv 32/8: 8 splits
         # 6.5 us, 16 splits 7.5 us).
-        min_keys = block_n if base * _cdiv(keys, block_n) > sms else 2 * block_n
+        min_keys = block_n if base * cdiv(keys, block_n) > sms else 2 * block_n
     else:
         min_keys = _CONFIG["MIN_KEYS"]
     max_splits = int(min(MAX_SPLITS, max(1, keys // min_keys)))
@@ -480,7 +476,7 @@ def preload_entries(capacity: int, num_splits: int, page: int, block_n: int) -> 
     """Block-table entries a split reads up front (a power of two), or 0 when more than
     PAGE_PRELOAD_MAX could be needed. From static shapes: a split holds at most the tiles of the
     full capacity's chunk and may start inside a page, hence the one extra entry."""
-    chunk = _cdiv(_cdiv(capacity, num_splits), block_n) * block_n
+    chunk = cdiv(cdiv(capacity, num_splits), block_n) * block_n
     need = (chunk - 1) // page + 2
     n = 1 << (need - 1).bit_length()
     return n if n <= PAGE_PRELOAD_MAX else 0
@@ -598,7 +594,7 @@ def decode_triton(q, r, k_cache, v_cache, block_table, seqlens, seq_const: int, 
     # Splits of one tile whatever the length: chunk = cdiv(cdiv(span, splits), BLOCK_N) tiles is 1
     # for every span up to the capacity (the kernel's split start is then pid_s * BLOCK_N).
     one_tile = (bool(page_preload) and bool(_CONFIG["ONE_TILE"]) and not has_left
-                and _cdiv(capacity, num_splits) <= block_n)
+                and cdiv(capacity, num_splits) <= block_n)
     grid = (bsz * hkv, num_splits)
     _decode_split_kernel[grid](
         q, r, k_cache, v_cache, bt, seq_arg, out, pstat, po,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 
-
 from . import _gluon
 from ._gluon import HAVE_GLUON, LOG2E, MAXNREG
 
@@ -267,7 +266,7 @@ def launch(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
            max_q, max_k, scale, left, right, meta):
     """dk, dv for train.bwd (same arguments as train._launch_dkv_tma)."""
     block_m, stages, in_flight = CONFIG[meta["D"]]
-    grid = (batch * hkv, -(-max_k // BLOCK_N))
+    grid = (batch * hkv, (max_k + BLOCK_N - 1) // BLOCK_N)
     # a statistics tile's offset (sequence, head, first row) must be 16-byte aligned for TMA:
     # rows of a multiple of 4 in the dense layout
     stats_tma = STATS_TMA and not meta["VARLEN"] and max_q % 4 == 0

@@ -59,20 +59,11 @@ import triton
 import triton.language as tl
 
 from . import dkv_gluon, dq_gluon, fwd_gluon
-from ._device import on_input_device
+from ._device import cdiv, next_pow2, on_input_device
 
 LOG2E = 1.4426950408889634
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _cdiv(a: int, b: int) -> int:
-    # triton.cdiv and next_power_of_2 are constexpr functions: a few microseconds a call on the host
-    return -(-a // b)
-
-
-def _pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 def _interpreting() -> bool:
@@ -805,10 +796,10 @@ def _launch_dkv_tma(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, 
     consts = dict(HQ=q.shape[-2], HKV=hkv, G=meta["G"], D=meta["D"], VARLEN=meta["VARLEN"],
                   HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"], PREC=meta["PREC"], STATS_TMA=stats_tma)
     if tuned:
-        grid = lambda m: (batch * hkv, _cdiv(max_k, m["BLOCK_N"]))  # noqa: E731
+        grid = lambda m: (batch * hkv, cdiv(max_k, m["BLOCK_N"]))  # noqa: E731
         _with_scratch(lambda: _dkv_tma_tuned[grid](*args, **consts))
         return
-    LAST_COMPILED["dkv"] = _with_scratch(lambda: _bwd_dkv_tma_kernel[(batch * hkv, _cdiv(max_k, bn))](
+    LAST_COMPILED["dkv"] = _with_scratch(lambda: _bwd_dkv_tma_kernel[(batch * hkv, cdiv(max_k, bn))](
         *args, **consts, **launch))
 
 
@@ -821,7 +812,7 @@ def _mask_args(causal: bool, left: int, right: int):
 
 
 def _tune_key(max_seqlen_q: int, max_seqlen_k: int) -> int:
-    return (_pow2(max(max_seqlen_q, 16)) << 32) | _pow2(max(max_seqlen_k, 16))
+    return (next_pow2(max(max_seqlen_q, 16)) << 32) | next_pow2(max(max_seqlen_k, 16))
 
 
 def _layout(q, k, cu_q, varlen: bool, max_q: int, max_k: int):
@@ -863,7 +854,7 @@ def fwd(q, r, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: flo
     has_left, left, has_right, right = _mask_args(causal, left, right)
     cu_q_arg = cu_q if varlen else q
     cu_k_arg = cu_k if varlen else q
-    meta = dict(HQ=hq, G=hq // hkv, D=d, BLOCK_D=max(16, _pow2(d)), VARLEN=varlen,
+    meta = dict(HQ=hq, G=hq // hkv, D=d, BLOCK_D=max(16, next_pow2(d)), VARLEN=varlen,
                 HAS_LEFT=has_left, HAS_RIGHT=has_right, PREC=_prec(q.dtype))
     if fwd_gluon.ENABLED and fwd_gluon.usable(q, k, d, (q, r, k, v)) and q.numel():
         LAST_COMPILED["fwd"] = _with_scratch(lambda: fwd_gluon.launch(
@@ -873,7 +864,7 @@ def fwd(q, r, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: flo
     head = (q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg)
     tail = (*sq, *sk, *ss, max_q, max_k, scale * LOG2E, left, right, _tune_key(max_q, max_k))
     _launch(_fwd_tuned, _fwd_kernel, "fwd",
-            lambda m: (batch * hq, _cdiv(max_q, m["BLOCK_M"])), head, tail, meta,
+            lambda m: (batch * hq, cdiv(max_q, m["BLOCK_M"])), head, tail, meta,
             ((k, "N"), (v, "N")), keys=max_k)
     return out, vbar, lse, tbar
 
@@ -894,7 +885,7 @@ def bwd(dout, q, r, k, v, out, vbar, lse, tbar, cu_q, cu_k, max_q: int, max_k: i
     cu_q_arg = cu_q if varlen else q
     cu_k_arg = cu_k if varlen else q
     key = _tune_key(max_q, max_k)
-    meta = dict(G=hq // hkv, D=d, BLOCK_D=max(16, _pow2(d)), VARLEN=varlen,
+    meta = dict(G=hq // hkv, D=d, BLOCK_D=max(16, next_pow2(d)), VARLEN=varlen,
                 HAS_LEFT=has_left, HAS_RIGHT=has_right, PREC=_prec(q.dtype))
     tail = (*sq, *sk, *ss, max_q, max_k, scale, scale * LOG2E, left, right, key)
     if bwd_mode() == "atomic":
@@ -906,7 +897,7 @@ def bwd(dout, q, r, k, v, out, vbar, lse, tbar, cu_q, cu_k, max_q: int, max_k: i
             max_q, max_k, scale, left, right, meta))
     else:
         head = (q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg, cu_k_arg)
-        _launch(_dq_tuned, _bwd_dq_kernel, "dq", lambda m: (batch * hq, _cdiv(max_q, m["BLOCK_M"])),
+        _launch(_dq_tuned, _bwd_dq_kernel, "dq", lambda m: (batch * hq, cdiv(max_q, m["BLOCK_M"])),
                 head, tail, dict(HQ=hq, **meta), ((k, "N"), (v, "N")))
     if k.numel() == 0:
         return dq, dr, dk, dv
@@ -921,7 +912,7 @@ def bwd(dout, q, r, k, v, out, vbar, lse, tbar, cu_q, cu_k, max_q: int, max_k: i
                         max_q, max_k, scale, left, right, meta)
         return dq, dr, dk, dv
     head = (q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, q, q, cu_q_arg, cu_k_arg)
-    _launch(_dkv_tuned, _bwd_dkv_kernel, "dkv", lambda m: (batch * hkv, _cdiv(max_k, m["BLOCK_N"])),
+    _launch(_dkv_tuned, _bwd_dkv_kernel, "dkv", lambda m: (batch * hkv, cdiv(max_k, m["BLOCK_N"])),
             head, tail, dict(HKV=hkv, **meta), ((q, "M"), (r, "M"), (dout, "M")))
     return dq, dr, dk, dv
 
@@ -938,7 +929,7 @@ def bwd_mode() -> str:
 def _bwd_atomic(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
                 batch, hq, hkv, sq, sk, ss, max_q, max_k, scale, left, right, key, meta):
     pre_m = 64
-    _bwd_pre_kernel[(batch * hq, _cdiv(max_q, pre_m))](
+    _bwd_pre_kernel[(batch * hq, cdiv(max_q, pre_m))](
         out, vbar, dout, delta, beta, cu_q_arg, *sq, *ss, max_q, HQ=hq, D=meta["D"], BLOCK_D=meta["BLOCK_D"],
         BLOCK_M=pre_m, VARLEN=meta["VARLEN"])
     dqa = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
@@ -954,6 +945,6 @@ def _bwd_atomic(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dk, dv, cu_
         else:
             bm, bn, w, st = ATOMIC_DKV[128 if meta["BLOCK_D"] <= 128 else 256]
             launch = dict(num_warps=w, num_stages=st)
-        _bwd_dkv_kernel[(batch * hkv, _cdiv(max_k, bn))](
+        _bwd_dkv_kernel[(batch * hkv, cdiv(max_k, bn))](
             *args, HKV=hkv, BLOCK_M=bm, BLOCK_N=bn, FUSED=True, **meta, **launch)
     return dqa.to(q.dtype), dra.to(r.dtype), dk, dv
