@@ -132,6 +132,8 @@ def main():
                     help="the warp-specialized Gluon forward (ops/triton/fwd_gluon.py) instead of Triton's")
     ap.add_argument("--dq-gluon", action="store_true",
                     help="the warp-specialized Gluon dq/dr kernel (ops/triton/dq_gluon.py) instead of Triton's")
+    ap.add_argument("--fused-bwd", choices=("fused", "fused_atomic"), default=None,
+                    help="the fused Gluon backward (dk/dv and dq/dr in one kernel; PARALLAX_TRAIN_BWD's values)")
     ap.add_argument("--dump", default=None, metavar="DIR", help="also write each kernel's SASS, PTX and TTGIR there")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -151,6 +153,10 @@ def main():
         from parallax_attention.ops.triton import dkv_gluon
         dkv_gluon.usable = lambda q, k, d, tensors: d in dkv_gluon.CONFIG  # noqa: E731
         dkv_gluon.ENABLED = True
+    if args.fused_bwd:
+        from parallax_attention.ops.triton import dkv_gluon
+        os.environ["PARALLAX_TRAIN_BWD"] = args.fused_bwd
+        dkv_gluon.fused_usable = lambda q, k, d, tensors: d in dkv_gluon.FUSED_CONFIG  # noqa: E731
     from parallax_attention.ops.triton import fwd_gluon
     fwd_gluon.ENABLED = args.fwd_gluon
     if args.fwd_gluon:

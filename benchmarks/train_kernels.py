@@ -452,6 +452,10 @@ def _set_kernels(tma=None, mha128=None, gluon=None, fwd_gluon=None, dq_gluon=Non
     tr.DKV_TMA_CONFIG = {**_DEFAULTS["dkv"], **({(128, "mha"): mha128} if mha128 else {})}
 
 
+def _set_bwd_mode(mode):
+    os.environ["PARALLAX_TRAIN_BWD"] = mode
+
+
 def _set_fast_launch(on):
     from parallax_attention.ops.triton import _gluon
     _gluon.FAST_LAUNCH = on
@@ -472,6 +476,10 @@ VARIANT_AB = {
                  ("triton", lambda: _set_kernels(dq_gluon=False))],
     # Gluon launches through the cached compiled kernel (_gluon.launch) or Triton's JITFunction.run
     "fast_launch": [("cached", lambda: _set_fast_launch(True)), ("triton run", lambda: _set_fast_launch(False))],
+    # the backward: two kernels (dq/dr, dk/dv), or one fused Gluon kernel adding dq/dr by TMA reduce-add
+    # in key-block order or in arrival order (PARALLAX_TRAIN_BWD)
+    "bwd_fused": [("split", lambda: _set_bwd_mode("deterministic")), ("fused", lambda: _set_bwd_mode("fused")),
+                  ("fused atomic", lambda: _set_bwd_mode("fused_atomic"))],
 }
 
 

@@ -11,7 +11,9 @@ import torch
 try:  # Gluon ships with Triton >= 3.5; without it the Triton kernels run
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language._core import builtin
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+    from triton._C.libtriton import ir as _ir
     HAVE_GLUON = True
 except (ImportError, AttributeError):  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
@@ -29,6 +31,16 @@ MAXNREG = 168
 
 
 if HAVE_GLUON:
+    @builtin
+    def tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+        """src (shared memory) added element-wise into the tile of tensor_desc at coord by the copy engine
+        (cp.reduce.async.bulk.tensor .add): Triton 3.6 builds the op (ttng.async_tma_reduce) but Gluon
+        has no wrapper for it. Completes like a TMA store (tma.store_wait); rows and columns past the
+        descriptor's shape are skipped."""
+        coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+        _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
+                                                  src.handle)
+
     # rows of D columns over a kernel's 4 warps, 8 contiguous columns a thread: for the plain loads
     # and stores outside the warp-group MMAs
     ROWS_LAYOUT = gl.constexpr(gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0]))

@@ -34,9 +34,9 @@ if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
-    from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_init
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma_init
 
-    from ._gluon import ring_barriers, sequence, store_zeros
+    from ._gluon import ring_barriers, sequence, store_zeros, tma_reduce_add
 
 # (BLOCK_M query rows per step, stages of the q/r/dO ring, dk/dv products left in flight into the
 # next step) by head dim; the key block is 128 (64 per consumer warpgroup).
@@ -57,10 +57,10 @@ if HAVE_GLUON:
     @gluon.jit
     def _dkv_consumer(p, scale, scale_log2, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
                       STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, IN_FLIGHT: gl.constexpr,
-                      STATS_TMA: gl.constexpr, WG: gl.constexpr):
+                      STATS_TMA: gl.constexpr, FUSED: gl.constexpr, ORDERED: gl.constexpr, WG: gl.constexpr):
         (k_smem, v_smem, q_bufs, r_bufs, do_bufs, stat_bufs, kv_bar, ready, empty, q_desc, r_desc, do_desc, k_desc,
          v_desc, stat_descs, LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl, n0, lq, lk, shift,
-         left, right, start, blocks, steps, q_row0, k_row0, hk) = p
+         left, right, start, blocks, steps, q_row0, k_row0, hk, fused) = p
         HALF: gl.constexpr = 64
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_M, 16])
@@ -91,8 +91,7 @@ if HAVE_GLUON:
             tt = warpgroup_mma(k_t, r_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
             at = warpgroup_mma(v_t, do_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
             # the row statistics load while the products run
-            g = it // blocks
-            m0 = start + (it - g * blocks) * BLOCK_M
+            g, m0 = _step_rows(it, start, blocks, G, BLOCK_M, FUSED)
             offs_m = m0 + gl.arange(0, BLOCK_M, layout=queries_l)
             in_q = offs_m < lq
             s_off = s_base + g * stride_sh + offs_m
@@ -125,8 +124,19 @@ if HAVE_GLUON:
             at = warpgroup_mma_wait(num_outstanding=1, deps=(at,))
             pa = pt * (at - beta[None, :])
             ds1 = (pt * (at - delta[None, :]) + pa * tc) * scale
-            dk = warpgroup_mma(gl.convert_layout(ds1.to(dtype), op_layout), q_s, dk, is_async=True)
-            dk = warpgroup_mma(gl.convert_layout((-pa).to(dtype), op_layout), r_s, dk, is_async=True)
+            ds1 = ds1.to(dtype)
+            ds2 = (-pa).to(dtype)
+            dk = warpgroup_mma(gl.convert_layout(ds1, op_layout), q_s, dk, is_async=True)
+            dk = warpgroup_mma(gl.convert_layout(ds2, op_layout), r_s, dk, is_async=True)
+            if FUSED:
+                # this warpgroup's 64 keys of dS1, dS2 (queries x keys) for the worker's dq, dr products
+                ds_smem, ds_full, ds_empty = fused[0], fused[1], fused[2]
+                buf = it % 2
+                mbarrier.wait(ds_empty.index(buf), ((it // 2) & 1) ^ 1)
+                ds_smem.index(buf * 4 + WG).store(gl.permute(ds1, (1, 0)))
+                ds_smem.index(buf * 4 + 2 + WG).store(gl.permute(ds2, (1, 0)))
+                fence_async_shared()
+                mbarrier.arrive(ds_full.index(buf))
             if not IN_FLIGHT:
                 # retire dk and dv here: keeping them in flight into the next step's score products
                 # needs more than 240 registers at 32 query rows (ptxas then serializes every MMA)
@@ -148,10 +158,10 @@ if HAVE_GLUON:
     @gluon.jit
     def _dkv_producer(p, scale, scale_log2, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
                       STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, IN_FLIGHT: gl.constexpr,
-                      STATS_TMA: gl.constexpr, WG: gl.constexpr):
+                      STATS_TMA: gl.constexpr, FUSED: gl.constexpr, ORDERED: gl.constexpr, WG: gl.constexpr):
         (k_smem, v_smem, q_bufs, r_bufs, do_bufs, stat_bufs, kv_bar, ready, empty, q_desc, r_desc, do_desc, k_desc,
          v_desc, stat_descs, LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl, n0, lq, lk, shift,
-         left, right, start, blocks, steps, q_row0, k_row0, hk) = p
+         left, right, start, blocks, steps, q_row0, k_row0, hk, fused) = p
         mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [n0, hk * D], kv_bar, k_smem)
         tma.async_copy_global_to_shared(v_desc, [n0, hk * D], kv_bar, v_smem)
@@ -159,8 +169,7 @@ if HAVE_GLUON:
             stage = it % STAGES
             # a fresh mbarrier counts as having completed the phase before phase 0
             mbarrier.wait(empty.index(stage), ((it // STAGES) & 1) ^ 1)
-            g = it // blocks
-            m0 = start + (it - g * blocks) * BLOCK_M
+            g, m0 = _step_rows(it, start, blocks, G, BLOCK_M, FUSED)
             col = (hk * G + g) * D
             bar = ready.index(stage)
             if STATS_TMA:
@@ -174,14 +183,152 @@ if HAVE_GLUON:
             tma.async_copy_global_to_shared(r_desc, [m0, col], bar, r_bufs.index(stage))
             tma.async_copy_global_to_shared(do_desc, [m0, col], bar, do_bufs.index(stage))
 
+if HAVE_GLUON:
+    @gluon.jit
+    def _step_rows(it, start, blocks, G: gl.constexpr, BLOCK_M: gl.constexpr, FUSED: gl.constexpr):
+        """(query head of the GQA group, first query row) of step it of a key block's walk."""
+        if FUSED:
+            # query blocks from the last one down, the group's heads inner: every key block of a head
+            # reaches a given query block at the same step, so the ordered dq/dr additions (key block
+            # n after n - 1, which starts no later) seldom wait
+            mi = it // G
+            g = it - mi * G
+            m0 = start + (blocks - 1 - mi) * BLOCK_M
+        else:
+            g = it // blocks
+            m0 = start + (it - g * blocks) * BLOCK_M
+        return g, m0
+
+    @gluon.jit
+    def _wait_turn(ptr, turn):
+        """Spin until the counter at ptr reaches turn (ld.acquire at GPU scope); a counter that never
+        gets there (a bug in the turn arithmetic) traps after 2^24 polls (seconds) instead of hanging."""
+        gl.inline_asm_elementwise(
+            """{
+            .reg .pred %p<2>;
+            .reg .b32 %v<1>;
+            .reg .b32 %n<1>;
+            mov.b32 %n0, 0;
+            $$L_turn_${:uid}:
+            ld.acquire.gpu.global.b32 %v0, [$1];
+            add.s32 %n0, %n0, 1;
+            setp.gt.s32 %p1, %n0, 16777216;
+            @%p1 trap;
+            setp.ne.s32 %p0, %v0, $2;
+            @%p0 bra $$L_turn_${:uid};
+            mov.b32 $0, %v0;
+            }""",
+            "=r,l,r", [ptr, turn], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _pass_turn(ptr):
+        """Hand the counter at ptr to the next key block once this thread's bulk additions have landed in
+        global memory (not only been read from shared memory), then one thread of the warpgroup adds 1
+        with release semantics."""
+        gl.inline_asm_elementwise(
+            "cp.async.bulk.wait_group 0;\n\tfence.proxy.async.global;\n\tmov.b32 $0, 0;",
+            "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+        gl.thread_barrier()
+        gl.inline_asm_elementwise(
+            """{
+            .reg .pred %p<1>;
+            .reg .b32 %t<1>;
+            mov.u32 %t0, %tid.x;
+            and.b32 %t0, %t0, 127;
+            setp.eq.u32 %p0, %t0, 0;
+            @%p0 red.release.gpu.global.add.s32 [$1], 1;
+            mov.b32 $0, 0;
+            }""",
+            "=r,l", [ptr], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _dkv_dq_worker(p, scale, scale_log2, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
+                       STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, IN_FLIGHT: gl.constexpr,
+                       STATS_TMA: gl.constexpr, FUSED: gl.constexpr, ORDERED: gl.constexpr, WG: gl.constexpr):
+        """The fused kernel's third warpgroup: the producer's copies, and dq^T = K^T dS1^T, dr^T = K^T dS2^T
+        for each step from the consumers' dS tiles in shared memory, added into fp32 dq, dr by TMA
+        reduce-add, 16 query rows at a time (the register budget here is 40 a thread)."""
+        (k_smem, v_smem, q_bufs, r_bufs, do_bufs, stat_bufs, kv_bar, ready, empty, q_desc, r_desc, do_desc, k_desc,
+         v_desc, stat_descs, LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl, n0, lq, lk, shift,
+         left, right, start, blocks, steps, q_row0, k_row0, hk, fused) = p
+        (ds_smem, ds_full, ds_empty, out_smem, dq_desc, dr_desc, SEM, sem_base, sem_stride, pid_n, visible) = fused
+        QC: gl.constexpr = 16
+        HALF: gl.constexpr = 64
+        LAG: gl.constexpr = STAGES - 1
+        DC: gl.constexpr = 64
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, QC, 16])
+        zero = gl.zeros([DC, QC], gl.float32, acc_layout)
+        mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [n0, hk * D], kv_bar, k_smem)
+        tma.async_copy_global_to_shared(v_desc, [n0, hk * D], kv_bar, v_smem)
+        prev_sem = SEM
+        for it in range(steps + LAG):
+            if it < steps:
+                stage = it % STAGES
+                mbarrier.wait(empty.index(stage), ((it // STAGES) & 1) ^ 1)
+                g, m0 = _step_rows(it, start, blocks, G, BLOCK_M, FUSED)
+                col = (hk * G + g) * D
+                bar = ready.index(stage)
+                if STATS_TMA:
+                    mbarrier.expect(bar, 3 * q_desc.block_type.nbytes + 4 * BLOCK_M * 4)
+                    s_row = g * stride_sh + m0
+                    for j in gl.static_range(4):
+                        tma.async_copy_global_to_shared(stat_descs[j], [s_row], bar, stat_bufs.index(stage * 4 + j))
+                else:
+                    mbarrier.expect(bar, 3 * q_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(q_desc, [m0, col], bar, q_bufs.index(stage))
+                tma.async_copy_global_to_shared(r_desc, [m0, col], bar, r_bufs.index(stage))
+                tma.async_copy_global_to_shared(do_desc, [m0, col], bar, do_bufs.index(stage))
+            j = it - LAG
+            if j >= 0:
+                mbarrier.wait(kv_bar, 0)
+                buf = j % 2
+                mbarrier.wait(ds_full.index(buf), (j // 2) & 1)
+                g, m0 = _step_rows(j, start, blocks, G, BLOCK_M, FUSED)
+                # the previous step's additions have read the staging tiles
+                tma.store_wait(0)
+                for w in gl.static_range(2):  # dq, dr
+                    for qc in gl.static_range(2):
+                        b_lo = ds_smem.index(buf * 4 + w * 2 + 0).slice(qc * QC, QC).permute((1, 0))
+                        b_hi = ds_smem.index(buf * 4 + w * 2 + 1).slice(qc * QC, QC).permute((1, 0))
+                        for dc in gl.static_range(D // DC):
+                            a_lo = k_smem.slice(0, HALF).slice(dc * DC, DC, dim=1).permute((1, 0))
+                            a_hi = k_smem.slice(HALF, HALF).slice(dc * DC, DC, dim=1).permute((1, 0))
+                            acc = warpgroup_mma(a_lo, b_lo, zero, use_acc=False, is_async=True)
+                            acc = warpgroup_mma(a_hi, b_hi, acc, is_async=True)
+                            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                            out_smem.index(w * 2 + qc).slice(dc * DC, DC, dim=1).store(gl.permute(acc, (1, 0)))
+                mbarrier.arrive(ds_empty.index(buf))
+                fence_async_shared()
+                if visible:
+                    col = (hk * G + g) * D
+                    if ORDERED:
+                        sem = SEM + sem_base + g * sem_stride + m0 // BLOCK_M
+                        if j > 0:
+                            _pass_turn(prev_sem)
+                        first = 0
+                        if HAS_LEFT:
+                            first = gl.maximum(0, (m0 + shift - left) // 128)
+                        _wait_turn(sem, pid_n - first)
+                        prev_sem = sem
+                    for qc in gl.static_range(2):
+                        tma_reduce_add(dq_desc, [m0 + qc * QC, col], out_smem.index(qc))
+                        tma_reduce_add(dr_desc, [m0 + qc * QC, col], out_smem.index(2 + qc))
+        if ORDERED:
+            if visible:
+                _pass_turn(prev_sem)
+        tma.store_wait(0)
+
+
     @gluon.jit
     def _dkv_ws_kernel(
-        Q, R, K, V, DO, LSE, TB, DELTA, BETA, DK, DV, CUQ, CUK,
+        Q, R, K, V, DO, LSE, TB, DELTA, BETA, DK, DV, DQA, DRA, SEM, CUQ, CUK,
         stride_kb, stride_kl, stride_kh, stride_sb, stride_sh,
-        seqlen_q, seqlen_k, scale, scale_log2, left, right,
+        seqlen_q, seqlen_k, scale, scale_log2, left, right, sem_blocks,
         HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
         STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-        IN_FLIGHT: gl.constexpr, STATS_TMA: gl.constexpr,
+        IN_FLIGHT: gl.constexpr, STATS_TMA: gl.constexpr, FUSED: gl.constexpr, ORDERED: gl.constexpr,
     ):
         BLOCK_N: gl.constexpr = 128
         pid_bh = gl.program_id(0)
@@ -198,6 +345,7 @@ if HAVE_GLUON:
         hi = lq
         if HAS_LEFT:
             hi = gl.minimum(lq, n_last - shift + left + 1)
+        visible = hi > lo
         hi = gl.maximum(hi, lo)
         start = lo // BLOCK_M * BLOCK_M
         # at least one step, even for a key block that no query sees (outside every window): its
@@ -247,14 +395,55 @@ if HAVE_GLUON:
             mbarrier.init(kv_bar, count=1)
             ready, empty = ring_barriers(STAGES)
 
+            if FUSED:
+                # dS1, dS2 of each step, queries x keys, one tile per (buffer, dS1 | dS2, warpgroup's 64 keys);
+                # the dq, dr pieces (16 query rows x D, fp32) that the copy engine adds into DQA, DRA
+                ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, 64], Q.dtype.element_ty)
+                ds_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [8, BLOCK_M, 64], ds_layout)
+                out_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+                out_smem = gl.allocate_shared_memory(gl.float32, [4, 16, D], out_layout)
+                ds_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+                ds_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+                for i in gl.static_range(2):
+                    mbarrier.init(ds_full.index(i), count=2)
+                    mbarrier.init(ds_empty.index(i), count=1)
+                q_off32 = q_row0.to(gl.int64) * (HQ * D)
+                dq_desc = tma.make_tensor_descriptor(DQA + q_off32, [lq, HQ * D], [HQ * D, 1], [16, D], out_layout)
+                dr_desc = tma.make_tensor_descriptor(DRA + q_off32, [lq, HQ * D], [HQ * D, 1], [16, D], out_layout)
+                # turn counters per (sequence, query head, query block)
+                sem_base = (b32 * HQ + hk * G).to(gl.int64) * sem_blocks
+                fused = (ds_smem, ds_full, ds_empty, out_smem, dq_desc, dr_desc, SEM, sem_base, sem_blocks,
+                         gl.program_id(1), visible)
+            else:
+                fused = (kv_bar,)
             p = (k_smem, v_smem, q_bufs, r_bufs, do_bufs, stat_bufs, kv_bar, ready, empty, q_desc, r_desc, do_desc,
                  k_desc, v_desc, stat_descs, LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl,
-                 n0, lq, lk, shift, left, right, start, blocks, steps, q_row0, k_row0, hk)
-            gl.warp_specialize([
-                (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT, STATS_TMA, 0)),
-                (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT, STATS_TMA, 1)),
-                (_dkv_producer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT, STATS_TMA, 0)),
-            ], [4, 1], [240, 24])  # _gluon.CONSUMER_REGS, PRODUCER_REGS
+                 n0, lq, lk, shift, left, right, start, blocks, steps, q_row0, k_row0, hk, fused)
+            if FUSED:
+                gl.warp_specialize([
+                    (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT,
+                                     STATS_TMA, FUSED, ORDERED, 0)),
+                    (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT,
+                                     STATS_TMA, FUSED, ORDERED, 1)),
+                    (_dkv_dq_worker, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT,
+                                      STATS_TMA, FUSED, ORDERED, 0)),
+                ], [4, 4], [FUSED_CONSUMER_REGS, FUSED_WORKER_REGS])
+            else:
+                gl.warp_specialize([
+                    (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT,
+                                     STATS_TMA, FUSED, ORDERED, 0)),
+                    (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT,
+                                     STATS_TMA, FUSED, ORDERED, 1)),
+                    (_dkv_producer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT,
+                                     STATS_TMA, FUSED, ORDERED, 0)),
+                ], [4, 1], [240, 24])  # _gluon.CONSUMER_REGS, PRODUCER_REGS
+
+
+# The fused kernel's partitions: two consumers at 232 registers (the dk/dv consumer spills below
+# that) and the producer + dq/dr warpgroup at 40: (12 x 168 - 4 x 232 - 4 x 40) / 4 = 232 for the first.
+FUSED_CONSUMER_REGS = gl.constexpr(232) if HAVE_GLUON else 232
+FUSED_WORKER_REGS = gl.constexpr(40) if HAVE_GLUON else 40
+FUSED_CONFIG = {128: (32, 3)}
 
 
 def usable(q, k, d: int, tensors) -> bool:
@@ -271,11 +460,32 @@ def launch(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
     # rows of a multiple of 4 in the dense layout
     stats_tma = STATS_TMA and not meta["VARLEN"] and max_q % 4 == 0
     return _gluon.launch(_dkv_ws_kernel, grid,
-        q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg, *sk, *ss, max_q, max_k,
-        scale, scale * LOG2E, left, right,
+        q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, dk, dv, dk, cu_q_arg, cu_k_arg, *sk, *ss, max_q, max_k,
+        scale, scale * LOG2E, left, right, 0,
         HQ=q.shape[-2], HKV=hkv, G=meta["G"], D=meta["D"], BLOCK_M=block_m, STAGES=stages,
         VARLEN=meta["VARLEN"], HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"],
-        IN_FLIGHT=in_flight, STATS_TMA=stats_tma, num_warps=4, maxnreg=MAXNREG)
+        IN_FLIGHT=in_flight, STATS_TMA=stats_tma, FUSED=False, ORDERED=False, num_warps=4, maxnreg=MAXNREG)
+
+
+def fused_usable(q, k, d: int, tensors) -> bool:
+    """Whether the fused backward kernel can run (see _gluon.usable): head dim 128."""
+    return _gluon.usable(q, d, FUSED_CONFIG, tensors)
+
+
+def launch_fused(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, dqa, dra, sem, cu_q_arg, cu_k_arg, batch, hkv,
+                 sk, ss, max_q, max_k, scale, left, right, meta, ordered: bool):
+    """dk, dv, and dq, dr added into the zeroed fp32 dqa, dra (layout of q), in one kernel; with ordered,
+    each query block's additions come in key-block order (sem: zeroed int32 turn counters, one per
+    (sequence, query head, BLOCK_M query rows)), so dq and dr are the same on every run."""
+    block_m, stages = FUSED_CONFIG[meta["D"]]
+    grid = (batch * hkv, (max_k + BLOCK_N - 1) // BLOCK_N)
+    stats_tma = STATS_TMA and not meta["VARLEN"] and max_q % 4 == 0
+    return _gluon.launch(_dkv_ws_kernel, grid,
+        q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, dqa, dra, sem, cu_q_arg, cu_k_arg, *sk, *ss, max_q, max_k,
+        scale, scale * LOG2E, left, right, (max_q + block_m - 1) // block_m,
+        HQ=q.shape[-2], HKV=hkv, G=meta["G"], D=meta["D"], BLOCK_M=block_m, STAGES=stages,
+        VARLEN=meta["VARLEN"], HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"],
+        IN_FLIGHT=False, STATS_TMA=stats_tma, FUSED=True, ORDERED=ordered, num_warps=4, maxnreg=MAXNREG)
 
 
 # On by default where usable(); PARALLAX_DKV_GLUON=0 runs the Triton dk/dv kernel instead.

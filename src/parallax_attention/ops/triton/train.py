@@ -888,7 +888,12 @@ def bwd(dout, q, r, k, v, out, vbar, lse, tbar, cu_q, cu_k, max_q: int, max_k: i
     meta = dict(G=hq // hkv, D=d, BLOCK_D=max(16, next_pow2(d)), VARLEN=varlen,
                 HAS_LEFT=has_left, HAS_RIGHT=has_right, PREC=_prec(q.dtype))
     tail = (*sq, *sk, *ss, max_q, max_k, scale, scale * LOG2E, left, right, key)
-    if bwd_mode() == "atomic":
+    mode = bwd_mode()
+    if mode in ("fused", "fused_atomic") and k.numel() and q.numel() and dkv_gluon.fused_usable(
+            q, k, d, (q, r, k, v, out, vbar, dout)):
+        return _bwd_fused(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
+                          batch, hq, hkv, sq, sk, ss, max_q, max_k, scale, left, right, meta, mode == "fused")
+    if mode == "atomic":
         return _bwd_atomic(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
                            batch, hq, hkv, sq, sk, ss, max_q, max_k, scale, left, right, key, meta)
     if dq_gluon.ENABLED and dq_gluon.usable(q, k, d, (q, r, k, v, out, vbar, dout)) and q.numel():
@@ -917,13 +922,34 @@ def bwd(dout, q, r, k, v, out, vbar, lse, tbar, cu_q, cu_k, max_q: int, max_k: i
     return dq, dr, dk, dv
 
 
+BWD_MODES = ("deterministic", "atomic", "fused", "fused_atomic")
+
+
 def bwd_mode() -> str:
-    """"deterministic" (default: two kernels, no atomics) or "atomic" (opt-in through
-    PARALLAX_TRAIN_BWD=atomic: one fused kernel, dq/dr summed with fp32 atomics)."""
+    """PARALLAX_TRAIN_BWD: "deterministic" (default: two kernels, no atomics), "atomic" (one fused Triton
+    kernel, dq/dr summed with fp32 atomics), "fused" (Hopper, D = 128: one warp-specialized Gluon kernel,
+    dq/dr added by TMA reduce-add in key-block order, deterministic) or "fused_atomic" (the same kernel,
+    additions in arrival order). Inputs the fused kernels do not take run the default."""
     mode = os.environ.get("PARALLAX_TRAIN_BWD", "deterministic")
-    if mode not in ("deterministic", "atomic"):
-        raise ValueError(f"PARALLAX_TRAIN_BWD: expected 'deterministic' or 'atomic', got {mode!r}")
+    if mode not in BWD_MODES:
+        raise ValueError(f"PARALLAX_TRAIN_BWD: expected one of {BWD_MODES}, got {mode!r}")
     return mode
+
+
+def _bwd_fused(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
+               batch, hq, hkv, sq, sk, ss, max_q, max_k, scale, left, right, meta, ordered):
+    pre_m = 64
+    _bwd_pre_kernel[(batch * hq, cdiv(max_q, pre_m))](
+        out, vbar, dout, delta, beta, cu_q_arg, *sq, *ss, max_q, HQ=hq, D=meta["D"], BLOCK_D=meta["BLOCK_D"],
+        BLOCK_M=pre_m, VARLEN=meta["VARLEN"])
+    dqa = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    dra = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    block_m = dkv_gluon.FUSED_CONFIG[meta["D"]][0]
+    sem = torch.zeros(batch * hq * cdiv(max_q, block_m) if ordered else 1, device=q.device, dtype=torch.int32)
+    LAST_COMPILED["dkv"] = _with_scratch(lambda: dkv_gluon.launch_fused(
+        q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, dqa, dra, sem, cu_q_arg, cu_k_arg, batch, hkv, sk, ss,
+        max_q, max_k, scale, left, right, meta, ordered))
+    return dqa.to(q.dtype), dra.to(r.dtype), dk, dv
 
 
 def _bwd_atomic(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
