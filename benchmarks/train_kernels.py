@@ -441,7 +441,7 @@ def _set_kernels(tma=None, mha128=None, gluon=None, fwd_gluon=None, dq_gluon=Non
     off; dq_config: its CONFIG entry at D=128); no arguments restore the defaults."""
     from parallax_attention.ops.triton import dkv_gluon, dq_gluon as dg, fwd_gluon as fg
     from parallax_attention.ops.triton import train as tr
-    if not _DEFAULTS:
+    if "dkv" not in _DEFAULTS:
         _DEFAULTS.update(dkv=dict(tr.DKV_TMA_CONFIG), gluon=dkv_gluon.ENABLED, fwd_gluon=fg.ENABLED,
                          dq_gluon=dg.ENABLED, dq_config=dict(dg.CONFIG))
     dg.ENABLED = _DEFAULTS["dq_gluon"] if dq_gluon is None else dq_gluon
@@ -452,8 +452,15 @@ def _set_kernels(tma=None, mha128=None, gluon=None, fwd_gluon=None, dq_gluon=Non
     tr.DKV_TMA_CONFIG = {**_DEFAULTS["dkv"], **({(128, "mha"): mha128} if mha128 else {})}
 
 
-def _set_bwd_mode(mode):
+def _set_bwd_mode(mode, worker=None):
+    """PARALLAX_TRAIN_BWD, and for the fused kernel its worker's (query columns, registers)."""
+    from parallax_attention.ops.triton import dkv_gluon
     os.environ["PARALLAX_TRAIN_BWD"] = mode
+    if "fused" not in _DEFAULTS:
+        _DEFAULTS["fused"] = dict(dkv_gluon.FUSED_CONFIG)
+    dkv_gluon.FUSED_CONFIG = dict(_DEFAULTS["fused"])
+    if worker:
+        dkv_gluon.FUSED_CONFIG[128] = dkv_gluon.FUSED_CONFIG[128][:2] + worker
 
 
 def _set_fast_launch(on):
@@ -480,6 +487,12 @@ VARIANT_AB = {
     # in key-block order or in arrival order (PARALLAX_TRAIN_BWD)
     "bwd_fused": [("split", lambda: _set_bwd_mode("deterministic")), ("fused", lambda: _set_bwd_mode("fused")),
                   ("fused atomic", lambda: _set_bwd_mode("fused_atomic"))],
+    # the fused kernel's dq/dr warpgroup: m64 x 16 products at 40 registers or m64 x 32 at 56
+    "bwd_worker": [("split", lambda: _set_bwd_mode("deterministic")),
+                   ("fused atomic 16/40", lambda: _set_bwd_mode("fused_atomic", (16, 40))),
+                   ("fused atomic 32/56", lambda: _set_bwd_mode("fused_atomic", (32, 56))),
+                   ("fused 16/40", lambda: _set_bwd_mode("fused", (16, 40))),
+                   ("fused 32/56", lambda: _set_bwd_mode("fused", (32, 56)))],
 }
 
 

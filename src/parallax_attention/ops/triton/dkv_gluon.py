@@ -252,10 +252,10 @@ if HAVE_GLUON:
          v_desc, stat_descs, LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl, n0, lq, lk, shift,
          left, right, start, blocks, steps, q_row0, k_row0, hk, fused) = p
         (ds_smem, ds_full, ds_empty, out_smem, dq_desc, dr_desc, SEM, sem_base, sem_stride, pid_n, visible) = fused
-        QC: gl.constexpr = 16
         HALF: gl.constexpr = 64
-        LAG: gl.constexpr = STAGES - 1
         DC: gl.constexpr = 64
+        QC: gl.constexpr = out_smem.shape[2]  # the kernel's WORKER_QC
+        LAG: gl.constexpr = STAGES - 1
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                              instr_shape=[16, QC, 16])
         zero = gl.zeros([DC, QC], gl.float32, acc_layout)
@@ -289,7 +289,7 @@ if HAVE_GLUON:
                 # the previous step's additions have read the staging tiles
                 tma.store_wait(0)
                 for w in gl.static_range(2):  # dq, dr
-                    for qc in gl.static_range(2):
+                    for qc in gl.static_range(BLOCK_M // QC):
                         b_lo = ds_smem.index(buf * 4 + w * 2 + 0).slice(qc * QC, QC).permute((1, 0))
                         b_hi = ds_smem.index(buf * 4 + w * 2 + 1).slice(qc * QC, QC).permute((1, 0))
                         for dc in gl.static_range(D // DC):
@@ -298,11 +298,11 @@ if HAVE_GLUON:
                             acc = warpgroup_mma(a_lo, b_lo, zero, use_acc=False, is_async=True)
                             acc = warpgroup_mma(a_hi, b_hi, acc, is_async=True)
                             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                            out_smem.index(w * 2 + qc).slice(dc * DC, DC, dim=1).store(gl.permute(acc, (1, 0)))
+                            out_smem.index((w * (BLOCK_M // QC) + qc) * (D // DC) + dc).store(acc)
                 mbarrier.arrive(ds_empty.index(buf))
                 fence_async_shared()
                 if visible:
-                    col = (hk * G + g) * D
+                    row = (hk * G + g) * D
                     if ORDERED:
                         sem = SEM + sem_base + g * sem_stride + m0 // BLOCK_M
                         if j > 0:
@@ -312,9 +312,12 @@ if HAVE_GLUON:
                             first = gl.maximum(0, (m0 + shift - left) // 128)
                         _wait_turn(sem, pid_n - first)
                         prev_sem = sem
-                    for qc in gl.static_range(2):
-                        tma_reduce_add(dq_desc, [m0 + qc * QC, col], out_smem.index(qc))
-                        tma_reduce_add(dr_desc, [m0 + qc * QC, col], out_smem.index(2 + qc))
+                    PIECES: gl.constexpr = (BLOCK_M // QC) * (D // DC)
+                    for qc in gl.static_range(BLOCK_M // QC):
+                        for dc in gl.static_range(D // DC):
+                            i = qc * (D // DC) + dc
+                            tma_reduce_add(dq_desc, [row + dc * DC, q_row0 + m0 + qc * QC], out_smem.index(i))
+                            tma_reduce_add(dr_desc, [row + dc * DC, q_row0 + m0 + qc * QC], out_smem.index(PIECES + i))
         if ORDERED:
             if visible:
                 _pass_turn(prev_sem)
@@ -325,10 +328,11 @@ if HAVE_GLUON:
     def _dkv_ws_kernel(
         Q, R, K, V, DO, LSE, TB, DELTA, BETA, DK, DV, DQA, DRA, SEM, CUQ, CUK,
         stride_kb, stride_kl, stride_kh, stride_sb, stride_sh,
-        seqlen_q, seqlen_k, scale, scale_log2, left, right, sem_blocks,
+        seqlen_q, seqlen_k, scale, scale_log2, left, right, sem_blocks, acc_cols, acc_stride,
         HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
         STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
         IN_FLIGHT: gl.constexpr, STATS_TMA: gl.constexpr, FUSED: gl.constexpr, ORDERED: gl.constexpr,
+        WORKER_QC: gl.constexpr, WORKER_REGS: gl.constexpr,
     ):
         BLOCK_N: gl.constexpr = 128
         pid_bh = gl.program_id(0)
@@ -400,16 +404,18 @@ if HAVE_GLUON:
                 # the dq, dr pieces (16 query rows x D, fp32) that the copy engine adds into DQA, DRA
                 ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, 64], Q.dtype.element_ty)
                 ds_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [8, BLOCK_M, 64], ds_layout)
-                out_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
-                out_smem = gl.allocate_shared_memory(gl.float32, [4, 16, D], out_layout)
+                out_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, WORKER_QC], gl.float32)
+                out_smem = gl.allocate_shared_memory(gl.float32, [2 * (BLOCK_M // WORKER_QC) * (D // 64), 64, WORKER_QC],
+                                                     out_layout)
                 ds_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
                 ds_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
                 for i in gl.static_range(2):
                     mbarrier.init(ds_full.index(i), count=2)
                     mbarrier.init(ds_empty.index(i), count=1)
-                q_off32 = q_row0.to(gl.int64) * (HQ * D)
-                dq_desc = tma.make_tensor_descriptor(DQA + q_off32, [lq, HQ * D], [HQ * D, 1], [16, D], out_layout)
-                dr_desc = tma.make_tensor_descriptor(DRA + q_off32, [lq, HQ * D], [HQ * D, 1], [16, D], out_layout)
+                # dq^T, dr^T: (query head, head-dim) rows x all queries of the batch; a tile reaching past
+                # this sequence's queries adds exact zeros to the next one's (its dS columns are 0 there)
+                dq_desc = tma.make_tensor_descriptor(DQA, [HQ * D, acc_cols], [acc_stride, 1], [64, WORKER_QC], out_layout)
+                dr_desc = tma.make_tensor_descriptor(DRA, [HQ * D, acc_cols], [acc_stride, 1], [64, WORKER_QC], out_layout)
                 # turn counters per (sequence, query head, query block)
                 sem_base = (b32 * HQ + hk * G).to(gl.int64) * sem_blocks
                 fused = (ds_smem, ds_full, ds_empty, out_smem, dq_desc, dr_desc, SEM, sem_base, sem_blocks,
@@ -427,7 +433,7 @@ if HAVE_GLUON:
                                      STATS_TMA, FUSED, ORDERED, 1)),
                     (_dkv_dq_worker, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT,
                                       STATS_TMA, FUSED, ORDERED, 0)),
-                ], [4, 4], [FUSED_CONSUMER_REGS, FUSED_WORKER_REGS])
+                ], [4, 4], [252 - WORKER_REGS // 2, WORKER_REGS])
             else:
                 gl.warp_specialize([
                     (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT,
@@ -439,11 +445,12 @@ if HAVE_GLUON:
                 ], [4, 1], [240, 24])  # _gluon.CONSUMER_REGS, PRODUCER_REGS
 
 
-# The fused kernel's partitions: two consumers at 232 registers (the dk/dv consumer spills below
-# that) and the producer + dq/dr warpgroup at 40: (12 x 168 - 4 x 232 - 4 x 40) / 4 = 232 for the first.
-FUSED_CONSUMER_REGS = gl.constexpr(232) if HAVE_GLUON else 232
-FUSED_WORKER_REGS = gl.constexpr(40) if HAVE_GLUON else 40
-FUSED_CONFIG = {128: (32, 3)}
+# The fused kernel by head dim: (BLOCK_M query rows per step, ring stages, query columns of each of the
+# dq/dr warpgroup's products, that warpgroup's registers). With W registers there the two consumers
+# get 252 - W / 2 each (12 warps x 168 at launch); the dk/dv consumer spills below 232, and the
+# worker's m64 x 16 products (8 accumulator registers) fit in 40, m64 x 32 ones do not (ptxas then
+# serializes every warp-group MMA of the kernel).
+FUSED_CONFIG = {128: (32, 3, 16, 40)}
 
 
 def usable(q, k, d: int, tensors) -> bool:
@@ -461,10 +468,11 @@ def launch(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
     stats_tma = STATS_TMA and not meta["VARLEN"] and max_q % 4 == 0
     return _gluon.launch(_dkv_ws_kernel, grid,
         q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, dk, dv, dk, cu_q_arg, cu_k_arg, *sk, *ss, max_q, max_k,
-        scale, scale * LOG2E, left, right, 0,
+        scale, scale * LOG2E, left, right, 0, 0, 0,
         HQ=q.shape[-2], HKV=hkv, G=meta["G"], D=meta["D"], BLOCK_M=block_m, STAGES=stages,
         VARLEN=meta["VARLEN"], HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"],
-        IN_FLIGHT=in_flight, STATS_TMA=stats_tma, FUSED=False, ORDERED=False, num_warps=4, maxnreg=MAXNREG)
+        IN_FLIGHT=in_flight, STATS_TMA=stats_tma, FUSED=False, ORDERED=False, WORKER_QC=16, WORKER_REGS=40,
+        num_warps=4, maxnreg=MAXNREG)
 
 
 def fused_usable(q, k, d: int, tensors) -> bool:
@@ -474,18 +482,20 @@ def fused_usable(q, k, d: int, tensors) -> bool:
 
 def launch_fused(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, dqa, dra, sem, cu_q_arg, cu_k_arg, batch, hkv,
                  sk, ss, max_q, max_k, scale, left, right, meta, ordered: bool):
-    """dk, dv, and dq, dr added into the zeroed fp32 dqa, dra (layout of q), in one kernel; with ordered,
+    """dk, dv, and dq^T, dr^T added into the zeroed fp32 dqa, dra ((query heads x D) rows, one column per
+    query of the batch, row stride a multiple of 4) in one kernel; with ordered,
     each query block's additions come in key-block order (sem: zeroed int32 turn counters, one per
     (sequence, query head, BLOCK_M query rows)), so dq and dr are the same on every run."""
-    block_m, stages = FUSED_CONFIG[meta["D"]]
+    block_m, stages, worker_qc, worker_regs = FUSED_CONFIG[meta["D"]]
     grid = (batch * hkv, (max_k + BLOCK_N - 1) // BLOCK_N)
     stats_tma = STATS_TMA and not meta["VARLEN"] and max_q % 4 == 0
     return _gluon.launch(_dkv_ws_kernel, grid,
         q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, dqa, dra, sem, cu_q_arg, cu_k_arg, *sk, *ss, max_q, max_k,
-        scale, scale * LOG2E, left, right, (max_q + block_m - 1) // block_m,
+        scale, scale * LOG2E, left, right, (max_q + block_m - 1) // block_m, dqa.shape[-1], dqa.stride(0),
         HQ=q.shape[-2], HKV=hkv, G=meta["G"], D=meta["D"], BLOCK_M=block_m, STAGES=stages,
         VARLEN=meta["VARLEN"], HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"],
-        IN_FLIGHT=False, STATS_TMA=stats_tma, FUSED=True, ORDERED=ordered, num_warps=4, maxnreg=MAXNREG)
+        IN_FLIGHT=False, STATS_TMA=stats_tma, FUSED=True, ORDERED=ordered, WORKER_QC=worker_qc,
+        WORKER_REGS=worker_regs, num_warps=4, maxnreg=MAXNREG)
 
 
 # On by default where usable(); PARALLAX_DKV_GLUON=0 runs the Triton dk/dv kernel instead.

@@ -603,6 +603,32 @@ def _bwd_pre_kernel(O, VB, DO, DELTA, BETA, CUQ,
     tl.store(BETA + s_off, tl.sum(do * vb, 1), mask=row_mask)
 
 
+@triton.jit
+def _fused_acc_out_kernel(ACC, DQ, DR, T, acc_stride, HQ: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """dq[t, h, :] = ACC[0, h D : (h + 1) D, t] and dr from ACC[1], in the output dtype: the fused
+    backward's fp32 sums (held transposed, as its dq^T = K^T dS^T products come out) to q's layout."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.program_id(1)
+    offs_d = tl.arange(0, D)
+    t_mask = offs_t < T
+    src = (h * D + offs_d)[:, None].to(tl.int64) * acc_stride + offs_t[None, :]
+    dst = offs_t[:, None].to(tl.int64) * (HQ * D) + h * D + offs_d[None, :]
+    x = tl.load(ACC + src, mask=t_mask[None, :], other=0.0)
+    tl.store(DQ + dst, tl.trans(x).to(DQ.dtype.element_ty), mask=t_mask[:, None])
+    x = tl.load(ACC + HQ * D * acc_stride + src, mask=t_mask[None, :], other=0.0)
+    tl.store(DR + dst, tl.trans(x).to(DR.dtype.element_ty), mask=t_mask[:, None])
+
+
+def fused_acc_out(acc, dq, dr):
+    """dq, dr (rows, HQ, D) from the fused backward's fp32 (2, HQ * D, >= rows) sums."""
+    rows, hq, d = dq.shape[0] if dq.dim() == 3 else dq.shape[0] * dq.shape[1], dq.shape[-2], dq.shape[-1]
+    block_t = 64
+    if rows:
+        _fused_acc_out_kernel[(cdiv(rows, block_t), hq)](acc, dq, dr, rows, acc.stride(1), HQ=hq, D=d,
+                                                        BLOCK_T=block_t)
+    return dq, dr
+
+
 # ----------------------------------------------------------------------------------------
 # launch configuration
 # ----------------------------------------------------------------------------------------
@@ -942,14 +968,17 @@ def _bwd_fused(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dk, dv, cu_q
     _bwd_pre_kernel[(batch * hq, cdiv(max_q, pre_m))](
         out, vbar, dout, delta, beta, cu_q_arg, *sq, *ss, max_q, HQ=hq, D=meta["D"], BLOCK_D=meta["BLOCK_D"],
         BLOCK_M=pre_m, VARLEN=meta["VARLEN"])
-    dqa = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-    dra = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    # dq^T and dr^T summed in fp32: (query heads x D) rows, a column per query of the batch (TMA rows are
+    # 16-byte aligned)
+    rows = q.shape[0] if meta["VARLEN"] else batch * max_q
+    acc = torch.zeros(2, hq * meta["D"], cdiv(max(rows, 1), 4) * 4, device=q.device, dtype=torch.float32)
+    dqa, dra = acc[0, :, :rows], acc[1, :, :rows]
     block_m = dkv_gluon.FUSED_CONFIG[meta["D"]][0]
     sem = torch.zeros(batch * hq * cdiv(max_q, block_m) if ordered else 1, device=q.device, dtype=torch.int32)
     LAST_COMPILED["dkv"] = _with_scratch(lambda: dkv_gluon.launch_fused(
         q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, dqa, dra, sem, cu_q_arg, cu_k_arg, batch, hkv, sk, ss,
         max_q, max_k, scale, left, right, meta, ordered))
-    return dqa.to(q.dtype), dra.to(r.dtype), dk, dv
+    return (*fused_acc_out(acc, torch.empty_like(q), torch.empty_like(r)), dk, dv)
 
 
 def _bwd_atomic(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
@@ -973,4 +1002,4 @@ def _bwd_atomic(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dk, dv, cu_
             launch = dict(num_warps=w, num_stages=st)
         _bwd_dkv_kernel[(batch * hkv, cdiv(max_k, bn))](
             *args, HKV=hkv, BLOCK_M=bm, BLOCK_N=bn, FUSED=True, **meta, **launch)
-    return dqa.to(q.dtype), dra.to(r.dtype), dk, dv
+    return (*fused_acc_out(acc, torch.empty_like(q), torch.empty_like(r)), dk, dv)
