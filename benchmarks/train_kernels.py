@@ -452,10 +452,12 @@ def _set_kernels(tma=None, mha128=None, gluon=None, fwd_gluon=None, dq_gluon=Non
     tr.DKV_TMA_CONFIG = {**_DEFAULTS["dkv"], **({(128, "mha"): mha128} if mha128 else {})}
 
 
-def _set_bwd_mode(mode, worker=None):
-    """PARALLAX_TRAIN_BWD, and for the fused kernel its worker's (query columns, registers)."""
+def _set_bwd_mode(mode, worker=None, skip=0):
+    """PARALLAX_TRAIN_BWD, and for the fused kernel its worker's (query columns, registers) and the
+    timing-only FUSED_SKIP."""
     from parallax_attention.ops.triton import dkv_gluon
     os.environ["PARALLAX_TRAIN_BWD"] = mode
+    dkv_gluon.FUSED_SKIP = skip
     if "fused" not in _DEFAULTS:
         _DEFAULTS["fused"] = dict(dkv_gluon.FUSED_CONFIG)
     dkv_gluon.FUSED_CONFIG = dict(_DEFAULTS["fused"])
@@ -487,6 +489,10 @@ VARIANT_AB = {
     # in key-block order or in arrival order (PARALLAX_TRAIN_BWD)
     "bwd_fused": [("split", lambda: _set_bwd_mode("deterministic")), ("fused", lambda: _set_bwd_mode("fused")),
                   ("fused atomic", lambda: _set_bwd_mode("fused_atomic"))],
+    # timing only, wrong dq/dr: the fused kernel without its reduce-adds (1), also without the dq/dr
+    # products (2), also without handing dS over (3)
+    "bwd_skip": [("split", lambda: _set_bwd_mode("deterministic"))] + [
+        (f"fused atomic skip {n}", (lambda n: lambda: _set_bwd_mode("fused_atomic", skip=n))(n)) for n in range(4)],
     # the fused kernel's dq/dr warpgroup: m64 x 16 products at 40 registers or m64 x 32 at 56
     "bwd_worker": [("split", lambda: _set_bwd_mode("deterministic")),
                    ("fused atomic 16/40", lambda: _set_bwd_mode("fused_atomic", (16, 40))),

@@ -128,7 +128,7 @@ if HAVE_GLUON:
             ds2 = (-pa).to(dtype)
             dk = warpgroup_mma(gl.convert_layout(ds1, op_layout), q_s, dk, is_async=True)
             dk = warpgroup_mma(gl.convert_layout(ds2, op_layout), r_s, dk, is_async=True)
-            if FUSED:
+            if FUSED and FUSED < 4:
                 # this warpgroup's 64 keys of dS1, dS2 (queries x keys) for the worker's dq, dr products
                 ds_smem, ds_full, ds_empty = fused[0], fused[1], fused[2]
                 buf = it % 2
@@ -284,11 +284,12 @@ if HAVE_GLUON:
             if j >= 0:
                 mbarrier.wait(kv_bar, 0)
                 buf = j % 2
-                mbarrier.wait(ds_full.index(buf), (j // 2) & 1)
+                if FUSED < 4:
+                    mbarrier.wait(ds_full.index(buf), (j // 2) & 1)
                 g, m0 = _step_rows(j, start, blocks, G, BLOCK_M, FUSED)
                 # the previous step's additions have read the staging tiles
                 tma.store_wait(0)
-                for w in gl.static_range(2):  # dq, dr
+                for w in gl.static_range(2 if FUSED < 3 else 0):  # dq, dr
                     for qc in gl.static_range(BLOCK_M // QC):
                         b_lo = ds_smem.index(buf * 4 + w * 2 + 0).slice(qc * QC, QC).permute((1, 0))
                         b_hi = ds_smem.index(buf * 4 + w * 2 + 1).slice(qc * QC, QC).permute((1, 0))
@@ -299,9 +300,10 @@ if HAVE_GLUON:
                             acc = warpgroup_mma(a_hi, b_hi, acc, is_async=True)
                             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
                             out_smem.index((w * (BLOCK_M // QC) + qc) * (D // DC) + dc).store(acc)
-                mbarrier.arrive(ds_empty.index(buf))
+                if FUSED < 4:
+                    mbarrier.arrive(ds_empty.index(buf))
                 fence_async_shared()
-                if visible:
+                if visible and FUSED < 2:
                     row = (hk * G + g) * D
                     if ORDERED:
                         sem = SEM + sem_base + g * sem_stride + m0 // BLOCK_M
@@ -332,7 +334,7 @@ if HAVE_GLUON:
         HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
         STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
         IN_FLIGHT: gl.constexpr, STATS_TMA: gl.constexpr, FUSED: gl.constexpr, ORDERED: gl.constexpr,
-        WORKER_QC: gl.constexpr, WORKER_REGS: gl.constexpr,
+        WORKER_QC: gl.constexpr, WORKER_REGS: gl.constexpr, SKIP: gl.constexpr = 0,
     ):
         BLOCK_N: gl.constexpr = 128
         pid_bh = gl.program_id(0)
@@ -426,13 +428,14 @@ if HAVE_GLUON:
                  k_desc, v_desc, stat_descs, LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl,
                  n0, lq, lk, shift, left, right, start, blocks, steps, q_row0, k_row0, hk, fused)
             if FUSED:
+                FLAG: gl.constexpr = 1 + SKIP
                 gl.warp_specialize([
                     (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT,
-                                     STATS_TMA, FUSED, ORDERED, 0)),
+                                     STATS_TMA, FLAG, ORDERED, 0)),
                     (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT,
-                                     STATS_TMA, FUSED, ORDERED, 1)),
+                                     STATS_TMA, FLAG, ORDERED, 1)),
                     (_dkv_dq_worker, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT,
-                                      STATS_TMA, FUSED, ORDERED, 0)),
+                                      STATS_TMA, FLAG, ORDERED, 0)),
                 ], [4, 4], [252 - WORKER_REGS // 2, WORKER_REGS])
             else:
                 gl.warp_specialize([
@@ -451,6 +454,8 @@ if HAVE_GLUON:
 # worker's m64 x 16 products (8 accumulator registers) fit in 40, m64 x 32 ones do not (ptxas then
 # serializes every warp-group MMA of the kernel).
 FUSED_CONFIG = {128: (32, 3, 16, 40)}
+# timing only (wrong dq/dr): 1 skips the reduce-adds, 2 also the dq/dr products, 3 also the dS hand-off
+FUSED_SKIP = int(os.environ.get("PARALLAX_FUSED_SKIP", "0"))
 
 
 def usable(q, k, d: int, tensors) -> bool:
@@ -495,7 +500,7 @@ def launch_fused(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, dqa, dra, sem
         HQ=q.shape[-2], HKV=hkv, G=meta["G"], D=meta["D"], BLOCK_M=block_m, STAGES=stages,
         VARLEN=meta["VARLEN"], HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"],
         IN_FLIGHT=False, STATS_TMA=stats_tma, FUSED=True, ORDERED=ordered, WORKER_QC=worker_qc,
-        WORKER_REGS=worker_regs, num_warps=4, maxnreg=MAXNREG)
+        WORKER_REGS=worker_regs, SKIP=FUSED_SKIP, num_warps=4, maxnreg=MAXNREG)
 
 
 # On by default where usable(); PARALLAX_DKV_GLUON=0 runs the Triton dk/dv kernel instead.
