@@ -462,7 +462,7 @@ def _set_bwd_mode(mode, worker=None, skip=0):
         _DEFAULTS["fused"] = dict(dkv_gluon.FUSED_CONFIG)
     dkv_gluon.FUSED_CONFIG = dict(_DEFAULTS["fused"])
     if worker:
-        dkv_gluon.FUSED_CONFIG[128] = dkv_gluon.FUSED_CONFIG[128][:2] + worker
+        dkv_gluon.FUSED_CONFIG[128] = worker if len(worker) == 5 else dkv_gluon.FUSED_CONFIG[128][:2] + worker + (1,)
 
 
 def _set_fast_launch(on):
@@ -493,6 +493,10 @@ VARIANT_AB = {
     # products (2), also without handing dS over (3)
     "bwd_skip": [("split", lambda: _set_bwd_mode("deterministic"))] + [
         (f"fused atomic skip {n}", (lambda n: lambda: _set_bwd_mode("fused_atomic", skip=n))(n)) for n in range(4)],
+    # the fused kernel's (BLOCK_M, stages, worker query columns, worker registers, staging buffers)
+    "bwd_staging": [("split", lambda: _set_bwd_mode("deterministic"))] + [
+        (f"fused atomic {c}", (lambda c: lambda: _set_bwd_mode("fused_atomic", c))(c))
+        for c in ((32, 3, 16, 40, 1), (32, 2, 16, 40, 2), (32, 2, 32, 56, 2), (32, 2, 16, 40, 1))],
     # the fused kernel's dq/dr warpgroup: m64 x 16 products at 40 registers or m64 x 32 at 56
     "bwd_worker": [("split", lambda: _set_bwd_mode("deterministic")),
                    ("fused atomic 16/40", lambda: _set_bwd_mode("fused_atomic", (16, 40))),

@@ -287,8 +287,11 @@ if HAVE_GLUON:
                 if FUSED < 4:
                     mbarrier.wait(ds_full.index(buf), (j // 2) & 1)
                 g, m0 = _step_rows(j, start, blocks, G, BLOCK_M, FUSED)
-                # the previous step's additions have read the staging tiles
-                tma.store_wait(0)
+                # the staging tiles this step writes have been read by the additions issued from them
+                PIECES: gl.constexpr = (BLOCK_M // QC) * (D // DC)
+                OUT_BUFS: gl.constexpr = out_smem.shape[0] // (2 * PIECES)
+                obase = (j % OUT_BUFS) * (2 * PIECES)
+                tma.store_wait((OUT_BUFS - 1) * 2 * PIECES)
                 for w in gl.static_range(2 if FUSED < 3 else 0):  # dq, dr
                     for qc in gl.static_range(BLOCK_M // QC):
                         b_lo = ds_smem.index(buf * 4 + w * 2 + 0).slice(qc * QC, QC).permute((1, 0))
@@ -299,7 +302,7 @@ if HAVE_GLUON:
                             acc = warpgroup_mma(a_lo, b_lo, zero, use_acc=False, is_async=True)
                             acc = warpgroup_mma(a_hi, b_hi, acc, is_async=True)
                             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                            out_smem.index((w * (BLOCK_M // QC) + qc) * (D // DC) + dc).store(acc)
+                            out_smem.index(obase + (w * (BLOCK_M // QC) + qc) * (D // DC) + dc).store(acc)
                 if FUSED < 4:
                     mbarrier.arrive(ds_empty.index(buf))
                 fence_async_shared()
@@ -314,10 +317,9 @@ if HAVE_GLUON:
                             first = gl.maximum(0, (m0 + shift - left) // 128)
                         _wait_turn(sem, pid_n - first)
                         prev_sem = sem
-                    PIECES: gl.constexpr = (BLOCK_M // QC) * (D // DC)
                     for qc in gl.static_range(BLOCK_M // QC):
                         for dc in gl.static_range(D // DC):
-                            i = qc * (D // DC) + dc
+                            i = obase + qc * (D // DC) + dc
                             tma_reduce_add(dq_desc, [row + dc * DC, q_row0 + m0 + qc * QC], out_smem.index(i))
                             tma_reduce_add(dr_desc, [row + dc * DC, q_row0 + m0 + qc * QC], out_smem.index(PIECES + i))
         if ORDERED:
@@ -334,7 +336,7 @@ if HAVE_GLUON:
         HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
         STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
         IN_FLIGHT: gl.constexpr, STATS_TMA: gl.constexpr, FUSED: gl.constexpr, ORDERED: gl.constexpr,
-        WORKER_QC: gl.constexpr, WORKER_REGS: gl.constexpr, SKIP: gl.constexpr = 0,
+        WORKER_QC: gl.constexpr, WORKER_REGS: gl.constexpr, OUT_BUFS: gl.constexpr, SKIP: gl.constexpr = 0,
     ):
         BLOCK_N: gl.constexpr = 128
         pid_bh = gl.program_id(0)
@@ -407,8 +409,8 @@ if HAVE_GLUON:
                 ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, 64], Q.dtype.element_ty)
                 ds_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [8, BLOCK_M, 64], ds_layout)
                 out_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, WORKER_QC], gl.float32)
-                out_smem = gl.allocate_shared_memory(gl.float32, [2 * (BLOCK_M // WORKER_QC) * (D // 64), 64, WORKER_QC],
-                                                     out_layout)
+                out_smem = gl.allocate_shared_memory(
+                    gl.float32, [OUT_BUFS * 2 * (BLOCK_M // WORKER_QC) * (D // 64), 64, WORKER_QC], out_layout)
                 ds_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
                 ds_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
                 for i in gl.static_range(2):
@@ -453,7 +455,9 @@ if HAVE_GLUON:
 # get 252 - W / 2 each (12 warps x 168 at launch); the dk/dv consumer spills below 232, and the
 # worker's m64 x 16 products (8 accumulator registers) fit in 40, m64 x 32 ones do not (ptxas then
 # serializes every warp-group MMA of the kernel).
-FUSED_CONFIG = {128: (32, 3, 16, 40)}
+# The last entry: staging buffers for the reduce-adds (2 lets a step's products go on while the
+# previous step's additions still read theirs; it fits beside a 2-stage ring).
+FUSED_CONFIG = {128: (32, 3, 16, 40, 1)}
 # timing only (wrong dq/dr): 1 skips the reduce-adds, 2 also the dq/dr products, 3 also the dS hand-off
 FUSED_SKIP = int(os.environ.get("PARALLAX_FUSED_SKIP", "0"))
 
@@ -477,7 +481,7 @@ def launch(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
         HQ=q.shape[-2], HKV=hkv, G=meta["G"], D=meta["D"], BLOCK_M=block_m, STAGES=stages,
         VARLEN=meta["VARLEN"], HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"],
         IN_FLIGHT=in_flight, STATS_TMA=stats_tma, FUSED=False, ORDERED=False, WORKER_QC=16, WORKER_REGS=40,
-        num_warps=4, maxnreg=MAXNREG)
+        OUT_BUFS=1, num_warps=4, maxnreg=MAXNREG)
 
 
 def fused_usable(q, k, d: int, tensors) -> bool:
@@ -491,7 +495,7 @@ def launch_fused(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, dqa, dra, sem
     query of the batch, row stride a multiple of 4) in one kernel; with ordered,
     each query block's additions come in key-block order (sem: zeroed int32 turn counters, one per
     (sequence, query head, BLOCK_M query rows)), so dq and dr are the same on every run."""
-    block_m, stages, worker_qc, worker_regs = FUSED_CONFIG[meta["D"]]
+    block_m, stages, worker_qc, worker_regs, out_bufs = FUSED_CONFIG[meta["D"]]
     grid = (batch * hkv, (max_k + BLOCK_N - 1) // BLOCK_N)
     stats_tma = STATS_TMA and not meta["VARLEN"] and max_q % 4 == 0
     return _gluon.launch(_dkv_ws_kernel, grid,
@@ -500,7 +504,7 @@ def launch_fused(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, dqa, dra, sem
         HQ=q.shape[-2], HKV=hkv, G=meta["G"], D=meta["D"], BLOCK_M=block_m, STAGES=stages,
         VARLEN=meta["VARLEN"], HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"],
         IN_FLIGHT=False, STATS_TMA=stats_tma, FUSED=True, ORDERED=ordered, WORKER_QC=worker_qc,
-        WORKER_REGS=worker_regs, SKIP=FUSED_SKIP, num_warps=4, maxnreg=MAXNREG)
+        WORKER_REGS=worker_regs, OUT_BUFS=out_bufs, SKIP=FUSED_SKIP, num_warps=4, maxnreg=MAXNREG)
 
 
 # On by default where usable(); PARALLAX_DKV_GLUON=0 runs the Triton dk/dv kernel instead.
