@@ -280,6 +280,39 @@ def test_opt_in_atomic_backward(case, monkeypatch):
     _compare(ours, ref, TOL[torch.float32])
 
 
+@pytest.mark.parametrize("mode", ["fused", "fused_atomic"])
+def test_fused_modes_fall_back_where_the_kernel_cannot_run(mode, monkeypatch):
+    # the fused Gluon backward needs Hopper; elsewhere (here: the interpreter) the default backward runs
+    monkeypatch.setenv("PARALLAX_TRAIN_BWD", mode)
+    b, lq, lk, hq, hkv, d, causal, window = CASES[2]
+    gen = torch.Generator().manual_seed(23)
+    q, r, k, v, do = _make(b, lq, lk, hq, hkv, d, torch.float32, gen=gen)
+    ours = _fwd_bwd(lambda *x: parallax_attn(*x, causal=causal, window_size=window, backend="triton"),
+                    (q, r, k, v), do)
+    ref = _fwd_bwd(lambda *x: parallax_attn_reference(*x, causal=causal, window_size=window),
+                   [x.double() for x in (q, r, k, v)], do.double())
+    _compare(ours, ref, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_sums_written_out_in_the_layout_of_q(varlen, dtype):
+    # the fused backward sums dq^T, dr^T in fp32 as (heads x D, queries, padded to 4); the write-out
+    # kernel must give dq[t, h, :] = acc[0, h D : (h + 1) D, t] (and dr from acc[1]) in q's dtype
+    gen = torch.Generator().manual_seed(24)
+    hq, d = 3, 32
+    shape = (83, hq, d) if varlen else (2, 41, hq, d)
+    rows = 83 if varlen else 82
+    acc = torch.randn(2, hq * d, 84, generator=gen).to(DEV)
+    acc[:, :, rows:] = float("nan")  # padding columns are never read
+    dq = torch.empty(shape, device=DEV, dtype=dtype)
+    dr = torch.empty(shape, device=DEV, dtype=dtype)
+    train_mod.fused_acc_out(acc, dq, dr)
+    want = acc[:, :, :rows].reshape(2, hq, d, rows).permute(0, 3, 1, 2).to(dtype)
+    assert torch.equal(dq.reshape(rows, hq, d), want[0])
+    assert torch.equal(dr.reshape(rows, hq, d), want[1])
+
+
 def test_backward_mode_is_validated(monkeypatch):
     monkeypatch.setenv("PARALLAX_TRAIN_BWD", "fast")
     q, r, k, v, do = _make(1, 20, 20, 2, 2, 16, torch.float32)

@@ -457,7 +457,7 @@ if HAVE_GLUON:
 # serializes every warp-group MMA of the kernel).
 # The last entry: staging buffers for the reduce-adds (2 lets a step's products go on while the
 # previous step's additions still read theirs; it fits beside a 2-stage ring).
-FUSED_CONFIG = {128: (32, 3, 16, 40, 1)}
+FUSED_CONFIG = {128: (32, 2, 32, 56, 2)}
 # timing only (wrong dq/dr): 1 skips the reduce-adds, 2 also the dq/dr products, 3 also the dS hand-off
 FUSED_SKIP = int(os.environ.get("PARALLAX_FUSED_SKIP", "0"))
 
