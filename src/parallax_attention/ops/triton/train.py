@@ -34,7 +34,10 @@ Two kernels, no atomics (deterministic) and no Lq x Lk tensor:
 Opt-in (PARALLAX_TRAIN_BWD=atomic): a small kernel computes delta and beta, then one fused
 kernel per key block also forms dq/dr from the same tiles and adds them into fp32 buffers
 with atomics: 8 matmuls per tile instead of the two-kernel path's 11, but the summation order,
-and so the last bits of dq/dr, vary between runs.
+and so the last bits of dq/dr, vary between runs. PARALLAX_TRAIN_BWD=fused / fused_atomic (Hopper,
+D = 128): the Gluon dk/dv kernel with a third warpgroup forming dq/dr from the consumers' dS tiles
+and adding them with TMA reduce-add, in key-block order (deterministic) or in arrival order
+(dkv_gluon.py; measured slower than the default, BENCHMARKS.md).
 
 Masks: each row block's key range is split into a leading boundary part, a fully
 visible interior and a trailing boundary part; only boundary tiles build a mask
