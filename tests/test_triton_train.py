@@ -266,26 +266,14 @@ def test_broadcast_output_gradient():
     _compare([ref[0].float()] + [x.grad for x in xs], ref, TOL[torch.float32])
 
 
+@pytest.mark.parametrize("mode", ["atomic", "fused", "fused_atomic"])
 @pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[6]], ids=["gqa", "mqa_lq_gt_lk", "window"])
-def test_opt_in_atomic_backward(case, monkeypatch):
-    # PARALLAX_TRAIN_BWD=atomic: one fused backward kernel, dq/dr accumulated with atomics
-    monkeypatch.setenv("PARALLAX_TRAIN_BWD", "atomic")
+def test_opt_in_backwards(case, mode, monkeypatch):
+    # PARALLAX_TRAIN_BWD=atomic: one fused Triton backward kernel, dq/dr accumulated with atomics; the
+    # fused Gluon backward needs Hopper, elsewhere (here: the interpreter) the default one runs
+    monkeypatch.setenv("PARALLAX_TRAIN_BWD", mode)
     b, lq, lk, hq, hkv, d, causal, window = case
     gen = torch.Generator().manual_seed(21)
-    q, r, k, v, do = _make(b, lq, lk, hq, hkv, d, torch.float32, gen=gen)
-    ours = _fwd_bwd(lambda *x: parallax_attn(*x, causal=causal, window_size=window, backend="triton"),
-                    (q, r, k, v), do)
-    ref = _fwd_bwd(lambda *x: parallax_attn_reference(*x, causal=causal, window_size=window),
-                   [x.double() for x in (q, r, k, v)], do.double())
-    _compare(ours, ref, TOL[torch.float32])
-
-
-@pytest.mark.parametrize("mode", ["fused", "fused_atomic"])
-def test_fused_modes_fall_back_where_the_kernel_cannot_run(mode, monkeypatch):
-    # the fused Gluon backward needs Hopper; elsewhere (here: the interpreter) the default backward runs
-    monkeypatch.setenv("PARALLAX_TRAIN_BWD", mode)
-    b, lq, lk, hq, hkv, d, causal, window = CASES[2]
-    gen = torch.Generator().manual_seed(23)
     q, r, k, v, do = _make(b, lq, lk, hq, hkv, d, torch.float32, gen=gen)
     ours = _fwd_bwd(lambda *x: parallax_attn(*x, causal=causal, window_size=window, backend="triton"),
                     (q, r, k, v), do)

@@ -174,24 +174,33 @@ if HAVE_GLUON:
         tma.async_copy_global_to_shared(k_desc, [n0, hk * D], kv_bar, k_smem)
         tma.async_copy_global_to_shared(v_desc, [n0, hk * D], kv_bar, v_smem)
         for it in range(steps):
-            stage = it % STAGES
-            # a fresh mbarrier counts as having completed the phase before phase 0
-            mbarrier.wait(empty.index(stage), ((it // STAGES) & 1) ^ 1)
-            g, m0 = _step_rows(it, start, blocks, G, BLOCK_M, FUSED)
-            col = (hk * G + g) * D
-            bar = ready.index(stage)
-            if STATS_TMA:
-                mbarrier.expect(bar, 3 * q_desc.block_type.nbytes + 4 * BLOCK_M * 4)
-                s_row = g * stride_sh + m0
-                for j in gl.static_range(4):
-                    tma.async_copy_global_to_shared(stat_descs[j], [s_row], bar, stat_bufs.index(stage * 4 + j))
-            else:
-                mbarrier.expect(bar, 3 * q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [m0, col], bar, q_bufs.index(stage))
-            tma.async_copy_global_to_shared(r_desc, [m0, col], bar, r_bufs.index(stage))
-            tma.async_copy_global_to_shared(do_desc, [m0, col], bar, do_bufs.index(stage))
+            _load_step(it, q_bufs, r_bufs, do_bufs, stat_bufs, ready, empty, q_desc, r_desc, do_desc, stat_descs,
+                       stride_sh, start, blocks, hk, G, D, BLOCK_M, STAGES, STATS_TMA, FUSED)
 
 if HAVE_GLUON:
+    @gluon.jit
+    def _load_step(it, q_bufs, r_bufs, do_bufs, stat_bufs, ready, empty, q_desc, r_desc, do_desc, stat_descs,
+                   stride_sh, start, blocks, hk, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
+                   STAGES: gl.constexpr, STATS_TMA: gl.constexpr, FUSED: gl.constexpr):
+        """The producer's copies for step it: q, r, dO tiles (and the row statistics) into its ring stage,
+        once both consumers have released that stage."""
+        stage = it % STAGES
+        # a fresh mbarrier counts as having completed the phase before phase 0
+        mbarrier.wait(empty.index(stage), ((it // STAGES) & 1) ^ 1)
+        g, m0 = _step_rows(it, start, blocks, G, BLOCK_M, FUSED)
+        col = (hk * G + g) * D
+        bar = ready.index(stage)
+        if STATS_TMA:
+            mbarrier.expect(bar, 3 * q_desc.block_type.nbytes + 4 * BLOCK_M * 4)
+            s_row = g * stride_sh + m0
+            for j in gl.static_range(4):
+                tma.async_copy_global_to_shared(stat_descs[j], [s_row], bar, stat_bufs.index(stage * 4 + j))
+        else:
+            mbarrier.expect(bar, 3 * q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [m0, col], bar, q_bufs.index(stage))
+        tma.async_copy_global_to_shared(r_desc, [m0, col], bar, r_bufs.index(stage))
+        tma.async_copy_global_to_shared(do_desc, [m0, col], bar, do_bufs.index(stage))
+
     @gluon.jit
     def _step_rows(it, start, blocks, G: gl.constexpr, BLOCK_M: gl.constexpr, FUSED: gl.constexpr):
         """(query head of the GQA group, first query row) of step it of a key block's walk."""
@@ -273,21 +282,8 @@ if HAVE_GLUON:
         prev_sem = SEM
         for it in range(steps + LAG):
             if it < steps:
-                stage = it % STAGES
-                mbarrier.wait(empty.index(stage), ((it // STAGES) & 1) ^ 1)
-                g, m0 = _step_rows(it, start, blocks, G, BLOCK_M, FUSED)
-                col = (hk * G + g) * D
-                bar = ready.index(stage)
-                if STATS_TMA:
-                    mbarrier.expect(bar, 3 * q_desc.block_type.nbytes + 4 * BLOCK_M * 4)
-                    s_row = g * stride_sh + m0
-                    for j in gl.static_range(4):
-                        tma.async_copy_global_to_shared(stat_descs[j], [s_row], bar, stat_bufs.index(stage * 4 + j))
-                else:
-                    mbarrier.expect(bar, 3 * q_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(q_desc, [m0, col], bar, q_bufs.index(stage))
-                tma.async_copy_global_to_shared(r_desc, [m0, col], bar, r_bufs.index(stage))
-                tma.async_copy_global_to_shared(do_desc, [m0, col], bar, do_bufs.index(stage))
+                _load_step(it, q_bufs, r_bufs, do_bufs, stat_bufs, ready, empty, q_desc, r_desc, do_desc, stat_descs,
+                           stride_sh, start, blocks, hk, G, D, BLOCK_M, STAGES, STATS_TMA, FUSED)
             j = it - LAG
             if j >= 0:
                 mbarrier.wait(kv_bar, 0)

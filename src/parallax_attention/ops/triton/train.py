@@ -965,12 +965,17 @@ def bwd_mode() -> str:
     return mode
 
 
-def _bwd_fused(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
-               batch, hq, hkv, sq, sk, ss, max_q, max_k, scale, left, right, meta, ordered):
+def _delta_beta(out, vbar, dout, delta, beta, cu_q_arg, batch, hq, sq, ss, max_q, meta):
+    """delta, beta for the fused backwards (the split one's dq/dr kernel computes them itself)."""
     pre_m = 64
     _bwd_pre_kernel[(batch * hq, cdiv(max_q, pre_m))](
         out, vbar, dout, delta, beta, cu_q_arg, *sq, *ss, max_q, HQ=hq, D=meta["D"], BLOCK_D=meta["BLOCK_D"],
         BLOCK_M=pre_m, VARLEN=meta["VARLEN"])
+
+
+def _bwd_fused(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
+               batch, hq, hkv, sq, sk, ss, max_q, max_k, scale, left, right, meta, ordered):
+    _delta_beta(out, vbar, dout, delta, beta, cu_q_arg, batch, hq, sq, ss, max_q, meta)
     # dq^T and dr^T summed in fp32: (query heads x D) rows, a column per query of the batch (TMA rows are
     # 16-byte aligned)
     rows = q.shape[0] if meta["VARLEN"] else batch * max_q
@@ -986,10 +991,7 @@ def _bwd_fused(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dk, dv, cu_q
 
 def _bwd_atomic(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
                 batch, hq, hkv, sq, sk, ss, max_q, max_k, scale, left, right, key, meta):
-    pre_m = 64
-    _bwd_pre_kernel[(batch * hq, cdiv(max_q, pre_m))](
-        out, vbar, dout, delta, beta, cu_q_arg, *sq, *ss, max_q, HQ=hq, D=meta["D"], BLOCK_D=meta["BLOCK_D"],
-        BLOCK_M=pre_m, VARLEN=meta["VARLEN"])
+    _delta_beta(out, vbar, dout, delta, beta, cu_q_arg, batch, hq, sq, ss, max_q, meta)
     dqa = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     dra = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     if k.numel() > 0:
@@ -1005,4 +1007,4 @@ def _bwd_atomic(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dk, dv, cu_
             launch = dict(num_warps=w, num_stages=st)
         _bwd_dkv_kernel[(batch * hkv, cdiv(max_k, bn))](
             *args, HKV=hkv, BLOCK_M=bm, BLOCK_N=bn, FUSED=True, **meta, **launch)
-    return (*fused_acc_out(acc, torch.empty_like(q), torch.empty_like(r)), dk, dv)
+    return dqa.to(q.dtype), dra.to(r.dtype), dk, dv
