@@ -321,20 +321,25 @@ SWEEP = {"fwd": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 8
                      (32, 64, 4, 4, False)]}
 
 
+def _gluon_module(name):
+    """The Gluon kernel module a --ab config name times: "gluon" (dk/dv), "fwd_gluon", "dq_gluon"."""
+    from parallax_attention.ops.triton import dkv_gluon, dq_gluon, fwd_gluon
+    return {"gluon": dkv_gluon, "fwd_gluon": fwd_gluon, "dq_gluon": dq_gluon}.get(name)
+
+
 def _config(tr, name, d=128, group=1):
-    if name == "gluon":
-        from parallax_attention.ops.triton import dkv_gluon
-        return dkv_gluon.CONFIG[64 if d <= 64 else 128]
+    if _gluon_module(name) is not None:
+        return _gluon_module(name).CONFIG[64 if d <= 64 else 128]
     if name == "dkv_tma":
         return tr.DKV_TMA_CONFIG[tr.dkv_tma_key(d, group)]
     return tr.FIXED[name][128 if d <= 128 else 256]
 
 
 def _set_config(tr, name, cfg, d=128, group=1):
-    if name == "gluon":  # the Gluon dk/dv kernel, switched on while its configurations are timed
-        from parallax_attention.ops.triton import dkv_gluon
-        dkv_gluon.CONFIG[64 if d <= 64 else 128] = cfg
-        dkv_gluon.ENABLED = True
+    if _gluon_module(name) is not None:  # a Gluon kernel, switched on while its configurations are timed
+        mod = _gluon_module(name)
+        mod.CONFIG[64 if d <= 64 else 128] = cfg
+        mod.ENABLED = True
     elif name == "dkv_tma":
         tr.DKV_TMA_CONFIG[tr.dkv_tma_key(d, group)] = cfg
     else:
@@ -423,7 +428,7 @@ def run_config_ab(log, spec, shape, rounds=3):
             times[c].append(bench_ms(fb, grad_to_none=[q, r, k, v]))
     _set_config(tr, name, old, d, h // hkv)
     tr.DKV_TMA = None
-    if name == "gluon":
+    if _gluon_module(name) is not None:
         _set_kernels()
     out = {str(c): dict(ms=sorted(t)[len(t) // 2], all=t) for c, t in times.items()}
     for c, t in out.items():
@@ -465,6 +470,12 @@ def _set_bwd_mode(mode, worker=None, skip=0):
         dkv_gluon.FUSED_CONFIG[128] = worker if len(worker) == 5 else dkv_gluon.FUSED_CONFIG[128][:2] + worker + (1,)
 
 
+def _set_pingpong(fwd=False, dq=False, dkv=False):
+    """The Gluon kernels' consumer warpgroups issuing their score products in turns (PINGPONG)."""
+    from parallax_attention.ops.triton import dkv_gluon, dq_gluon, fwd_gluon
+    fwd_gluon.PINGPONG, dq_gluon.PINGPONG, dkv_gluon.PINGPONG = fwd, dq, dkv
+
+
 def _set_fast_launch(on):
     from parallax_attention.ops.triton import _gluon
     _gluon.FAST_LAUNCH = on
@@ -483,6 +494,10 @@ VARIANT_AB = {
     "dq_gluon": [("gluon", lambda: _set_kernels(dq_gluon=True)),
                  ("gluon 64 keys", lambda: _set_kernels(dq_gluon=True, dq_config=(64, 2))),
                  ("triton", lambda: _set_kernels(dq_gluon=False))],
+    # the Gluon kernels' consumer warpgroups issuing their score products in turns (named barriers)
+    "pingpong": [("off", lambda: _set_pingpong()), ("all three", lambda: _set_pingpong(True, True, True)),
+                 ("forward", lambda: _set_pingpong(fwd=True)), ("dq/dr", lambda: _set_pingpong(dq=True)),
+                 ("dk/dv", lambda: _set_pingpong(dkv=True))],
     # Gluon launches through the cached compiled kernel (_gluon.launch) or Triton's JITFunction.run
     "fast_launch": [("cached", lambda: _set_fast_launch(True)), ("triton run", lambda: _set_fast_launch(False))],
     # the backward: two kernels (dq/dr, dk/dv), or one fused Gluon kernel adding dq/dr by TMA reduce-add

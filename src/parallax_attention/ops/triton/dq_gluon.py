@@ -27,7 +27,8 @@ if HAVE_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-    from ._gluon import ROWS_LAYOUT, key_ranges, mask_scores, ring_barriers, sequence, store_zeros, stream_kv
+    from ._gluon import (ROWS_LAYOUT, key_ranges, mask_scores, ring_barriers, sequence, store_zeros, stream_kv,
+                         turn_pass, turn_wait)
 
 # (BLOCK_N keys per tile, stages of the K/V ring) by head dim; 128 query rows per CTA (64 per
 # consumer warpgroup)
@@ -38,7 +39,7 @@ BLOCK_M = 128
 if HAVE_GLUON:
     @gluon.jit
     def _dq_consumer(p, scale, scale_log2, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                     HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
+                     HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr, WG: gl.constexpr):
         (q_smem, r_smem, do_smem, k_bufs, v_bufs, q_bar, ready, empty, q_desc, k_desc, O, VB, DO, LSE, TB, DELTA,
          BETA, DQ, DR, io_base, stride_ql, s_base, m0, lq, lk, shift, left, right, start, n_tiles) = p
         HALF: gl.constexpr = 64
@@ -79,15 +80,25 @@ if HAVE_GLUON:
         dq = gl.zeros([HALF, D], gl.float32, acc_layout)
         dr = gl.zeros([HALF, D], gl.float32, acc_layout)
         mbarrier.wait(q_bar, 0)
+        n_loop = gl.maximum(n_tiles, 1)
+        if PINGPONG and WG == 1:
+            turn_pass(WG)  # warpgroup 0 takes the first turn
         # n_tiles >= 1 (see the kernel), restated where the compiler sees it (see dkv_gluon)
-        for it in range(gl.maximum(n_tiles, 1)):
+        for it in range(n_loop):
             stage = it % STAGES
             mbarrier.wait(ready.index(stage), (it // STAGES) & 1)
             k_t = k_bufs.index(stage)
             v_t = v_bufs.index(stage)
+            if PINGPONG:  # score products in turns (see fwd_gluon)
+                turn_wait(WG)
             s = warpgroup_mma(q_t, k_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
             t = warpgroup_mma(r_t, k_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
             av = warpgroup_mma(do_t, v_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            if PINGPONG:
+                if WG == 0:
+                    turn_pass(WG)
+                elif it + 1 < n_loop:
+                    turn_pass(WG)
             n0 = start + it * BLOCK_N
             s = warpgroup_mma_wait(num_outstanding=2, deps=(s,))
             s = mask_scores(s, n0, a, c, offs_m, lk, shift, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT, keys_s)
@@ -114,7 +125,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _dq_producer(p, scale, scale_log2, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                     HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
+                     HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr, WG: gl.constexpr):
         (q_smem, r_smem, do_smem, k_bufs, v_bufs, q_bar, ready, empty, q_desc, k_desc, O, VB, DO, LSE, TB, DELTA,
          BETA, DQ, DR, io_base, stride_ql, s_base, m0, lq, lk, shift, left, right, start, n_tiles) = p
         q_d, r_d, do_d, col = q_desc
@@ -150,6 +161,7 @@ if HAVE_GLUON:
         stride_sb, stride_sh, seqlen_q, seqlen_k, scale, scale_log2, left, right,
         HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+        PINGPONG: gl.constexpr,
     ):
         BLOCK_M: gl.constexpr = 128
         pid_bh = gl.program_id(0)
@@ -195,9 +207,9 @@ if HAVE_GLUON:
             p = (q_smem, r_smem, do_smem, k_bufs, v_bufs, q_bar, ready, empty, q_desc, k_desc, O, VB, DO, LSE, TB,
                  DELTA, BETA, DQ, DR, io_base, HQ * D, s_base, m0, lq, lk, shift, left, right, start, n_tiles)
             gl.warp_specialize([
-                (_dq_consumer, (p, scale, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
-                (_dq_consumer, (p, scale, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 1)),
-                (_dq_producer, (p, scale, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
+                (_dq_consumer, (p, scale, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, PINGPONG, 0)),
+                (_dq_consumer, (p, scale, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, PINGPONG, 1)),
+                (_dq_producer, (p, scale, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, PINGPONG, 0)),
             ], [4, 1], [240, 24])  # _gluon.CONSUMER_REGS, PRODUCER_REGS
 
 
@@ -216,7 +228,7 @@ def launch(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg
         q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg, cu_k_arg, *ss, max_q, max_k,
         scale, scale * LOG2E, left, right,
         HQ=hq, HKV=hkv, G=hq // hkv, D=d, BLOCK_N=block_n, STAGES=stages, VARLEN=meta["VARLEN"],
-        HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"], num_warps=4, maxnreg=MAXNREG)
+        HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"], PINGPONG=PINGPONG, num_warps=4, maxnreg=MAXNREG)
 
 
 # On by default where usable(); PARALLAX_DQ_GLUON=0 runs the Triton dq/dr kernel instead.
@@ -226,3 +238,5 @@ def launch(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg
 # slower (4.85 ms), so D=128 takes 32 keys; see benchmarks/NOTES_train_kernels.md for why the score
 # products, not the schedule, set the pace.
 ENABLED = os.environ.get("PARALLAX_DQ_GLUON", "1") != "0"
+# score products in turns between the consumer warpgroups (see fwd_gluon.PINGPONG)
+PINGPONG = os.environ.get("PARALLAX_PINGPONG", "0") != "0"
