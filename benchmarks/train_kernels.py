@@ -470,10 +470,10 @@ def _set_bwd_mode(mode, worker=None, skip=0):
         dkv_gluon.FUSED_CONFIG[128] = worker if len(worker) == 5 else dkv_gluon.FUSED_CONFIG[128][:2] + worker + (1,)
 
 
-def _set_pingpong(fwd=False, dq=False, dkv=False):
-    """The Gluon kernels' consumer warpgroups issuing their score products in turns (PINGPONG)."""
-    from parallax_attention.ops.triton import dkv_gluon, dq_gluon, fwd_gluon
-    fwd_gluon.PINGPONG, dq_gluon.PINGPONG, dkv_gluon.PINGPONG = fwd, dq, dkv
+def _set_lean(dq=False, dkv=False):
+    """The Gluon dq/dr and dk/dv kernels' elementwise work with the fewest instructions (LEAN)."""
+    from parallax_attention.ops.triton import dkv_gluon, dq_gluon
+    dq_gluon.LEAN, dkv_gluon.LEAN = dq, dkv
 
 
 def _set_fast_launch(on):
@@ -494,10 +494,10 @@ VARIANT_AB = {
     "dq_gluon": [("gluon", lambda: _set_kernels(dq_gluon=True)),
                  ("gluon 64 keys", lambda: _set_kernels(dq_gluon=True, dq_config=(64, 2))),
                  ("triton", lambda: _set_kernels(dq_gluon=False))],
-    # the Gluon kernels' consumer warpgroups issuing their score products in turns (named barriers)
-    "pingpong": [("off", lambda: _set_pingpong()), ("all three", lambda: _set_pingpong(True, True, True)),
-                 ("forward", lambda: _set_pingpong(fwd=True)), ("dq/dr", lambda: _set_pingpong(dq=True)),
-                 ("dk/dv", lambda: _set_pingpong(dkv=True))],
+    # the backward kernels' elementwise work: as written in the math, or regrouped with fewer
+    # instructions per score element (and dk/dv masks only on boundary steps)
+    "lean": [("default", lambda: _set_lean()), ("lean both", lambda: _set_lean(True, True)),
+             ("lean dk/dv", lambda: _set_lean(dkv=True)), ("lean dq/dr", lambda: _set_lean(dq=True))],
     # Gluon launches through the cached compiled kernel (_gluon.launch) or Triton's JITFunction.run
     "fast_launch": [("cached", lambda: _set_fast_launch(True)), ("triton run", lambda: _set_fast_launch(False))],
     # the backward: two kernels (dq/dr, dk/dv), or one fused Gluon kernel adding dq/dr by TMA reduce-add

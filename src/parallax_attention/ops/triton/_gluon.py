@@ -41,30 +41,6 @@ if HAVE_GLUON:
         _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
                                                   src.handle)
 
-    # Named hardware barriers for the consumers' turn-taking (FlashAttention 3's "ping-pong"): 8 and 9,
-    # one per consumer warpgroup. Triton's own partition barriers take ids 0-2 in these kernels (read
-    # from the PTX), so ours sit well above them.
-    @gluon.jit
-    def _bar(asm: gl.constexpr):
-        gl.inline_asm_elementwise(asm, "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-
-    @gluon.jit
-    def turn_wait(WG: gl.constexpr):
-        """Block consumer warpgroup WG until the other one has handed it the turn (bar.sync over both
-        warpgroups' 256 threads: the other side's bar.arrive completes it)."""
-        if WG == 0:
-            _bar("bar.sync 8, 256;\n\tmov.b32 $0, 0;")
-        else:
-            _bar("bar.sync 9, 256;\n\tmov.b32 $0, 0;")
-
-    @gluon.jit
-    def turn_pass(WG: gl.constexpr):
-        """Hand the turn from consumer warpgroup WG to the other one (bar.arrive does not wait)."""
-        if WG == 0:
-            _bar("bar.arrive 9, 256;\n\tmov.b32 $0, 0;")
-        else:
-            _bar("bar.arrive 8, 256;\n\tmov.b32 $0, 0;")
-
     # rows of D columns over a kernel's 4 warps, 8 contiguous columns a thread: for the plain loads
     # and stores outside the warp-group MMAs
     ROWS_LAYOUT = gl.constexpr(gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0]))

@@ -42,8 +42,7 @@ if HAVE_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-    from ._gluon import (ROWS_LAYOUT, key_ranges, mask_scores, ring_barriers, sequence, store_zeros, stream_kv,
-                         turn_pass, turn_wait)
+    from ._gluon import ROWS_LAYOUT, key_ranges, mask_scores, ring_barriers, sequence, store_zeros, stream_kv
 
 # (BLOCK_N keys per tile, stages of the K/V ring) by head dim; 128 query rows per CTA (64 per
 # consumer warpgroup)
@@ -71,7 +70,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _fwd_consumer(p, scale_log2, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                      HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr, WG: gl.constexpr):
+                      HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
         (q_smem, r_smem, k_bufs, v_bufs, q_bar, ready, empty, q_desc, r_desc, k_desc, v_desc, O, VB, LSE, TB,
          io_base, stride_ql, s_base, b32, h, hk, m0, lq, lk, shift, left, right, start, n_tiles) = p
         HALF: gl.constexpr = 64
@@ -98,27 +97,15 @@ if HAVE_GLUON:
         d2 = gl.zeros([HALF], gl.float32, rows_s)
         m_i = gl.full([HALF], float("-inf"), gl.float32, rows_s)
         mbarrier.wait(q_bar, 0)
-        n_loop = gl.maximum(n_tiles, 1)
-        if PINGPONG and WG == 1:
-            turn_pass(WG)  # warpgroup 0 takes the first turn
         # n_tiles >= 1 (see the kernel), restated where the compiler sees it: a loop that may run zero
         # times makes ptxas serialize every warp-group MMA (see dkv_gluon)
-        for it in range(n_loop):
+        for it in range(gl.maximum(n_tiles, 1)):
             stage = it % STAGES
             mbarrier.wait(ready.index(stage), (it // STAGES) & 1)
             k_t = k_bufs.index(stage)
             v_t = v_bufs.index(stage)
-            if PINGPONG:
-                # the warpgroups issue their score products in turns, so one's exponentials run while
-                # the other's products do
-                turn_wait(WG)
             s = warpgroup_mma(q_t, k_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
             t = warpgroup_mma(r_t, k_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            if PINGPONG:
-                if WG == 0:
-                    turn_pass(WG)
-                elif it + 1 < n_loop:  # (warpgroup 1's last pass would have no taker)
-                    turn_pass(WG)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
             s = mask_scores(s, start + it * BLOCK_N, a, c, offs_m, lk, shift, left, right, BLOCK_N, HAS_LEFT,
                             HAS_RIGHT, keys_s)
@@ -155,7 +142,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _fwd_producer(p, scale_log2, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                      HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr, WG: gl.constexpr):
+                      HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
         (q_smem, r_smem, k_bufs, v_bufs, q_bar, ready, empty, q_desc, r_desc, k_desc, v_desc, O, VB, LSE, TB,
          io_base, stride_ql, s_base, b32, h, hk, m0, lq, lk, shift, left, right, start, n_tiles) = p
         mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
@@ -179,7 +166,6 @@ if HAVE_GLUON:
         stride_sb, stride_sh, seqlen_q, seqlen_k, scale_log2, left, right,
         HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-        PINGPONG: gl.constexpr,
     ):
         BLOCK_M: gl.constexpr = 128
         pid_bh = gl.program_id(0)
@@ -223,9 +209,9 @@ if HAVE_GLUON:
             p = (q_smem, r_smem, k_bufs, v_bufs, q_bar, ready, empty, q_desc, r_desc, k_desc, v_desc, O, VB, LSE,
                  TB, io_base, HQ * D, s_base, b32, h, hk, m0, lq, lk, shift, left, right, start, n_tiles)
             gl.warp_specialize([
-                (_fwd_consumer, (p, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, PINGPONG, 0)),
-                (_fwd_consumer, (p, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, PINGPONG, 1)),
-                (_fwd_producer, (p, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, PINGPONG, 0)),
+                (_fwd_consumer, (p, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
+                (_fwd_consumer, (p, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 1)),
+                (_fwd_producer, (p, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
             ], [4, 1], [240, 24])  # _gluon.CONSUMER_REGS, PRODUCER_REGS
 
 
@@ -244,7 +230,7 @@ def launch(q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg, batch, hkv, ss,
     return _gluon.launch(_fwd_ws_kernel, grid,
         q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg, *ss, max_q, max_k, scale_log2, left, right,
         HQ=hq, HKV=hkv, G=hq // hkv, D=d, BLOCK_N=block_n, STAGES=stages, VARLEN=meta["VARLEN"],
-        HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"], PINGPONG=PINGPONG, num_warps=4, maxnreg=MAXNREG)
+        HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"], num_warps=4, maxnreg=MAXNREG)
 
 
 # On by default where usable(); PARALLAX_FWD_GLUON=0 runs the Triton forward instead.
@@ -255,5 +241,3 @@ def launch(q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg, batch, hkv, ss,
 # the waits it is queued behind), and moving the running max only when it grows by 2^8 to skip
 # most rescales (no faster: the forward is not bound by its elementwise work).
 ENABLED = os.environ.get("PARALLAX_FWD_GLUON", "1") != "0"
-# The consumer warpgroups issue their score products in turns (named barriers, _gluon.turn_wait).
-PINGPONG = os.environ.get("PARALLAX_PINGPONG", "0") != "0"
