@@ -476,6 +476,14 @@ def _set_lean(dq=False, dkv=False):
     dq_gluon.LEAN, dkv_gluon.LEAN = dq, dkv
 
 
+def _set_a_regs(dq=False, dkv=False, lean=True):
+    """At D=64: the Gluon dq/dr and dk/dv kernels' loop-invariant score-product A operands from
+    registers (A_REGS), with their LEAN elementwise forms."""
+    from parallax_attention.ops.triton import dkv_gluon, dq_gluon
+    _set_lean(lean, lean)
+    dq_gluon.A_REGS[64], dkv_gluon.A_REGS[64] = dq, dkv
+
+
 def _set_fast_launch(on):
     from parallax_attention.ops.triton import _gluon
     _gluon.FAST_LAUNCH = on
@@ -498,6 +506,11 @@ VARIANT_AB = {
     # instructions per score element (and dk/dv masks only on boundary steps)
     "lean": [("default", lambda: _set_lean()), ("lean both", lambda: _set_lean(True, True)),
              ("lean dk/dv", lambda: _set_lean(dkv=True)), ("lean dq/dr", lambda: _set_lean(dq=True))],
+    # D=64: the score products' A operands (q, r, dO in dq/dr; k, v in dk/dv) from registers
+    "a_regs64": [("default", lambda: _set_a_regs(lean=False)), ("lean", lambda: _set_a_regs()),
+                 ("lean + A regs both", lambda: _set_a_regs(True, True)),
+                 ("lean + A regs dk/dv", lambda: _set_a_regs(dkv=True)),
+                 ("lean + A regs dq/dr", lambda: _set_a_regs(dq=True))],
     # Gluon launches through the cached compiled kernel (_gluon.launch) or Triton's JITFunction.run
     "fast_launch": [("cached", lambda: _set_fast_launch(True)), ("triton run", lambda: _set_fast_launch(False))],
     # the backward: two kernels (dq/dr, dk/dv), or one fused Gluon kernel adding dq/dr by TMA reduce-add

@@ -66,7 +66,7 @@ if HAVE_GLUON:
     def _dkv_consumer(p, scale, scale_log2, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
                       STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, IN_FLIGHT: gl.constexpr,
                       STATS_TMA: gl.constexpr, FUSED: gl.constexpr, ORDERED: gl.constexpr, LEAN: gl.constexpr,
-                      WG: gl.constexpr):
+                      A_REGS: gl.constexpr, WG: gl.constexpr):
         (k_smem, v_smem, q_bufs, r_bufs, do_bufs, stat_bufs, kv_bar, ready, empty, q_desc, r_desc, do_desc, k_desc,
          v_desc, stat_descs, LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl, n0, lq, lk, shift,
          left, right, start, blocks, steps, q_row0, k_row0, hk, fused) = p
@@ -87,6 +87,16 @@ if HAVE_GLUON:
         dk = warpgroup_mma_init(gl.zeros([HALF, D], gl.float32, acc_layout))
         dv = warpgroup_mma_init(gl.zeros([HALF, D], gl.float32, acc_layout))
         mbarrier.wait(kv_bar, 0)
+        if A_REGS:
+            # the loop-invariant A operands of the score products from registers: with both operands in
+            # shared memory an m64n32k16 product reads 3 KB per 16 clocks of math, more than the 128 bytes
+            # a clock the SM's shared memory gives; with A in registers 1 KB (32 registers at D = 64)
+            a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
+            k_a = k_t.load(a_layout)
+            v_a = v_t.load(a_layout)
+        else:
+            k_a = k_t
+            v_a = v_t
         # steps >= 1 (see the kernel), restated here where the compiler can see it: a loop that
         # may run zero times makes ptxas serialize every warp-group MMA (the accumulators' zero-trip
         # path is a non-MMA definition inside their pipeline stage)
@@ -96,9 +106,9 @@ if HAVE_GLUON:
             q_s = q_bufs.index(stage)
             r_s = r_bufs.index(stage)
             do_s = do_bufs.index(stage)
-            st = warpgroup_mma(k_t, q_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            tt = warpgroup_mma(k_t, r_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            at = warpgroup_mma(v_t, do_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            st = warpgroup_mma(k_a, q_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            tt = warpgroup_mma(k_a, r_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            at = warpgroup_mma(v_a, do_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
             # the row statistics load while the products run
             g, m0 = _step_rows(it, start, blocks, G, BLOCK_M, FUSED)
             offs_m = m0 + gl.arange(0, BLOCK_M, layout=queries_l)
@@ -204,7 +214,7 @@ if HAVE_GLUON:
     def _dkv_producer(p, scale, scale_log2, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
                       STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, IN_FLIGHT: gl.constexpr,
                       STATS_TMA: gl.constexpr, FUSED: gl.constexpr, ORDERED: gl.constexpr, LEAN: gl.constexpr,
-                      WG: gl.constexpr):
+                      A_REGS: gl.constexpr, WG: gl.constexpr):
         (k_smem, v_smem, q_bufs, r_bufs, do_bufs, stat_bufs, kv_bar, ready, empty, q_desc, r_desc, do_desc, k_desc,
          v_desc, stat_descs, LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl, n0, lq, lk, shift,
          left, right, start, blocks, steps, q_row0, k_row0, hk, fused) = p
@@ -300,7 +310,7 @@ if HAVE_GLUON:
     def _dkv_dq_worker(p, scale, scale_log2, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
                        STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, IN_FLIGHT: gl.constexpr,
                        STATS_TMA: gl.constexpr, FUSED: gl.constexpr, ORDERED: gl.constexpr, LEAN: gl.constexpr,
-                      WG: gl.constexpr):
+                      A_REGS: gl.constexpr, WG: gl.constexpr):
         """The fused kernel's third warpgroup: the producer's copies, and dq^T = K^T dS1^T, dr^T = K^T dS2^T
         for each step from the consumers' dS tiles in shared memory, added into fp32 dq, dr by TMA
         reduce-add, 16 query rows at a time (the register budget here is 40 a thread)."""
@@ -380,7 +390,7 @@ if HAVE_GLUON:
         STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
         IN_FLIGHT: gl.constexpr, STATS_TMA: gl.constexpr, FUSED: gl.constexpr, ORDERED: gl.constexpr,
         WORKER_QC: gl.constexpr, WORKER_REGS: gl.constexpr, OUT_BUFS: gl.constexpr, SKIP: gl.constexpr = 0,
-        LEAN: gl.constexpr = False,
+        LEAN: gl.constexpr = False, A_REGS: gl.constexpr = False,
     ):
         BLOCK_N: gl.constexpr = 128
         pid_bh = gl.program_id(0)
@@ -477,20 +487,20 @@ if HAVE_GLUON:
                 FLAG: gl.constexpr = 1 + SKIP
                 gl.warp_specialize([
                     (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT,
-                                     STATS_TMA, FLAG, ORDERED, LEAN, 0)),
+                                     STATS_TMA, FLAG, ORDERED, LEAN, False, 0)),
                     (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT,
-                                     STATS_TMA, FLAG, ORDERED, LEAN, 1)),
+                                     STATS_TMA, FLAG, ORDERED, LEAN, False, 1)),
                     (_dkv_dq_worker, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT,
-                                      STATS_TMA, FLAG, ORDERED, LEAN, 0)),
+                                      STATS_TMA, FLAG, ORDERED, LEAN, False, 0)),
                 ], [4, 4], [252 - WORKER_REGS // 2, WORKER_REGS])
             else:
                 gl.warp_specialize([
                     (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT,
-                                     STATS_TMA, FUSED, ORDERED, LEAN, 0)),
+                                     STATS_TMA, FUSED, ORDERED, LEAN, A_REGS, 0)),
                     (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT,
-                                     STATS_TMA, FUSED, ORDERED, LEAN, 1)),
+                                     STATS_TMA, FUSED, ORDERED, LEAN, A_REGS, 1)),
                     (_dkv_producer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT,
-                                     STATS_TMA, FUSED, ORDERED, LEAN, 0)),
+                                     STATS_TMA, FUSED, ORDERED, LEAN, A_REGS, 0)),
                 ], [4, 1], [240, 24])  # _gluon.CONSUMER_REGS, PRODUCER_REGS
 
 
@@ -525,7 +535,7 @@ def launch(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
         HQ=q.shape[-2], HKV=hkv, G=meta["G"], D=meta["D"], BLOCK_M=block_m, STAGES=stages,
         VARLEN=meta["VARLEN"], HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"],
         IN_FLIGHT=in_flight, STATS_TMA=stats_tma, FUSED=False, ORDERED=False, WORKER_QC=16, WORKER_REGS=40,
-        OUT_BUFS=1, LEAN=LEAN, num_warps=4, maxnreg=MAXNREG)
+        OUT_BUFS=1, LEAN=LEAN, A_REGS=A_REGS.get(meta["D"], False), num_warps=4, maxnreg=MAXNREG)
 
 
 def fused_usable(q, k, d: int, tensors) -> bool:
@@ -558,3 +568,4 @@ def launch_fused(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, dqa, dra, sem
 # against 2.12 ms (Nsight Compute) at B=4 H=16 L=4096.
 ENABLED = os.environ.get("PARALLAX_DKV_GLUON", "1") != "0"
 LEAN = os.environ.get("PARALLAX_LEAN", "0") != "0"
+A_REGS = {64: os.environ.get("PARALLAX_A_REGS", "0") != "0"}
