@@ -402,8 +402,8 @@ def run_config_ab(log, spec, shape, rounds=3):
     """Forward+backward time of several launch configurations of one kernel, interleaved round by
     round in one process (the GPU's clock drifts by more than the differences between neighbours
     in a sweep). spec: "kernel=cfg;cfg;..." with each cfg comma-separated, e.g.
-    "dkv_tma=32,128,8,3,0;32,128,4,3,1"; "gluon=32,3,0;16,4,1" for the Gluon dk/dv kernel
-    (BLOCK_M, stages, dk/dv left in flight)."""
+    "dkv_tma=32,128,8,3,0;32,128,4,3,1"; "gluon=32,3,0,0;16,4,1,0" for the Gluon dk/dv kernel
+    (BLOCK_M, stages, dk/dv left in flight, k and v in registers)."""
     from parallax_attention.ops.triton import train as tr
     if spec in VARIANT_AB:
         return run_variant_ab(log, spec, shape, rounds)
@@ -411,8 +411,8 @@ def run_config_ab(log, spec, shape, rounds=3):
     cfgs = [tuple(int(x) for x in c.split(",")) for c in cfgs.split(";")]
     if name == "dkv_tma":
         cfgs = [c[:4] + (bool(c[4]),) for c in cfgs]
-    if name == "gluon":  # (BLOCK_M, stages, in flight 0/1)
-        cfgs = [c[:2] + (bool(c[2]),) for c in cfgs]
+    if name == "gluon":  # (BLOCK_M, stages, in flight 0/1, k and v in registers 0/1)
+        cfgs = [c[:2] + (bool(c[2]), bool(c[3:4] and c[3])) for c in cfgs]
     b, h, hkv, L, d = shape
     torch.manual_seed(0)
     q, r, k, v, do = _qrkvdo(b, h, hkv, L, d)
@@ -470,18 +470,10 @@ def _set_bwd_mode(mode, worker=None, skip=0):
         dkv_gluon.FUSED_CONFIG[128] = worker if len(worker) == 5 else dkv_gluon.FUSED_CONFIG[128][:2] + worker + (1,)
 
 
-def _set_lean(dq=False, dkv=False):
-    """The Gluon dq/dr and dk/dv kernels' elementwise work with the fewest instructions (LEAN)."""
-    from parallax_attention.ops.triton import dkv_gluon, dq_gluon
-    dq_gluon.LEAN, dkv_gluon.LEAN = dq, dkv
-
-
-def _set_a_regs(dq=False, dkv=False, lean=True):
-    """At D=64: the Gluon dq/dr and dk/dv kernels' loop-invariant score-product A operands from
-    registers (A_REGS), with their LEAN elementwise forms."""
-    from parallax_attention.ops.triton import dkv_gluon, dq_gluon
-    _set_lean(lean, lean)
-    dq_gluon.A_REGS[64], dkv_gluon.A_REGS[64] = dq, dkv
+def _set_dkv_a_regs(on):
+    """At D=64: the Gluon dk/dv kernel's score-product k, v operands from registers or shared memory."""
+    from parallax_attention.ops.triton import dkv_gluon
+    dkv_gluon.CONFIG[64] = dkv_gluon.CONFIG[64][:3] + (on,)
 
 
 def _set_fast_launch(on):
@@ -502,15 +494,8 @@ VARIANT_AB = {
     "dq_gluon": [("gluon", lambda: _set_kernels(dq_gluon=True)),
                  ("gluon 64 keys", lambda: _set_kernels(dq_gluon=True, dq_config=(64, 2))),
                  ("triton", lambda: _set_kernels(dq_gluon=False))],
-    # the backward kernels' elementwise work: as written in the math, or regrouped with fewer
-    # instructions per score element (and dk/dv masks only on boundary steps)
-    "lean": [("default", lambda: _set_lean()), ("lean both", lambda: _set_lean(True, True)),
-             ("lean dk/dv", lambda: _set_lean(dkv=True)), ("lean dq/dr", lambda: _set_lean(dq=True))],
-    # D=64: the score products' A operands (q, r, dO in dq/dr; k, v in dk/dv) from registers
-    "a_regs64": [("default", lambda: _set_a_regs(lean=False)), ("lean", lambda: _set_a_regs()),
-                 ("lean + A regs both", lambda: _set_a_regs(True, True)),
-                 ("lean + A regs dk/dv", lambda: _set_a_regs(dkv=True)),
-                 ("lean + A regs dq/dr", lambda: _set_a_regs(dq=True))],
+    # D=64: the Gluon dk/dv kernel's score-product A operands (k, v) from registers or shared memory
+    "dkv_a_regs64": [("registers", lambda: _set_dkv_a_regs(True)), ("shared memory", lambda: _set_dkv_a_regs(False))],
     # Gluon launches through the cached compiled kernel (_gluon.launch) or Triton's JITFunction.run
     "fast_launch": [("cached", lambda: _set_fast_launch(True)), ("triton run", lambda: _set_fast_launch(False))],
     # the backward: two kernels (dq/dr, dk/dv), or one fused Gluon kernel adding dq/dr by TMA reduce-add

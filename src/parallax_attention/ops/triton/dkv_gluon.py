@@ -47,8 +47,11 @@ if HAVE_GLUON:
     from ._gluon import ring_barriers, sequence, store_zeros, tma_reduce_add
 
 # (BLOCK_M query rows per step, stages of the q/r/dO ring, dk/dv products left in flight into the
-# next step) by head dim; the key block is 128 (64 per consumer warpgroup).
-CONFIG = {64: (32, 4, False), 128: (32, 3, False)}
+# next step, the score products' k and v operands from registers) by head dim; the key block is 128
+# (64 per consumer warpgroup). k and v in registers take 32 registers a thread at D = 64 (measured on
+# the H200: the kernel 1.041 against 1.107 ms at B=4 H=16 L=4096); at D = 128 they would take 64,
+# which the consumers do not have.
+CONFIG = {64: (32, 4, False, True), 128: (32, 3, False, False)}
 # (64 query rows at D = 128 would halve the shared-memory reads per flop of the score products
 # (m64n32k16 with both operands in shared memory reads 192 bytes a clock, more than the 128 an SM
 # has), but the per-query statistics take 4 x 64 / 8 registers a thread in this keys x queries
@@ -65,8 +68,8 @@ if HAVE_GLUON:
     @gluon.jit
     def _dkv_consumer(p, scale, scale_log2, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
                       STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, IN_FLIGHT: gl.constexpr,
-                      STATS_TMA: gl.constexpr, FUSED: gl.constexpr, ORDERED: gl.constexpr, LEAN: gl.constexpr,
-                      A_REGS: gl.constexpr, WG: gl.constexpr):
+                      STATS_TMA: gl.constexpr, FUSED: gl.constexpr, ORDERED: gl.constexpr, A_REGS: gl.constexpr,
+                      WG: gl.constexpr):
         (k_smem, v_smem, q_bufs, r_bufs, do_bufs, stat_bufs, kv_bar, ready, empty, q_desc, r_desc, do_desc, k_desc,
          v_desc, stat_descs, LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl, n0, lq, lk, shift,
          left, right, start, blocks, steps, q_row0, k_row0, hk, fused) = p
@@ -125,62 +128,40 @@ if HAVE_GLUON:
                 tb = gl.load(TB + s_off, mask=in_q, other=0.0)
                 delta = gl.load(DELTA + s_off, mask=in_q, other=0.0)
                 beta = gl.load(BETA + s_off, mask=in_q, other=0.0)
-            if LEAN:
-                # fewest instructions per score element (the step's elementwise work, not its MMAs, sets
-                # the pace at D = 64): the scale folded into one FMA, per-query constants formed once, and
-                # the mask built only on steps that reach past the keys every one of its queries sees
-                n_lo = n0 + WG * HALF
-                full = (m0 + BLOCK_M <= lq) & (n_lo + HALF <= lk)
-                if HAS_LEFT:
-                    full = full & (n_lo >= m0 + BLOCK_M - 1 + shift - left)
-                if HAS_RIGHT:
-                    full = full & (n_lo + HALF - 1 <= m0 + shift + right)
-                nlse = -lse2
-                tb1 = 1.0 + tb
-                bds = (beta - delta) * scale
-                st = warpgroup_mma_wait(num_outstanding=2, deps=(st,))
-                if IN_FLIGHT:
-                    mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=it > 0)
-                pt = gl.exp2(gl.fma(st, scale_log2, nlse[None, :]))
-                if not full:
-                    vis = (offs_n[:, None] < lk) & in_q[None, :]
-                    if HAS_LEFT:
-                        vis = vis & (offs_n[:, None] >= offs_m[None, :] + shift - left)
-                    if HAS_RIGHT:
-                        vis = vis & (offs_n[:, None] <= offs_m[None, :] + shift + right)
-                    # (a select, not a product: exp2 of a key the row never sees may be +inf)
-                    pt = gl.where(vis, pt, 0.0)
-                tt = warpgroup_mma_wait(num_outstanding=1, deps=(tt,))
-                # w = p (1 + tbar - t): the dv weights
-                w32 = pt * (tb1[None, :] - tt)
-                w = gl.convert_layout(w32.to(dtype), op_layout)
-                dv = warpgroup_mma(w, do_s, dv, is_async=True)
-                at = warpgroup_mma_wait(num_outstanding=1, deps=(at,))
-                # nu = beta - a: dS2 = p nu, and dS1 = p (beta - delta) - w nu (the same sum as below, regrouped)
-                nu = beta[None, :] - at
-                ds2 = (pt * nu).to(dtype)
-                ds1 = gl.fma(w32, nu * (-scale), pt * bds[None, :]).to(dtype)
-            else:
+            # few instructions per score element: the scale folded into one FMA, per-query constants
+            # formed once per step, dS regrouped (below), and the mask built only on steps that reach
+            # past the keys every one of their queries sees (on the H200 3% of the kernel at D = 64)
+            n_lo = n0 + WG * HALF
+            full = (m0 + BLOCK_M <= lq) & (n_lo + HALF <= lk)
+            if HAS_LEFT:
+                full = full & (n_lo >= m0 + BLOCK_M - 1 + shift - left)
+            if HAS_RIGHT:
+                full = full & (n_lo + HALF - 1 <= m0 + shift + right)
+            nlse = -lse2
+            tb1 = 1.0 + tb
+            bds = (beta - delta) * scale
+            st = warpgroup_mma_wait(num_outstanding=2, deps=(st,))
+            if IN_FLIGHT:
+                mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=it > 0)
+            pt = gl.exp2(gl.fma(st, scale_log2, nlse[None, :]))
+            if not full:
                 vis = (offs_n[:, None] < lk) & in_q[None, :]
                 if HAS_LEFT:
                     vis = vis & (offs_n[:, None] >= offs_m[None, :] + shift - left)
                 if HAS_RIGHT:
                     vis = vis & (offs_n[:, None] <= offs_m[None, :] + shift + right)
-
-                st = warpgroup_mma_wait(num_outstanding=2, deps=(st,))
-                if IN_FLIGHT:
-                    # in-order completion: the previous step's dv and dk products are done too
-                    mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=it > 0)
-                pt = gl.exp2(gl.where(vis, st * scale_log2, float("-inf")) - lse2[None, :])
-                tt = warpgroup_mma_wait(num_outstanding=1, deps=(tt,))
-                tc = tb[None, :] - tt
-                w = gl.convert_layout((pt * (1.0 + tc)).to(dtype), op_layout)
-                dv = warpgroup_mma(w, do_s, dv, is_async=True)
-                at = warpgroup_mma_wait(num_outstanding=1, deps=(at,))
-                pa = pt * (at - beta[None, :])
-                ds1 = (pt * (at - delta[None, :]) + pa * tc) * scale
-                ds1 = ds1.to(dtype)
-                ds2 = (-pa).to(dtype)
+                # (a select, not a product: exp2 of a key the row never sees may be +inf)
+                pt = gl.where(vis, pt, 0.0)
+            tt = warpgroup_mma_wait(num_outstanding=1, deps=(tt,))
+            # w = p (1 + tbar - t): the dv weights
+            w32 = pt * (tb1[None, :] - tt)
+            w = gl.convert_layout(w32.to(dtype), op_layout)
+            dv = warpgroup_mma(w, do_s, dv, is_async=True)
+            at = warpgroup_mma_wait(num_outstanding=1, deps=(at,))
+            # nu = beta - a: dS2 = p nu, and dS1 = p (beta - delta) - w nu (the same sum as below, regrouped)
+            nu = beta[None, :] - at
+            ds2 = (pt * nu).to(dtype)
+            ds1 = gl.fma(w32, nu * (-scale), pt * bds[None, :]).to(dtype)
             dk = warpgroup_mma(gl.convert_layout(ds1, op_layout), q_s, dk, is_async=True)
             dk = warpgroup_mma(gl.convert_layout(ds2, op_layout), r_s, dk, is_async=True)
             if FUSED and FUSED < 4:
@@ -213,8 +194,8 @@ if HAVE_GLUON:
     @gluon.jit
     def _dkv_producer(p, scale, scale_log2, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
                       STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, IN_FLIGHT: gl.constexpr,
-                      STATS_TMA: gl.constexpr, FUSED: gl.constexpr, ORDERED: gl.constexpr, LEAN: gl.constexpr,
-                      A_REGS: gl.constexpr, WG: gl.constexpr):
+                      STATS_TMA: gl.constexpr, FUSED: gl.constexpr, ORDERED: gl.constexpr, A_REGS: gl.constexpr,
+                      WG: gl.constexpr):
         (k_smem, v_smem, q_bufs, r_bufs, do_bufs, stat_bufs, kv_bar, ready, empty, q_desc, r_desc, do_desc, k_desc,
          v_desc, stat_descs, LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl, n0, lq, lk, shift,
          left, right, start, blocks, steps, q_row0, k_row0, hk, fused) = p
@@ -309,8 +290,8 @@ if HAVE_GLUON:
     @gluon.jit
     def _dkv_dq_worker(p, scale, scale_log2, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
                        STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, IN_FLIGHT: gl.constexpr,
-                       STATS_TMA: gl.constexpr, FUSED: gl.constexpr, ORDERED: gl.constexpr, LEAN: gl.constexpr,
-                      A_REGS: gl.constexpr, WG: gl.constexpr):
+                       STATS_TMA: gl.constexpr, FUSED: gl.constexpr, ORDERED: gl.constexpr, A_REGS: gl.constexpr,
+                      WG: gl.constexpr):
         """The fused kernel's third warpgroup: the producer's copies, and dq^T = K^T dS1^T, dr^T = K^T dS2^T
         for each step from the consumers' dS tiles in shared memory, added into fp32 dq, dr by TMA
         reduce-add, 16 query rows at a time (the register budget here is 40 a thread)."""
@@ -390,7 +371,7 @@ if HAVE_GLUON:
         STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
         IN_FLIGHT: gl.constexpr, STATS_TMA: gl.constexpr, FUSED: gl.constexpr, ORDERED: gl.constexpr,
         WORKER_QC: gl.constexpr, WORKER_REGS: gl.constexpr, OUT_BUFS: gl.constexpr, SKIP: gl.constexpr = 0,
-        LEAN: gl.constexpr = False, A_REGS: gl.constexpr = False,
+        A_REGS: gl.constexpr = False,
     ):
         BLOCK_N: gl.constexpr = 128
         pid_bh = gl.program_id(0)
@@ -487,20 +468,20 @@ if HAVE_GLUON:
                 FLAG: gl.constexpr = 1 + SKIP
                 gl.warp_specialize([
                     (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT,
-                                     STATS_TMA, FLAG, ORDERED, LEAN, False, 0)),
+                                     STATS_TMA, FLAG, ORDERED, False, 0)),
                     (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT,
-                                     STATS_TMA, FLAG, ORDERED, LEAN, False, 1)),
+                                     STATS_TMA, FLAG, ORDERED, False, 1)),
                     (_dkv_dq_worker, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT,
-                                      STATS_TMA, FLAG, ORDERED, LEAN, False, 0)),
+                                      STATS_TMA, FLAG, ORDERED, False, 0)),
                 ], [4, 4], [252 - WORKER_REGS // 2, WORKER_REGS])
             else:
                 gl.warp_specialize([
                     (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT,
-                                     STATS_TMA, FUSED, ORDERED, LEAN, A_REGS, 0)),
+                                     STATS_TMA, FUSED, ORDERED, A_REGS, 0)),
                     (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT,
-                                     STATS_TMA, FUSED, ORDERED, LEAN, A_REGS, 1)),
+                                     STATS_TMA, FUSED, ORDERED, A_REGS, 1)),
                     (_dkv_producer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT,
-                                     STATS_TMA, FUSED, ORDERED, LEAN, A_REGS, 0)),
+                                     STATS_TMA, FUSED, ORDERED, A_REGS, 0)),
                 ], [4, 1], [240, 24])  # _gluon.CONSUMER_REGS, PRODUCER_REGS
 
 
@@ -524,7 +505,7 @@ def usable(q, k, d: int, tensors) -> bool:
 def launch(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg, batch, hkv, sk, ss,
            max_q, max_k, scale, left, right, meta):
     """dk, dv for train.bwd (same arguments as train._launch_dkv_tma)."""
-    block_m, stages, in_flight = CONFIG[meta["D"]]
+    block_m, stages, in_flight, a_regs = CONFIG[meta["D"]]
     grid = (batch * hkv, (max_k + BLOCK_N - 1) // BLOCK_N)
     # a statistics tile's offset (sequence, head, first row) must be 16-byte aligned for TMA:
     # rows of a multiple of 4 in the dense layout
@@ -535,7 +516,7 @@ def launch(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
         HQ=q.shape[-2], HKV=hkv, G=meta["G"], D=meta["D"], BLOCK_M=block_m, STAGES=stages,
         VARLEN=meta["VARLEN"], HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"],
         IN_FLIGHT=in_flight, STATS_TMA=stats_tma, FUSED=False, ORDERED=False, WORKER_QC=16, WORKER_REGS=40,
-        OUT_BUFS=1, LEAN=LEAN, A_REGS=A_REGS.get(meta["D"], False), num_warps=4, maxnreg=MAXNREG)
+        OUT_BUFS=1, A_REGS=a_regs, num_warps=4, maxnreg=MAXNREG)
 
 
 def fused_usable(q, k, d: int, tensors) -> bool:
@@ -558,7 +539,7 @@ def launch_fused(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, dqa, dra, sem
         HQ=q.shape[-2], HKV=hkv, G=meta["G"], D=meta["D"], BLOCK_M=block_m, STAGES=stages,
         VARLEN=meta["VARLEN"], HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"],
         IN_FLIGHT=False, STATS_TMA=stats_tma, FUSED=True, ORDERED=ordered, WORKER_QC=worker_qc,
-        WORKER_REGS=worker_regs, OUT_BUFS=out_bufs, SKIP=FUSED_SKIP, LEAN=LEAN, num_warps=4, maxnreg=MAXNREG)
+        WORKER_REGS=worker_regs, OUT_BUFS=out_bufs, SKIP=FUSED_SKIP, num_warps=4, maxnreg=MAXNREG)
 
 
 # On by default where usable(); PARALLAX_DKV_GLUON=0 runs the Triton dk/dv kernel instead.
@@ -567,5 +548,3 @@ def launch_fused(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, dqa, dra, sem
 # against 8.65 ms at B=4 H=32/8 L=4096, 2.78 against 2.85 ms at D=64; the kernel alone 1.67
 # against 2.12 ms (Nsight Compute) at B=4 H=16 L=4096.
 ENABLED = os.environ.get("PARALLAX_DKV_GLUON", "1") != "0"
-LEAN = os.environ.get("PARALLAX_LEAN", "0") != "0"
-A_REGS = {64: os.environ.get("PARALLAX_A_REGS", "0") != "0"}

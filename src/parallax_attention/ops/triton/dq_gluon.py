@@ -38,8 +38,7 @@ BLOCK_M = 128
 if HAVE_GLUON:
     @gluon.jit
     def _dq_consumer(p, scale, scale_log2, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                     HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, LEAN: gl.constexpr, A_REGS: gl.constexpr,
-                     WG: gl.constexpr):
+                     HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
         (q_smem, r_smem, do_smem, k_bufs, v_bufs, q_bar, ready, empty, q_desc, k_desc, O, VB, DO, LSE, TB, DELTA,
          BETA, DQ, DR, io_base, stride_ql, s_base, m0, lq, lk, shift, left, right, start, n_tiles) = p
         HALF: gl.constexpr = 64
@@ -83,46 +82,26 @@ if HAVE_GLUON:
         dq = gl.zeros([HALF, D], gl.float32, acc_layout)
         dr = gl.zeros([HALF, D], gl.float32, acc_layout)
         mbarrier.wait(q_bar, 0)
-        if A_REGS:
-            # the loop-invariant A operands of the score products from registers (see dkv_gluon.A_REGS)
-            a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
-            q_a = q_t.load(a_layout)
-            r_a = r_t.load(a_layout)
-            do_a = do_t.load(a_layout)
-        else:
-            q_a = q_t
-            r_a = r_t
-            do_a = do_t
         # n_tiles >= 1 (see the kernel), restated where the compiler sees it (see dkv_gluon)
         for it in range(gl.maximum(n_tiles, 1)):
             stage = it % STAGES
             mbarrier.wait(ready.index(stage), (it // STAGES) & 1)
             k_t = k_bufs.index(stage)
             v_t = v_bufs.index(stage)
-            s = warpgroup_mma(q_a, k_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            t = warpgroup_mma(r_a, k_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            av = warpgroup_mma(do_a, v_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            s = warpgroup_mma(q_t, k_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            t = warpgroup_mma(r_t, k_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            av = warpgroup_mma(do_t, v_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
             n0 = start + it * BLOCK_N
             s = warpgroup_mma_wait(num_outstanding=2, deps=(s,))
             s = mask_scores(s, n0, a, c, offs_m, lk, shift, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT, keys_s)
-            if LEAN:
-                # the scale folded into one FMA, and dS1 regrouped as p (a - beta)(1 + tbar - t) + p (beta - delta)
-                pr = gl.exp2(gl.fma(s, scale_log2, nlse[:, None]))
-                t = warpgroup_mma_wait(num_outstanding=1, deps=(t,))
-                av = warpgroup_mma_wait(num_outstanding=0, deps=(av,))
-                pa = pr * (av - beta[:, None])
-                dr = warpgroup_mma(gl.convert_layout(pa.to(dtype), op_layout), k_t, dr, is_async=True)
-                ds1 = gl.fma(pa, tb1[:, None] - t, pr * bd[:, None])
-            else:
-                pr = gl.exp2(s * scale_log2 - lse2[:, None])
-                t = warpgroup_mma_wait(num_outstanding=1, deps=(t,))
-                tc = tb[:, None] - t
-                av = warpgroup_mma_wait(num_outstanding=0, deps=(av,))
-                u = av - beta[:, None]
-                pa = pr * u
-                dr = warpgroup_mma(gl.convert_layout(pa.to(dtype), op_layout), k_t, dr, is_async=True)
-                # dS1 = p (a - delta) + p (a - beta) tc
-                ds1 = pr * (av - delta[:, None]) + pa * tc
+            # the scale folded into one FMA, and dS1 = p (a - delta) + p (a - beta)(tbar - t) regrouped as
+            # p (a - beta)(1 + tbar - t) + p (beta - delta): fewer instructions per score element
+            pr = gl.exp2(gl.fma(s, scale_log2, nlse[:, None]))
+            t = warpgroup_mma_wait(num_outstanding=1, deps=(t,))
+            av = warpgroup_mma_wait(num_outstanding=0, deps=(av,))
+            pa = pr * (av - beta[:, None])
+            dr = warpgroup_mma(gl.convert_layout(pa.to(dtype), op_layout), k_t, dr, is_async=True)
+            ds1 = gl.fma(pa, tb1[:, None] - t, pr * bd[:, None])
             dq = warpgroup_mma(gl.convert_layout(ds1.to(dtype), op_layout), k_t, dq, is_async=True)
             dq, dr = warpgroup_mma_wait(num_outstanding=0, deps=(dq, dr))
             mbarrier.arrive(empty.index(stage))
@@ -137,8 +116,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _dq_producer(p, scale, scale_log2, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                     HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, LEAN: gl.constexpr, A_REGS: gl.constexpr,
-                     WG: gl.constexpr):
+                     HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
         (q_smem, r_smem, do_smem, k_bufs, v_bufs, q_bar, ready, empty, q_desc, k_desc, O, VB, DO, LSE, TB, DELTA,
          BETA, DQ, DR, io_base, stride_ql, s_base, m0, lq, lk, shift, left, right, start, n_tiles) = p
         q_d, r_d, do_d, col = q_desc
@@ -174,7 +152,6 @@ if HAVE_GLUON:
         stride_sb, stride_sh, seqlen_q, seqlen_k, scale, scale_log2, left, right,
         HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-        LEAN: gl.constexpr, A_REGS: gl.constexpr,
     ):
         BLOCK_M: gl.constexpr = 128
         pid_bh = gl.program_id(0)
@@ -220,9 +197,9 @@ if HAVE_GLUON:
             p = (q_smem, r_smem, do_smem, k_bufs, v_bufs, q_bar, ready, empty, q_desc, k_desc, O, VB, DO, LSE, TB,
                  DELTA, BETA, DQ, DR, io_base, HQ * D, s_base, m0, lq, lk, shift, left, right, start, n_tiles)
             gl.warp_specialize([
-                (_dq_consumer, (p, scale, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, LEAN, A_REGS, 0)),
-                (_dq_consumer, (p, scale, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, LEAN, A_REGS, 1)),
-                (_dq_producer, (p, scale, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, LEAN, A_REGS, 0)),
+                (_dq_consumer, (p, scale, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
+                (_dq_consumer, (p, scale, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 1)),
+                (_dq_producer, (p, scale, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
             ], [4, 1], [240, 24])  # _gluon.CONSUMER_REGS, PRODUCER_REGS
 
 
@@ -241,8 +218,7 @@ def launch(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg
         q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg, cu_k_arg, *ss, max_q, max_k,
         scale, scale * LOG2E, left, right,
         HQ=hq, HKV=hkv, G=hq // hkv, D=d, BLOCK_N=block_n, STAGES=stages, VARLEN=meta["VARLEN"],
-        HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"], LEAN=LEAN,
-        A_REGS=A_REGS.get(d, False), num_warps=4, maxnreg=MAXNREG)
+        HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"], num_warps=4, maxnreg=MAXNREG)
 
 
 # On by default where usable(); PARALLAX_DQ_GLUON=0 runs the Triton dq/dr kernel instead.
@@ -252,5 +228,3 @@ def launch(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg
 # slower (4.85 ms), so D=128 takes 32 keys; see benchmarks/NOTES_train_kernels.md for why the score
 # products, not the schedule, set the pace.
 ENABLED = os.environ.get("PARALLAX_DQ_GLUON", "1") != "0"
-LEAN = os.environ.get("PARALLAX_LEAN", "0") != "0"
-A_REGS = {64: os.environ.get("PARALLAX_A_REGS", "0") != "0"}
