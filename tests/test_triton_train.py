@@ -422,7 +422,7 @@ def test_dkv_gluon_launch(hq, hkv, L, d, window, monkeypatch):
         return
     (grid, _, kw), = launches
     assert grid == (2 * hkv, -(-L // dkv_gluon.BLOCK_N))
-    assert (kw["BLOCK_M"], kw["STAGES"], kw["IN_FLIGHT"]) == dkv_gluon.CONFIG[d]
+    assert (kw["BLOCK_M"], kw["STAGES"], kw["IN_FLIGHT"], kw["A_REGS"]) == dkv_gluon.CONFIG[d]
     assert kw["G"] == hq // hkv and kw["D"] == d and kw["HAS_LEFT"] == (window[0] >= 0)
     assert kw["STATS_TMA"] is (L % 4 == 0)
     assert kw["num_warps"] == 4 and kw["maxnreg"] * 12 * 32 <= 65536
