@@ -19,8 +19,9 @@ do the step's elementwise work: Nsight Compute on the H200 put the tensor pipe a
 
 Both partitions receive one argument tuple (Gluon gives every worker partition the same signature).
 
-Same math, tiles and masking as the Triton kernel (keys x queries tiles, every tile masked,
-a GQA group's query heads walked as one flat loop); deterministic (no atomics).
+Same math and tiles as the Triton kernel (keys x queries tiles, a GQA group's query heads walked as
+one flat loop), with the elementwise work regrouped into fewer instructions and the mask built only
+on steps that reach past the keys all their queries see; deterministic (no atomics).
 
 FUSED (opt-in, PARALLAX_TRAIN_BWD=fused / fused_atomic, D = 128): the producer warp becomes a
 warpgroup that also forms dq^T = K^T dS1^T and dr^T = K^T dS2^T from the dS tiles the consumers leave
@@ -142,6 +143,7 @@ if HAVE_GLUON:
             bds = (beta - delta) * scale
             st = warpgroup_mma_wait(num_outstanding=2, deps=(st,))
             if IN_FLIGHT:
+                # in-order completion: the previous step's dv and dk products are done too
                 mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=it > 0)
             pt = gl.exp2(gl.fma(st, scale_log2, nlse[None, :]))
             if not full:
@@ -158,7 +160,8 @@ if HAVE_GLUON:
             w = gl.convert_layout(w32.to(dtype), op_layout)
             dv = warpgroup_mma(w, do_s, dv, is_async=True)
             at = warpgroup_mma_wait(num_outstanding=1, deps=(at,))
-            # nu = beta - a: dS2 = p nu, and dS1 = p (beta - delta) - w nu (the same sum as below, regrouped)
+            # nu = beta - a: dS2 = p nu, and dS1 = p (a - delta) + p (a - beta)(tbar - t) regrouped as
+            # p (beta - delta) - w nu
             nu = beta[None, :] - at
             ds2 = (pt * nu).to(dtype)
             ds1 = gl.fma(w32, nu * (-scale), pt * bds[None, :]).to(dtype)
@@ -464,6 +467,8 @@ if HAVE_GLUON:
             p = (k_smem, v_smem, q_bufs, r_bufs, do_bufs, stat_bufs, kv_bar, ready, empty, q_desc, r_desc, do_desc,
                  k_desc, v_desc, stat_descs, LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl,
                  n0, lq, lk, shift, left, right, start, blocks, steps, q_row0, k_row0, hk, fused)
+            # two literal partition lists: warp_specialize needs its partitions as JIT functions, and
+            # choosing the third one through a constexpr does not compile in Triton 3.6
             if FUSED:
                 FLAG: gl.constexpr = 1 + SKIP
                 gl.warp_specialize([
