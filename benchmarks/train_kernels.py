@@ -408,11 +408,7 @@ def run_config_ab(log, spec, shape, rounds=3):
     if spec in VARIANT_AB:
         return run_variant_ab(log, spec, shape, rounds)
     name, cfgs = spec.split("=")
-    cfgs = [tuple(int(x) for x in c.split(",")) for c in cfgs.split(";")]
-    if name == "dkv_tma":
-        cfgs = [c[:4] + (bool(c[4]),) for c in cfgs]
-    if name == "gluon":  # (BLOCK_M, stages, in flight 0/1, k and v in registers 0/1)
-        cfgs = [c[:2] + (bool(c[2]), bool(c[3:4] and c[3])) for c in cfgs]
+    cfgs = [_parse_config(name, c) for c in cfgs.split(";")]
     b, h, hkv, L, d = shape
     torch.manual_seed(0)
     q, r, k, v, do = _qrkvdo(b, h, hkv, L, d)
@@ -470,6 +466,34 @@ def _set_bwd_mode(mode, worker=None, skip=0):
         dkv_gluon.FUSED_CONFIG[128] = worker if len(worker) == 5 else dkv_gluon.FUSED_CONFIG[128][:2] + worker + (1,)
 
 
+# the Gluon kernels' launch configurations with the last products of a step left in flight into the
+# next step's score products (their weights through shared memory), by kernel and head dim
+IN_FLIGHT_CONFIG = {"fwd_gluon": {64: (64, 3, True), 128: (64, 2, True)},
+                    "dq_gluon": {64: (64, 3, True), 128: (32, 4, True)},
+                    "gluon": {64: (32, 4, True, True), 128: (32, 2, True, False)}}
+
+
+def _set_in_flight(*names):
+    """The Gluon kernels of names (fwd_gluon, dq_gluon, gluon = dk/dv) in their IN_FLIGHT_CONFIG, the
+    others in their defaults."""
+    for name in IN_FLIGHT_CONFIG:
+        mod = _gluon_module(name)
+        key = "cfg " + name
+        if key not in _DEFAULTS:
+            _DEFAULTS[key] = dict(mod.CONFIG)
+        mod.CONFIG = {**_DEFAULTS[key], **(IN_FLIGHT_CONFIG[name] if name in names else {})}
+
+
+def _parse_config(name, text):
+    """A launch configuration from comma-separated ints; the Gluon kernels' flags become booleans."""
+    cfg = tuple(int(x) for x in text.split(","))
+    if name == "dkv_tma":
+        cfg = cfg[:4] + (bool(cfg[4]),)
+    if _gluon_module(name) is not None:
+        cfg = cfg[:2] + tuple(bool(x) for x in cfg[2:])
+    return cfg
+
+
 def _set_dkv_a_regs(on):
     """At D=64: the Gluon dk/dv kernel's score-product k, v operands from registers or shared memory."""
     from parallax_attention.ops.triton import dkv_gluon
@@ -492,8 +516,13 @@ VARIANT_AB = {
     # the warp-specialized Gluon dq/dr kernel (ops/triton/dq_gluon.py) against the Triton one, and its
     # 64-key tiles at D=128 (ptxas spills there)
     "dq_gluon": [("gluon", lambda: _set_kernels(dq_gluon=True)),
-                 ("gluon 64 keys", lambda: _set_kernels(dq_gluon=True, dq_config=(64, 2))),
+                 ("gluon 64 keys", lambda: _set_kernels(dq_gluon=True, dq_config=(64, 2, False))),
                  ("triton", lambda: _set_kernels(dq_gluon=False))],
+    # the Gluon kernels with the last products of each step left in flight (IN_FLIGHT_CONFIG), one kernel
+    # at a time and all three
+    "in_flight": [("retired", lambda: _set_in_flight())] + [
+        (f"in flight {n}", (lambda n: lambda: _set_in_flight(*n.split("+")))(n))
+        for n in ("fwd_gluon", "dq_gluon", "gluon", "fwd_gluon+dq_gluon+gluon")],
     # D=64: the Gluon dk/dv kernel's score-product A operands (k, v) from registers or shared memory
     "dkv_a_regs64": [("registers", lambda: _set_dkv_a_regs(True)), ("shared memory", lambda: _set_dkv_a_regs(False))],
     # Gluon launches through the cached compiled kernel (_gluon.launch) or Triton's JITFunction.run
@@ -900,6 +929,9 @@ def main():
                          "one), 'dkv_ws' (warp specialization of the MHA dk/dv loop, unsafe: see "
                          "train.DKV_TMA_CONFIG)")
     ap.add_argument("--ab-rounds", type=int, default=3, help="interleaved rounds per --ab variant")
+    ap.add_argument("--config", action="append", default=[], metavar="KERNEL@D=CFG",
+                    help="run everything with this launch configuration of a Gluon kernel (gluon = dk/dv, "
+                         "fwd_gluon, dq_gluon) at head dim D, e.g. 'gluon@64=32,4,1,1'")
     ap.add_argument("--repeat", type=int, default=0, metavar="N",
                     help="N forward+backward runs per dk/dv launch on each --repeat-shapes shape: "
                          "bitwise equal, finite")
@@ -942,6 +974,11 @@ def main():
         with open(tmp, "w") as f:
             json.dump(result, f, indent=1)
         os.replace(tmp, json_path)
+    for spec in args.config:
+        key, cfg = spec.split("=")
+        name, d = key.split("@")
+        _gluon_module(name).CONFIG[int(d)] = _parse_config(name, cfg)
+        log(f"config {name} D={d}: {_gluon_module(name).CONFIG[int(d)]}")
     if args.repeat:
         variants = None if args.repeat_variants is None else \
             [REPEAT_VARIANTS[int(i)] for i in args.repeat_variants.split(",")]
