@@ -466,24 +466,6 @@ def _set_bwd_mode(mode, worker=None, skip=0):
         dkv_gluon.FUSED_CONFIG[128] = worker if len(worker) == 5 else dkv_gluon.FUSED_CONFIG[128][:2] + worker + (1,)
 
 
-# the Gluon kernels' launch configurations with the last products of a step left in flight into the
-# next step's score products (their weights through shared memory), by kernel and head dim
-IN_FLIGHT_CONFIG = {"fwd_gluon": {64: (64, 3, True), 128: (64, 2, True)},
-                    "dq_gluon": {64: (64, 3, True), 128: (32, 4, True)},
-                    "gluon": {64: (32, 4, True, True), 128: (32, 2, True, False)}}
-
-
-def _set_in_flight(*names):
-    """The Gluon kernels of names (fwd_gluon, dq_gluon, gluon = dk/dv) in their IN_FLIGHT_CONFIG, the
-    others in their defaults."""
-    for name in IN_FLIGHT_CONFIG:
-        mod = _gluon_module(name)
-        key = "cfg " + name
-        if key not in _DEFAULTS:
-            _DEFAULTS[key] = dict(mod.CONFIG)
-        mod.CONFIG = {**_DEFAULTS[key], **(IN_FLIGHT_CONFIG[name] if name in names else {})}
-
-
 def _parse_config(name, text):
     """A launch configuration from comma-separated ints; the Gluon kernels' flags become booleans."""
     cfg = tuple(int(x) for x in text.split(","))
@@ -516,13 +498,8 @@ VARIANT_AB = {
     # the warp-specialized Gluon dq/dr kernel (ops/triton/dq_gluon.py) against the Triton one, and its
     # 64-key tiles at D=128 (ptxas spills there)
     "dq_gluon": [("gluon", lambda: _set_kernels(dq_gluon=True)),
-                 ("gluon 64 keys", lambda: _set_kernels(dq_gluon=True, dq_config=(64, 2, False))),
+                 ("gluon 64 keys", lambda: _set_kernels(dq_gluon=True, dq_config=(64, 2))),
                  ("triton", lambda: _set_kernels(dq_gluon=False))],
-    # the Gluon kernels with the last products of each step left in flight (IN_FLIGHT_CONFIG), one kernel
-    # at a time and all three
-    "in_flight": [("retired", lambda: _set_in_flight())] + [
-        (f"in flight {n}", (lambda n: lambda: _set_in_flight(*n.split("+")))(n))
-        for n in ("fwd_gluon", "dq_gluon", "gluon", "fwd_gluon+dq_gluon+gluon")],
     # D=64: the Gluon dk/dv kernel's score-product A operands (k, v) from registers or shared memory
     "dkv_a_regs64": [("registers", lambda: _set_dkv_a_regs(True)), ("shared memory", lambda: _set_dkv_a_regs(False))],
     # Gluon launches through the cached compiled kernel (_gluon.launch) or Triton's JITFunction.run

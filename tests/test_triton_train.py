@@ -464,7 +464,7 @@ def test_fwd_gluon_launch(hq, hkv, lq, lk, d, window, monkeypatch):
     # causal folds into the right bound (0); a left window passes its width
     assert args[15:17] == (max(window[0], 0), 0) and kw["HAS_LEFT"] == (window[0] >= 0) and kw["HAS_RIGHT"]
     assert kw["VARLEN"] is False
-    assert (kw["BLOCK_N"], kw["STAGES"], kw["IN_FLIGHT"]) == fwd_gluon.CONFIG[d]
+    assert (kw["BLOCK_N"], kw["STAGES"]) == fwd_gluon.CONFIG[d]
     assert kw["HQ"] == hq and kw["HKV"] == hkv and kw["G"] == hq // hkv and kw["D"] == d
     assert kw["num_warps"] == 4 and kw["maxnreg"] * 12 * 32 <= 65536
 
@@ -523,7 +523,7 @@ def test_dq_gluon_launch(varlen, monkeypatch):
     assert args[11].shape == args[12].shape == q.shape and args[6] is not None
     assert args[15:19] == ((0, 2 * L) if varlen else (hq * L, L)) + (L, L)
     assert args[19] == pytest.approx(d ** -0.5) and args[20] == pytest.approx(d ** -0.5 * dq_gluon.LOG2E)
-    assert kw["VARLEN"] is varlen and (kw["BLOCK_N"], kw["STAGES"], kw["IN_FLIGHT"]) == dq_gluon.CONFIG[d]
+    assert kw["VARLEN"] is varlen and (kw["BLOCK_N"], kw["STAGES"]) == dq_gluon.CONFIG[d]
     assert kw["HQ"] == hq and kw["HKV"] == hkv and kw["G"] == hq // hkv and kw["D"] == d
     assert kw["num_warps"] == 4 and kw["maxnreg"] * 12 * 32 <= 65536
 

@@ -157,33 +157,16 @@ if HAVE_GLUON:
             tt = warpgroup_mma_wait(num_outstanding=1, deps=(tt,))
             # w = p (1 + tbar - t): the dv weights
             w32 = pt * (tb1[None, :] - tt)
-            if IN_FLIGHT:
-                # the weights go through shared memory: register operands of products left in flight
-                # across the loop's back edge make ptxas serialize every MMA (C7512)
-                wts = fused[0]
-                wts.index(WG * 3 + 0).store(w32.to(dtype))
-                fence_async_shared()
-                gl.thread_barrier()
-                dv = warpgroup_mma(wts.index(WG * 3 + 0), do_s, dv, is_async=True)
-            else:
-                w = gl.convert_layout(w32.to(dtype), op_layout)
-                dv = warpgroup_mma(w, do_s, dv, is_async=True)
+            w = gl.convert_layout(w32.to(dtype), op_layout)
+            dv = warpgroup_mma(w, do_s, dv, is_async=True)
             at = warpgroup_mma_wait(num_outstanding=1, deps=(at,))
             # nu = beta - a: dS2 = p nu, and dS1 = p (a - delta) + p (a - beta)(tbar - t) regrouped as
             # p (beta - delta) - w nu
             nu = beta[None, :] - at
             ds2 = (pt * nu).to(dtype)
             ds1 = gl.fma(w32, nu * (-scale), pt * bds[None, :]).to(dtype)
-            if IN_FLIGHT:
-                wts.index(WG * 3 + 1).store(ds1)
-                wts.index(WG * 3 + 2).store(ds2)
-                fence_async_shared()
-                gl.thread_barrier()
-                dk = warpgroup_mma(wts.index(WG * 3 + 1), q_s, dk, is_async=True)
-                dk = warpgroup_mma(wts.index(WG * 3 + 2), r_s, dk, is_async=True)
-            else:
-                dk = warpgroup_mma(gl.convert_layout(ds1, op_layout), q_s, dk, is_async=True)
-                dk = warpgroup_mma(gl.convert_layout(ds2, op_layout), r_s, dk, is_async=True)
+            dk = warpgroup_mma(gl.convert_layout(ds1, op_layout), q_s, dk, is_async=True)
+            dk = warpgroup_mma(gl.convert_layout(ds2, op_layout), r_s, dk, is_async=True)
             if FUSED and FUSED < 4:
                 # this warpgroup's 64 keys of dS1, dS2 (queries x keys) for the worker's dq, dr products
                 ds_smem, ds_full, ds_empty = fused[0], fused[1], fused[2]
@@ -479,10 +462,6 @@ if HAVE_GLUON:
                 sem_base = (b32 * HQ + hk * G).to(gl.int64) * sem_blocks
                 fused = (ds_smem, ds_full, ds_empty, out_smem, dq_desc, dr_desc, SEM, sem_base, sem_blocks,
                          gl.program_id(1), visible)
-            elif IN_FLIGHT:
-                # the in-flight form's weight tiles (w, dS1, dS2 of each warpgroup's 64 keys)
-                w_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, BLOCK_M], Q.dtype.element_ty)
-                fused = (gl.allocate_shared_memory(Q.dtype.element_ty, [6, 64, BLOCK_M], w_layout),)
             else:
                 fused = (kv_bar,)
             p = (k_smem, v_smem, q_bufs, r_bufs, do_bufs, stat_bufs, kv_bar, ready, empty, q_desc, r_desc, do_desc,

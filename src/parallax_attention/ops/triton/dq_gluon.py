@@ -26,22 +26,21 @@ if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma_init
 
     from ._gluon import ROWS_LAYOUT, key_ranges, mask_scores, ring_barriers, sequence, store_zeros, stream_kv
 
 # (BLOCK_N keys per tile, stages of the K/V ring) by head dim; 128 query rows per CTA (64 per
 # consumer warpgroup)
-CONFIG = {64: (64, 3, False), 128: (32, 4, False)}
+CONFIG = {64: (64, 3), 128: (32, 4)}
 BLOCK_M = 128
 
 
 if HAVE_GLUON:
     @gluon.jit
     def _dq_consumer(p, scale, scale_log2, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                     HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, IN_FLIGHT: gl.constexpr, WG: gl.constexpr):
-        (q_smem, r_smem, do_smem, k_bufs, v_bufs, w_smem, q_bar, ready, empty, q_desc, k_desc, O, VB, DO, LSE, TB,
-         DELTA, BETA, DQ, DR, io_base, stride_ql, s_base, m0, lq, lk, shift, left, right, start, n_tiles) = p
+                     HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
+        (q_smem, r_smem, do_smem, k_bufs, v_bufs, q_bar, ready, empty, q_desc, k_desc, O, VB, DO, LSE, TB, DELTA,
+         BETA, DQ, DR, io_base, stride_ql, s_base, m0, lq, lk, shift, left, right, start, n_tiles) = p
         HALF: gl.constexpr = 64
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -82,9 +81,6 @@ if HAVE_GLUON:
         zero_s = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
         dq = gl.zeros([HALF, D], gl.float32, acc_layout)
         dr = gl.zeros([HALF, D], gl.float32, acc_layout)
-        if IN_FLIGHT:
-            dq = warpgroup_mma_init(dq)
-            dr = warpgroup_mma_init(dr)
         mbarrier.wait(q_bar, 0)
         # n_tiles >= 1 (see the kernel), restated where the compiler sees it (see dkv_gluon)
         for it in range(gl.maximum(n_tiles, 1)):
@@ -96,13 +92,7 @@ if HAVE_GLUON:
             t = warpgroup_mma(r_t, k_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
             av = warpgroup_mma(do_t, v_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
             n0 = start + it * BLOCK_N
-            if IN_FLIGHT:
-                # in-order completion: the previous tile's dq, dr products are done too, and its stage
-                # goes back
-                s = warpgroup_mma_wait(num_outstanding=2, deps=(s,))
-                mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=it > 0)
-            else:
-                s = warpgroup_mma_wait(num_outstanding=2, deps=(s,))
+            s = warpgroup_mma_wait(num_outstanding=2, deps=(s,))
             s = mask_scores(s, n0, a, c, offs_m, lk, shift, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT, keys_s)
             # the scale folded into one FMA, and dS1 = p (a - delta) + p (a - beta)(tbar - t) regrouped as
             # p (a - beta)(1 + tbar - t) + p (beta - delta): fewer instructions per score element
@@ -110,23 +100,11 @@ if HAVE_GLUON:
             t = warpgroup_mma_wait(num_outstanding=1, deps=(t,))
             av = warpgroup_mma_wait(num_outstanding=0, deps=(av,))
             pa = pr * (av - beta[:, None])
+            dr = warpgroup_mma(gl.convert_layout(pa.to(dtype), op_layout), k_t, dr, is_async=True)
             ds1 = gl.fma(pa, tb1[:, None] - t, pr * bd[:, None])
-            if IN_FLIGHT:
-                # the weights go through shared memory: register operands of products left in flight
-                # across the loop's back edge make ptxas serialize every MMA (C7512)
-                w_smem.index(WG * 2).store(pa.to(dtype))
-                w_smem.index(WG * 2 + 1).store(ds1.to(dtype))
-                fence_async_shared()
-                gl.thread_barrier()
-                dr = warpgroup_mma(w_smem.index(WG * 2), k_t, dr, is_async=True)
-                dq = warpgroup_mma(w_smem.index(WG * 2 + 1), k_t, dq, is_async=True)
-            else:
-                dr = warpgroup_mma(gl.convert_layout(pa.to(dtype), op_layout), k_t, dr, is_async=True)
-                dq = warpgroup_mma(gl.convert_layout(ds1.to(dtype), op_layout), k_t, dq, is_async=True)
-                dq, dr = warpgroup_mma_wait(num_outstanding=0, deps=(dq, dr))
-                mbarrier.arrive(empty.index(stage))
-        if IN_FLIGHT:
+            dq = warpgroup_mma(gl.convert_layout(ds1.to(dtype), op_layout), k_t, dq, is_async=True)
             dq, dr = warpgroup_mma_wait(num_outstanding=0, deps=(dq, dr))
+            mbarrier.arrive(empty.index(stage))
 
         rows = m0w + gl.arange(0, HALF, layout=gl.SliceLayout(1, acc_layout))
         cols = gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout))
@@ -138,9 +116,9 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _dq_producer(p, scale, scale_log2, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                     HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, IN_FLIGHT: gl.constexpr, WG: gl.constexpr):
-        (q_smem, r_smem, do_smem, k_bufs, v_bufs, w_smem, q_bar, ready, empty, q_desc, k_desc, O, VB, DO, LSE, TB,
-         DELTA, BETA, DQ, DR, io_base, stride_ql, s_base, m0, lq, lk, shift, left, right, start, n_tiles) = p
+                     HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
+        (q_smem, r_smem, do_smem, k_bufs, v_bufs, q_bar, ready, empty, q_desc, k_desc, O, VB, DO, LSE, TB, DELTA,
+         BETA, DQ, DR, io_base, stride_ql, s_base, m0, lq, lk, shift, left, right, start, n_tiles) = p
         q_d, r_d, do_d, col = q_desc
         k_d, v_d, kcol = k_desc
         mbarrier.expect(q_bar, 3 * q_d.block_type.nbytes)
@@ -174,7 +152,6 @@ if HAVE_GLUON:
         stride_sb, stride_sh, seqlen_q, seqlen_k, scale, scale_log2, left, right,
         HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-        IN_FLIGHT: gl.constexpr,
     ):
         BLOCK_M: gl.constexpr = 128
         pid_bh = gl.program_id(0)
@@ -211,22 +188,18 @@ if HAVE_GLUON:
             do_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [BLOCK_M, D], q_layout)
             k_bufs = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, BLOCK_N, D], kv_layout)
             v_bufs = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, BLOCK_N, D], kv_layout)
-            # the in-flight form's weight tiles (p (a - beta) and dS1 of each warpgroup)
-            w_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, BLOCK_N], Q.dtype.element_ty)
-            w_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [4 if IN_FLIGHT else 1, 64, BLOCK_N], w_layout)
             q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
             mbarrier.init(q_bar, count=1)
             ready, empty = ring_barriers(STAGES)
 
             io_base = q_off + h * D
             s_base = b32.to(gl.int64) * stride_sb + h * stride_sh + qs
-            p = (q_smem, r_smem, do_smem, k_bufs, v_bufs, w_smem, q_bar, ready, empty, q_desc, k_desc, O, VB, DO,
-                 LSE, TB, DELTA, BETA, DQ, DR, io_base, HQ * D, s_base, m0, lq, lk, shift, left, right, start,
-                 n_tiles)
+            p = (q_smem, r_smem, do_smem, k_bufs, v_bufs, q_bar, ready, empty, q_desc, k_desc, O, VB, DO, LSE, TB,
+                 DELTA, BETA, DQ, DR, io_base, HQ * D, s_base, m0, lq, lk, shift, left, right, start, n_tiles)
             gl.warp_specialize([
-                (_dq_consumer, (p, scale, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT, 0)),
-                (_dq_consumer, (p, scale, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT, 1)),
-                (_dq_producer, (p, scale, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT, 0)),
+                (_dq_consumer, (p, scale, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
+                (_dq_consumer, (p, scale, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 1)),
+                (_dq_producer, (p, scale, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
             ], [4, 1], [240, 24])  # _gluon.CONSUMER_REGS, PRODUCER_REGS
 
 
@@ -239,14 +212,13 @@ def launch(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg
            max_q, max_k, scale, left, right, meta):
     """dq, dr (and delta, beta) for train.bwd (the Triton dq/dr kernel's arguments)."""
     hq, d = q.shape[-2], q.shape[-1]
-    block_n, stages, in_flight = CONFIG[d]
+    block_n, stages = CONFIG[d]
     grid = (batch * hq, (max_q + BLOCK_M - 1) // BLOCK_M)
     return _gluon.launch(_dq_ws_kernel, grid,
         q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg, cu_k_arg, *ss, max_q, max_k,
         scale, scale * LOG2E, left, right,
         HQ=hq, HKV=hkv, G=hq // hkv, D=d, BLOCK_N=block_n, STAGES=stages, VARLEN=meta["VARLEN"],
-        HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"], IN_FLIGHT=in_flight, num_warps=4,
-        maxnreg=MAXNREG)
+        HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"], num_warps=4, maxnreg=MAXNREG)
 
 
 # On by default where usable(); PARALLAX_DQ_GLUON=0 runs the Triton dq/dr kernel instead.

@@ -41,35 +41,38 @@ if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma_init
 
     from ._gluon import ROWS_LAYOUT, key_ranges, mask_scores, ring_barriers, sequence, store_zeros, stream_kv
 
 # (BLOCK_N keys per tile, stages of the K/V ring) by head dim; 128 query rows per CTA (64 per
 # consumer warpgroup)
-CONFIG = {64: (128, 3, False), 128: (64, 3, False)}
+CONFIG = {64: (128, 3), 128: (64, 3)}
 BLOCK_M = 128
 
 
 if HAVE_GLUON:
     @gluon.jit
-    def _weights(s, m_i, scale_log2):
+    def _weights(s, m_i, o1, o2, scale_log2, rows_acc: gl.constexpr):
         """One tile's unnormalized weights e = exp2(scale_log2 s - m) from its raw (masked) scores s,
-        the factor alpha the running sums are rescaled by, and the new running max."""
+        the factor alpha the running sums are rescaled by, the new running max, and the rescaled
+        accumulators."""
         # (the max of the raw scores, scaled after: scale_log2 > 0, and exp2 takes s * scale - m as
         # one fused multiply-add)
         m_new = gl.maximum(m_i, gl.max(s, 1) * scale_log2)
         # a row that has seen no visible key keeps m = -inf: subtract 0 instead so exp2 gives 0
         m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = gl.exp2(m_i - m_safe)
+        alpha_acc = gl.convert_layout(alpha, rows_acc)
+        o1 = o1 * alpha_acc[:, None]
+        o2 = o2 * alpha_acc[:, None]
         e = gl.exp2(s * scale_log2 - m_safe[:, None])
-        return e, alpha, m_new
+        return e, alpha, m_new, o1, o2
 
     @gluon.jit
     def _fwd_consumer(p, scale_log2, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                      HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, IN_FLIGHT: gl.constexpr, WG: gl.constexpr):
-        (q_smem, r_smem, k_bufs, v_bufs, p_smem, q_bar, ready, empty, q_desc, r_desc, k_desc, v_desc, O, VB, LSE,
-         TB, io_base, stride_ql, s_base, b32, h, hk, m0, lq, lk, shift, left, right, start, n_tiles) = p
+                      HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
+        (q_smem, r_smem, k_bufs, v_bufs, q_bar, ready, empty, q_desc, r_desc, k_desc, v_desc, O, VB, LSE, TB,
+         io_base, stride_ql, s_base, b32, h, hk, m0, lq, lk, shift, left, right, start, n_tiles) = p
         HALF: gl.constexpr = 64
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -90,9 +93,6 @@ if HAVE_GLUON:
         zero_s = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
         o1 = gl.zeros([HALF, D], gl.float32, acc_layout)
         o2 = gl.zeros([HALF, D], gl.float32, acc_layout)
-        if IN_FLIGHT:
-            o1 = warpgroup_mma_init(o1)
-            o2 = warpgroup_mma_init(o2)
         d1 = gl.zeros([HALF], gl.float32, rows_s)
         d2 = gl.zeros([HALF], gl.float32, rows_s)
         m_i = gl.full([HALF], float("-inf"), gl.float32, rows_s)
@@ -106,46 +106,20 @@ if HAVE_GLUON:
             v_t = v_bufs.index(stage)
             s = warpgroup_mma(q_t, k_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
             t = warpgroup_mma(r_t, k_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            if IN_FLIGHT:
-                # both score products at once: with q k^T alone waited for, ptxas cannot tell that the
-                # previous tile's value products are done and serializes every MMA (C7514). In-order
-                # completion: they are, so that tile's stage goes back
-                s, t = warpgroup_mma_wait(num_outstanding=0, deps=(s, t))
-                mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=it > 0)
-            else:
-                s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
             s = mask_scores(s, start + it * BLOCK_N, a, c, offs_m, lk, shift, left, right, BLOCK_N, HAS_LEFT,
                             HAS_RIGHT, keys_s)
-            e, alpha, m_i = _weights(s, m_i, scale_log2)
+            e, alpha, m_i, o1, o2 = _weights(s, m_i, o1, o2, scale_log2, rows_acc)
             d1 = d1 * alpha + gl.sum(e, 1)
-            alpha_acc = gl.convert_layout(alpha, rows_acc)
-            if IN_FLIGHT:
-                o1, o2 = warpgroup_mma_wait(num_outstanding=0, deps=(o1, o2))
-            o1 = o1 * alpha_acc[:, None]
-            o2 = o2 * alpha_acc[:, None]
-            if IN_FLIGHT:
-                # the weights go through shared memory: register operands of products left in flight
-                # across the loop's back edge make ptxas serialize every MMA (C7512)
-                p_smem.index(WG * 2).store(e.to(dtype))
-            else:
-                p1 = gl.convert_layout(e.to(dtype), op_layout)
-                t = warpgroup_mma_wait(num_outstanding=0, deps=(t,))
+            p1 = gl.convert_layout(e.to(dtype), op_layout)
+            t = warpgroup_mma_wait(num_outstanding=0, deps=(t,))
             et = e * t
             d2 = d2 * alpha + gl.sum(et, 1)
-            if IN_FLIGHT:
-                p_smem.index(WG * 2 + 1).store(et.to(dtype))
-                fence_async_shared()
-                gl.thread_barrier()
-                o1 = warpgroup_mma(p_smem.index(WG * 2), v_t, o1, is_async=True)
-                o2 = warpgroup_mma(p_smem.index(WG * 2 + 1), v_t, o2, is_async=True)
-            else:
-                p2 = gl.convert_layout(et.to(dtype), op_layout)
-                o1 = warpgroup_mma(p1, v_t, o1, is_async=True)
-                o2 = warpgroup_mma(p2, v_t, o2, is_async=True)
-                o1, o2 = warpgroup_mma_wait(num_outstanding=0, deps=(o1, o2))
-                mbarrier.arrive(empty.index(stage))
-        if IN_FLIGHT:
+            p2 = gl.convert_layout(et.to(dtype), op_layout)
+            o1 = warpgroup_mma(p1, v_t, o1, is_async=True)
+            o2 = warpgroup_mma(p2, v_t, o2, is_async=True)
             o1, o2 = warpgroup_mma_wait(num_outstanding=0, deps=(o1, o2))
+            mbarrier.arrive(empty.index(stage))
 
         has = d1 > 0.0
         inv = gl.where(has, 1.0 / gl.where(has, d1, 1.0), 0.0)
@@ -168,9 +142,9 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _fwd_producer(p, scale_log2, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                      HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, IN_FLIGHT: gl.constexpr, WG: gl.constexpr):
-        (q_smem, r_smem, k_bufs, v_bufs, p_smem, q_bar, ready, empty, q_desc, r_desc, k_desc, v_desc, O, VB, LSE,
-         TB, io_base, stride_ql, s_base, b32, h, hk, m0, lq, lk, shift, left, right, start, n_tiles) = p
+                      HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
+        (q_smem, r_smem, k_bufs, v_bufs, q_bar, ready, empty, q_desc, r_desc, k_desc, v_desc, O, VB, LSE, TB,
+         io_base, stride_ql, s_base, b32, h, hk, m0, lq, lk, shift, left, right, start, n_tiles) = p
         mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [m0, h * D], q_bar, q_smem)
         tma.async_copy_global_to_shared(r_desc, [m0, h * D], q_bar, r_smem)
@@ -192,7 +166,6 @@ if HAVE_GLUON:
         stride_sb, stride_sh, seqlen_q, seqlen_k, scale_log2, left, right,
         HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-        IN_FLIGHT: gl.constexpr,
     ):
         BLOCK_M: gl.constexpr = 128
         pid_bh = gl.program_id(0)
@@ -227,21 +200,18 @@ if HAVE_GLUON:
             r_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [BLOCK_M, D], q_layout)
             k_bufs = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, BLOCK_N, D], kv_layout)
             v_bufs = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, BLOCK_N, D], kv_layout)
-            # the in-flight form's weight tiles (P1, P2 of each warpgroup)
-            p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, BLOCK_N], Q.dtype.element_ty)
-            p_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [4 if IN_FLIGHT else 1, 64, BLOCK_N], p_layout)
             q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
             mbarrier.init(q_bar, count=1)
             ready, empty = ring_barriers(STAGES)
 
             io_base = q_off + h * D
             s_base = b32.to(gl.int64) * stride_sb + h * stride_sh + qs
-            p = (q_smem, r_smem, k_bufs, v_bufs, p_smem, q_bar, ready, empty, q_desc, r_desc, k_desc, v_desc, O, VB,
-                 LSE, TB, io_base, HQ * D, s_base, b32, h, hk, m0, lq, lk, shift, left, right, start, n_tiles)
+            p = (q_smem, r_smem, k_bufs, v_bufs, q_bar, ready, empty, q_desc, r_desc, k_desc, v_desc, O, VB, LSE,
+                 TB, io_base, HQ * D, s_base, b32, h, hk, m0, lq, lk, shift, left, right, start, n_tiles)
             gl.warp_specialize([
-                (_fwd_consumer, (p, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT, 0)),
-                (_fwd_consumer, (p, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT, 1)),
-                (_fwd_producer, (p, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT, 0)),
+                (_fwd_consumer, (p, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
+                (_fwd_consumer, (p, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 1)),
+                (_fwd_producer, (p, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
             ], [4, 1], [240, 24])  # _gluon.CONSUMER_REGS, PRODUCER_REGS
 
 
@@ -255,13 +225,12 @@ def launch(q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg, batch, hkv, ss,
     """out, vbar, lse, tbar for train.fwd (dense (B, L, H, D) or packed varlen (total, H, D) inputs;
     the same arguments as the Triton kernel's)."""
     hq, d = q.shape[-2], q.shape[-1]
-    block_n, stages, in_flight = CONFIG[d]
+    block_n, stages = CONFIG[d]
     grid = (batch * hq, (max_q + BLOCK_M - 1) // BLOCK_M)
     return _gluon.launch(_fwd_ws_kernel, grid,
         q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg, *ss, max_q, max_k, scale_log2, left, right,
         HQ=hq, HKV=hkv, G=hq // hkv, D=d, BLOCK_N=block_n, STAGES=stages, VARLEN=meta["VARLEN"],
-        HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"], IN_FLIGHT=in_flight, num_warps=4,
-        maxnreg=MAXNREG)
+        HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"], num_warps=4, maxnreg=MAXNREG)
 
 
 # On by default where usable(); PARALLAX_FWD_GLUON=0 runs the Triton forward instead.
