@@ -476,6 +476,11 @@ def _parse_config(name, text):
     return cfg
 
 
+def _set_host_desc(on):
+    from parallax_attention.ops.triton import _gluon
+    _gluon.HOST_DESC = on
+
+
 def _set_dkv_a_regs(on):
     """At D=64: the Gluon dk/dv kernel's score-product k, v operands from registers or shared memory."""
     from parallax_attention.ops.triton import dkv_gluon
@@ -500,6 +505,9 @@ VARIANT_AB = {
     "dq_gluon": [("gluon", lambda: _set_kernels(dq_gluon=True)),
                  ("gluon 64 keys", lambda: _set_kernels(dq_gluon=True, dq_config=(64, 2))),
                  ("triton", lambda: _set_kernels(dq_gluon=False))],
+    # the Gluon kernels' copy-engine descriptors for dense inputs made on the host (kernel arguments) or
+    # on the device in every program (_gluon.HOST_DESC)
+    "host_desc": [("host", lambda: _set_host_desc(True)), ("device", lambda: _set_host_desc(False))],
     # D=64: the Gluon dk/dv kernel's score-product A operands (k, v) from registers or shared memory
     "dkv_a_regs64": [("registers", lambda: _set_dkv_a_regs(True)), ("shared memory", lambda: _set_dkv_a_regs(False))],
     # Gluon launches through the cached compiled kernel (_gluon.launch) or Triton's JITFunction.run

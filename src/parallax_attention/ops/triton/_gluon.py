@@ -115,10 +115,10 @@ if HAVE_GLUON:
         return ready, empty
 
     @gluon.jit
-    def stream_kv(k_desc, v_desc, k_bufs, v_bufs, ready, empty, start, n_tiles, col, BLOCK_N: gl.constexpr,
+    def stream_kv(k_desc, v_desc, k_bufs, v_bufs, ready, empty, start, n_tiles, col, batch, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr):
         """The producer's loop: K and V tiles of keys [start + i BLOCK_N, ...) of columns [col, col + D),
-        i < n_tiles, into the ring."""
+        i < n_tiles, into the ring (batch: the sequence, for descriptors made on the host)."""
         for it in range(n_tiles):
             stage = it % STAGES
             # a fresh mbarrier counts as having completed the phase before phase 0
@@ -126,8 +126,30 @@ if HAVE_GLUON:
             bar = ready.index(stage)
             mbarrier.expect(bar, 2 * k_desc.block_type.nbytes)
             n0 = start + it * BLOCK_N
-            tma.async_copy_global_to_shared(k_desc, [n0, col], bar, k_bufs.index(stage))
-            tma.async_copy_global_to_shared(v_desc, [n0, col], bar, v_bufs.index(stage))
+            tile_copy(k_desc, batch, n0, col, bar, k_bufs.index(stage))
+            tile_copy(v_desc, batch, n0, col, bar, v_bufs.index(stage))
+
+    @gluon.jit
+    def tile_copy(desc, batch, row, col, bar, dst):
+        """The copy engine's copy of the tile at (row, col) of desc into dst: a descriptor made on the
+        device over one sequence's (rows, H * D), or one made on the host over the whole dense batch
+        (batch, rows, H * D), which zero-fills past each sequence's end just the same."""
+        if len(desc.block_shape) == 3:
+            tma.async_copy_global_to_shared(desc, [batch, row, col], bar,
+                                            dst._reinterpret(dst.dtype, desc.block_shape, desc.layout))
+        else:
+            tma.async_copy_global_to_shared(desc, [row, col], bar, dst)
+
+    @gluon.jit
+    def stats_copy(desc, batch, head, row, flat, bar, dst):
+        """The copy of a row statistic's tile (rows from row of a query head): by its flat offset in a
+        descriptor made on the device over one sequence's heads, or by (batch, head, row) in one made on
+        the host over the dense (batch, heads, rows)."""
+        if len(desc.block_shape) == 3:
+            tma.async_copy_global_to_shared(desc, [batch, head, row], bar,
+                                            dst._reinterpret(dst.dtype, desc.block_shape, desc.layout))
+        else:
+            tma.async_copy_global_to_shared(desc, [flat], bar, dst)
 
     @gluon.jit
     def store_zeros(P, base, stride_l, row0, limit, ROWS: gl.constexpr, D: gl.constexpr):
@@ -180,6 +202,29 @@ def launch(kernel, grid, *args, **kwargs):
     compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, metadata,
                  knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *params)
     return compiled
+
+
+_GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+def host_descriptor(t, shape, strides, block):
+    """A copy-engine descriptor made on the host (a kernel argument, so the kernel does not build one
+    in every program) over a dense tensor viewed as shape/strides, with the shared-memory layout the
+    kernels allocate for its tiles."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    layout = gl.NVMMASharedLayout.get_default_for(list(block), getattr(gl, _GL_DTYPES[t.dtype]))
+    return TensorDescriptor(t, list(shape), list(strides), list(block), layout)
+
+
+def row_tiles(t, rows: int):
+    """A dense (batch, rows, heads, D) tensor's descriptor for tiles of rows x D (one head's columns)."""
+    b, n, h, d = t.shape
+    return host_descriptor(t, (b, n, h * d), (t.stride(0), t.stride(1), 1), (1, rows, d))
+
+
+# Dense inputs take descriptors made on the host; PARALLAX_HOST_DESC=0 makes them on the device in
+# every program, as packed varlen inputs always do.
+HOST_DESC = os.environ.get("PARALLAX_HOST_DESC", "1") != "0"
 
 
 def usable(q, d: int, head_dims, tensors) -> bool:

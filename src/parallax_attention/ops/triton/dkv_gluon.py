@@ -45,7 +45,7 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma_init
 
-    from ._gluon import ring_barriers, sequence, store_zeros, tma_reduce_add
+    from ._gluon import ring_barriers, sequence, stats_copy, store_zeros, tile_copy, tma_reduce_add
 
 # (BLOCK_M query rows per step, stages of the q/r/dO ring, dk/dv products left in flight into the
 # next step, the score products' k and v operands from registers) by head dim; the key block is 128
@@ -73,7 +73,7 @@ if HAVE_GLUON:
                       WG: gl.constexpr):
         (k_smem, v_smem, q_bufs, r_bufs, do_bufs, stat_bufs, kv_bar, ready, empty, q_desc, r_desc, do_desc, k_desc,
          v_desc, stat_descs, LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl, n0, lq, lk, shift,
-         left, right, start, blocks, steps, q_row0, k_row0, hk, fused) = p
+         left, right, start, blocks, steps, q_row0, k_row0, hk, b32, fused) = p
         HALF: gl.constexpr = 64
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_M, 16])
@@ -201,18 +201,18 @@ if HAVE_GLUON:
                       WG: gl.constexpr):
         (k_smem, v_smem, q_bufs, r_bufs, do_bufs, stat_bufs, kv_bar, ready, empty, q_desc, r_desc, do_desc, k_desc,
          v_desc, stat_descs, LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl, n0, lq, lk, shift,
-         left, right, start, blocks, steps, q_row0, k_row0, hk, fused) = p
+         left, right, start, blocks, steps, q_row0, k_row0, hk, b32, fused) = p
         mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [n0, hk * D], kv_bar, k_smem)
-        tma.async_copy_global_to_shared(v_desc, [n0, hk * D], kv_bar, v_smem)
+        tile_copy(k_desc, b32, n0, hk * D, kv_bar, k_smem)
+        tile_copy(v_desc, b32, n0, hk * D, kv_bar, v_smem)
         for it in range(steps):
             _load_step(it, q_bufs, r_bufs, do_bufs, stat_bufs, ready, empty, q_desc, r_desc, do_desc, stat_descs,
-                       stride_sh, start, blocks, hk, G, D, BLOCK_M, STAGES, STATS_TMA, FUSED)
+                       stride_sh, start, blocks, hk, b32, G, D, BLOCK_M, STAGES, STATS_TMA, FUSED)
 
 if HAVE_GLUON:
     @gluon.jit
     def _load_step(it, q_bufs, r_bufs, do_bufs, stat_bufs, ready, empty, q_desc, r_desc, do_desc, stat_descs,
-                   stride_sh, start, blocks, hk, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
+                   stride_sh, start, blocks, hk, b32, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
                    STAGES: gl.constexpr, STATS_TMA: gl.constexpr, FUSED: gl.constexpr):
         """The producer's copies for step it: q, r, dO tiles (and the row statistics) into its ring stage,
         once both consumers have released that stage."""
@@ -226,12 +226,12 @@ if HAVE_GLUON:
             mbarrier.expect(bar, 3 * q_desc.block_type.nbytes + 4 * BLOCK_M * 4)
             s_row = g * stride_sh + m0
             for j in gl.static_range(4):
-                tma.async_copy_global_to_shared(stat_descs[j], [s_row], bar, stat_bufs.index(stage * 4 + j))
+                stats_copy(stat_descs[j], b32, hk * G + g, m0, s_row, bar, stat_bufs.index(stage * 4 + j))
         else:
             mbarrier.expect(bar, 3 * q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [m0, col], bar, q_bufs.index(stage))
-        tma.async_copy_global_to_shared(r_desc, [m0, col], bar, r_bufs.index(stage))
-        tma.async_copy_global_to_shared(do_desc, [m0, col], bar, do_bufs.index(stage))
+        tile_copy(q_desc, b32, m0, col, bar, q_bufs.index(stage))
+        tile_copy(r_desc, b32, m0, col, bar, r_bufs.index(stage))
+        tile_copy(do_desc, b32, m0, col, bar, do_bufs.index(stage))
 
     @gluon.jit
     def _step_rows(it, start, blocks, G: gl.constexpr, BLOCK_M: gl.constexpr, FUSED: gl.constexpr):
@@ -300,7 +300,7 @@ if HAVE_GLUON:
         reduce-add, 16 query rows at a time (the register budget here is 40 a thread)."""
         (k_smem, v_smem, q_bufs, r_bufs, do_bufs, stat_bufs, kv_bar, ready, empty, q_desc, r_desc, do_desc, k_desc,
          v_desc, stat_descs, LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl, n0, lq, lk, shift,
-         left, right, start, blocks, steps, q_row0, k_row0, hk, fused) = p
+         left, right, start, blocks, steps, q_row0, k_row0, hk, b32, fused) = p
         (ds_smem, ds_full, ds_empty, out_smem, dq_desc, dr_desc, SEM, sem_base, sem_stride, pid_n, visible) = fused
         HALF: gl.constexpr = 64
         DC: gl.constexpr = 64
@@ -310,13 +310,13 @@ if HAVE_GLUON:
                                                              instr_shape=[16, QC, 16])
         zero = gl.zeros([DC, QC], gl.float32, acc_layout)
         mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [n0, hk * D], kv_bar, k_smem)
-        tma.async_copy_global_to_shared(v_desc, [n0, hk * D], kv_bar, v_smem)
+        tile_copy(k_desc, b32, n0, hk * D, kv_bar, k_smem)
+        tile_copy(v_desc, b32, n0, hk * D, kv_bar, v_smem)
         prev_sem = SEM
         for it in range(steps + LAG):
             if it < steps:
                 _load_step(it, q_bufs, r_bufs, do_bufs, stat_bufs, ready, empty, q_desc, r_desc, do_desc, stat_descs,
-                           stride_sh, start, blocks, hk, G, D, BLOCK_M, STAGES, STATS_TMA, FUSED)
+                           stride_sh, start, blocks, hk, b32, G, D, BLOCK_M, STAGES, STATS_TMA, FUSED)
             j = it - LAG
             if j >= 0:
                 mbarrier.wait(kv_bar, 0)
@@ -374,7 +374,7 @@ if HAVE_GLUON:
         STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
         IN_FLIGHT: gl.constexpr, STATS_TMA: gl.constexpr, FUSED: gl.constexpr, ORDERED: gl.constexpr,
         WORKER_QC: gl.constexpr, WORKER_REGS: gl.constexpr, OUT_BUFS: gl.constexpr, SKIP: gl.constexpr = 0,
-        A_REGS: gl.constexpr = False,
+        A_REGS: gl.constexpr = False, HOST_DESCS=None,
     ):
         BLOCK_N: gl.constexpr = 128
         pid_bh = gl.program_id(0)
@@ -413,11 +413,16 @@ if HAVE_GLUON:
             s_base = b32.to(gl.int64) * stride_sb + hk * G * stride_sh + qs
             tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], Q.dtype.element_ty)
             kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], K.dtype.element_ty)
-            q_desc = tma.make_tensor_descriptor(Q + q_off, [lq, HQ * D], [HQ * D, 1], [BLOCK_M, D], tile_layout)
-            r_desc = tma.make_tensor_descriptor(R + q_off, [lq, HQ * D], [HQ * D, 1], [BLOCK_M, D], tile_layout)
-            do_desc = tma.make_tensor_descriptor(DO + q_off, [lq, HQ * D], [HQ * D, 1], [BLOCK_M, D], tile_layout)
-            k_desc = tma.make_tensor_descriptor(K + k_off, [lk, HKV * D], [HKV * D, 1], [BLOCK_N, D], kv_layout)
-            v_desc = tma.make_tensor_descriptor(V + k_off, [lk, HKV * D], [HKV * D, 1], [BLOCK_N, D], kv_layout)
+            if HOST_DESCS is None:
+                q_desc = tma.make_tensor_descriptor(Q + q_off, [lq, HQ * D], [HQ * D, 1], [BLOCK_M, D], tile_layout)
+                r_desc = tma.make_tensor_descriptor(R + q_off, [lq, HQ * D], [HQ * D, 1], [BLOCK_M, D], tile_layout)
+                do_desc = tma.make_tensor_descriptor(DO + q_off, [lq, HQ * D], [HQ * D, 1], [BLOCK_M, D],
+                                                     tile_layout)
+                k_desc = tma.make_tensor_descriptor(K + k_off, [lk, HKV * D], [HKV * D, 1], [BLOCK_N, D], kv_layout)
+                v_desc = tma.make_tensor_descriptor(V + k_off, [lk, HKV * D], [HKV * D, 1], [BLOCK_N, D], kv_layout)
+            else:
+                q_desc, r_desc, do_desc, k_desc, v_desc = (HOST_DESCS[0], HOST_DESCS[1], HOST_DESCS[2],
+                                                           HOST_DESCS[3], HOST_DESCS[4])
 
             k_smem = gl.allocate_shared_memory(K.dtype.element_ty, [BLOCK_N, D], kv_layout)
             v_smem = gl.allocate_shared_memory(K.dtype.element_ty, [BLOCK_N, D], kv_layout)
@@ -433,10 +438,13 @@ if HAVE_GLUON:
             if STATS_TMA:
                 d_base = s_base
             n_stats = G * stride_sh
-            stat_descs = (tma.make_tensor_descriptor(LSE + d_base, [n_stats], [1], [BLOCK_M], stat_layout),
-                          tma.make_tensor_descriptor(TB + d_base, [n_stats], [1], [BLOCK_M], stat_layout),
-                          tma.make_tensor_descriptor(DELTA + d_base, [n_stats], [1], [BLOCK_M], stat_layout),
-                          tma.make_tensor_descriptor(BETA + d_base, [n_stats], [1], [BLOCK_M], stat_layout))
+            if HOST_DESCS is None:
+                stat_descs = (tma.make_tensor_descriptor(LSE + d_base, [n_stats], [1], [BLOCK_M], stat_layout),
+                              tma.make_tensor_descriptor(TB + d_base, [n_stats], [1], [BLOCK_M], stat_layout),
+                              tma.make_tensor_descriptor(DELTA + d_base, [n_stats], [1], [BLOCK_M], stat_layout),
+                              tma.make_tensor_descriptor(BETA + d_base, [n_stats], [1], [BLOCK_M], stat_layout))
+            else:
+                stat_descs = (HOST_DESCS[5], HOST_DESCS[6], HOST_DESCS[7], HOST_DESCS[8])
             kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
             mbarrier.init(kv_bar, count=1)
             ready, empty = ring_barriers(STAGES)
@@ -466,7 +474,7 @@ if HAVE_GLUON:
                 fused = (kv_bar,)
             p = (k_smem, v_smem, q_bufs, r_bufs, do_bufs, stat_bufs, kv_bar, ready, empty, q_desc, r_desc, do_desc,
                  k_desc, v_desc, stat_descs, LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl,
-                 n0, lq, lk, shift, left, right, start, blocks, steps, q_row0, k_row0, hk, fused)
+                 n0, lq, lk, shift, left, right, start, blocks, steps, q_row0, k_row0, hk, b32, fused)
             # two literal partition lists: warp_specialize needs its partitions as JIT functions, and
             # choosing the third one through a constexpr does not compile in Triton 3.6
             if FUSED:
@@ -515,13 +523,27 @@ def launch(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
     # a statistics tile's offset (sequence, head, first row) must be 16-byte aligned for TMA:
     # rows of a multiple of 4 in the dense layout
     stats_tma = STATS_TMA and not meta["VARLEN"] and max_q % 4 == 0
+    host = None
+    if _gluon.HOST_DESC and stats_tma:
+        host = _host_descriptors(q, r, k, v, dout, (lse, tbar, delta, beta), block_m)
     return _gluon.launch(_dkv_ws_kernel, grid,
         q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, dk, dv, dk, cu_q_arg, cu_k_arg, *sk, *ss, max_q, max_k,
         scale, scale * LOG2E, left, right, 0, 0, 0,
         HQ=q.shape[-2], HKV=hkv, G=meta["G"], D=meta["D"], BLOCK_M=block_m, STAGES=stages,
         VARLEN=meta["VARLEN"], HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"],
         IN_FLIGHT=in_flight, STATS_TMA=stats_tma, FUSED=False, ORDERED=False, WORKER_QC=16, WORKER_REGS=40,
-        OUT_BUFS=1, A_REGS=a_regs, num_warps=4, maxnreg=MAXNREG)
+        OUT_BUFS=1, A_REGS=a_regs, HOST_DESCS=host, num_warps=4, maxnreg=MAXNREG)
+
+
+def _host_descriptors(q, r, k, v, dout, stats, block_m):
+    """The dense batch's descriptors for the kernel: q, r, dO and k, v as (batch, rows, heads x D), the
+    four row statistics as (batch, query heads, rows)."""
+    b, lq, hq = q.shape[:3]
+    tiles = tuple(_gluon.row_tiles(t, block_m) for t in (q, r, dout))
+    keys = tuple(_gluon.row_tiles(t, BLOCK_N) for t in (k, v))
+    rows = tuple(_gluon.host_descriptor(t, (b, hq, lq), (t.stride(0), t.stride(1), 1), (1, 1, block_m))
+                 for t in stats)
+    return tiles + keys + rows
 
 
 def fused_usable(q, k, d: int, tensors) -> bool:

@@ -28,6 +28,7 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
     from ._gluon import ROWS_LAYOUT, key_ranges, mask_scores, ring_barriers, sequence, store_zeros, stream_kv
+    from ._gluon import tile_copy
 
 # (BLOCK_N keys per tile, stages of the K/V ring) by head dim; 128 query rows per CTA (64 per
 # consumer warpgroup)
@@ -119,13 +120,13 @@ if HAVE_GLUON:
                      HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
         (q_smem, r_smem, do_smem, k_bufs, v_bufs, q_bar, ready, empty, q_desc, k_desc, O, VB, DO, LSE, TB, DELTA,
          BETA, DQ, DR, io_base, stride_ql, s_base, m0, lq, lk, shift, left, right, start, n_tiles) = p
-        q_d, r_d, do_d, col = q_desc
+        q_d, r_d, do_d, col, b32 = q_desc
         k_d, v_d, kcol = k_desc
         mbarrier.expect(q_bar, 3 * q_d.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_d, [m0, col], q_bar, q_smem)
-        tma.async_copy_global_to_shared(r_d, [m0, col], q_bar, r_smem)
-        tma.async_copy_global_to_shared(do_d, [m0, col], q_bar, do_smem)
-        stream_kv(k_d, v_d, k_bufs, v_bufs, ready, empty, start, n_tiles, kcol, BLOCK_N, STAGES)
+        tile_copy(q_d, b32, m0, col, q_bar, q_smem)
+        tile_copy(r_d, b32, m0, col, q_bar, r_smem)
+        tile_copy(do_d, b32, m0, col, q_bar, do_smem)
+        stream_kv(k_d, v_d, k_bufs, v_bufs, ready, empty, start, n_tiles, kcol, b32, BLOCK_N, STAGES)
 
     @gluon.jit
     def _keyless_rows(O, VB, DO, DELTA, BETA, DQ, DR, io_base, stride_ql, s_base, m0, lq, D: gl.constexpr,
@@ -152,6 +153,7 @@ if HAVE_GLUON:
         stride_sb, stride_sh, seqlen_q, seqlen_k, scale, scale_log2, left, right,
         HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+        HOST_DESCS=None,
     ):
         BLOCK_M: gl.constexpr = 128
         pid_bh = gl.program_id(0)
@@ -176,13 +178,17 @@ if HAVE_GLUON:
             kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], K.dtype.element_ty)
             q_off = q_row0.to(gl.int64) * (HQ * D)
             k_off = k_row0.to(gl.int64) * (HKV * D)
-            q_desc = (tma.make_tensor_descriptor(Q + q_off, [lq, HQ * D], [HQ * D, 1], [BLOCK_M, D], q_layout),
-                      tma.make_tensor_descriptor(R + q_off, [lq, HQ * D], [HQ * D, 1], [BLOCK_M, D], q_layout),
-                      tma.make_tensor_descriptor(DO + q_off, [lq, HQ * D], [HQ * D, 1], [BLOCK_M, D], q_layout),
-                      h * D)
-            k_desc = (tma.make_tensor_descriptor(K + k_off, [lk, HKV * D], [HKV * D, 1], [BLOCK_N, D], kv_layout),
-                      tma.make_tensor_descriptor(V + k_off, [lk, HKV * D], [HKV * D, 1], [BLOCK_N, D], kv_layout),
-                      hk * D)
+            if HOST_DESCS is None:
+                q_desc = (tma.make_tensor_descriptor(Q + q_off, [lq, HQ * D], [HQ * D, 1], [BLOCK_M, D], q_layout),
+                          tma.make_tensor_descriptor(R + q_off, [lq, HQ * D], [HQ * D, 1], [BLOCK_M, D], q_layout),
+                          tma.make_tensor_descriptor(DO + q_off, [lq, HQ * D], [HQ * D, 1], [BLOCK_M, D], q_layout),
+                          h * D, b32)
+                k_desc = (tma.make_tensor_descriptor(K + k_off, [lk, HKV * D], [HKV * D, 1], [BLOCK_N, D], kv_layout),
+                          tma.make_tensor_descriptor(V + k_off, [lk, HKV * D], [HKV * D, 1], [BLOCK_N, D], kv_layout),
+                          hk * D)
+            else:
+                q_desc = (HOST_DESCS[0], HOST_DESCS[1], HOST_DESCS[2], h * D, b32)
+                k_desc = (HOST_DESCS[3], HOST_DESCS[4], hk * D)
             q_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [BLOCK_M, D], q_layout)
             r_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [BLOCK_M, D], q_layout)
             do_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [BLOCK_M, D], q_layout)
@@ -214,11 +220,15 @@ def launch(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg
     hq, d = q.shape[-2], q.shape[-1]
     block_n, stages = CONFIG[d]
     grid = (batch * hq, (max_q + BLOCK_M - 1) // BLOCK_M)
+    host = None
+    if _gluon.HOST_DESC and not meta["VARLEN"]:
+        host = tuple(_gluon.row_tiles(t, BLOCK_M) for t in (q, r, dout)) + (_gluon.row_tiles(k, block_n),
+                                                                           _gluon.row_tiles(v, block_n))
     return _gluon.launch(_dq_ws_kernel, grid,
         q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg, cu_k_arg, *ss, max_q, max_k,
         scale, scale * LOG2E, left, right,
         HQ=hq, HKV=hkv, G=hq // hkv, D=d, BLOCK_N=block_n, STAGES=stages, VARLEN=meta["VARLEN"],
-        HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"], num_warps=4, maxnreg=MAXNREG)
+        HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"], HOST_DESCS=host, num_warps=4, maxnreg=MAXNREG)
 
 
 # On by default where usable(); PARALLAX_DQ_GLUON=0 runs the Triton dq/dr kernel instead.

@@ -43,6 +43,7 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
     from ._gluon import ROWS_LAYOUT, key_ranges, mask_scores, ring_barriers, sequence, store_zeros, stream_kv
+    from ._gluon import tile_copy
 
 # (BLOCK_N keys per tile, stages of the K/V ring) by head dim; 128 query rows per CTA (64 per
 # consumer warpgroup)
@@ -146,9 +147,9 @@ if HAVE_GLUON:
         (q_smem, r_smem, k_bufs, v_bufs, q_bar, ready, empty, q_desc, r_desc, k_desc, v_desc, O, VB, LSE, TB,
          io_base, stride_ql, s_base, b32, h, hk, m0, lq, lk, shift, left, right, start, n_tiles) = p
         mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [m0, h * D], q_bar, q_smem)
-        tma.async_copy_global_to_shared(r_desc, [m0, h * D], q_bar, r_smem)
-        stream_kv(k_desc, v_desc, k_bufs, v_bufs, ready, empty, start, n_tiles, hk * D, BLOCK_N, STAGES)
+        tile_copy(q_desc, b32, m0, h * D, q_bar, q_smem)
+        tile_copy(r_desc, b32, m0, h * D, q_bar, r_smem)
+        stream_kv(k_desc, v_desc, k_bufs, v_bufs, ready, empty, start, n_tiles, hk * D, b32, BLOCK_N, STAGES)
 
     @gluon.jit
     def _store_keyless(O, VB, LSE, TB, io_base, stride_ql, s_base, m0, lq, D: gl.constexpr, BLOCK_M: gl.constexpr):
@@ -166,6 +167,7 @@ if HAVE_GLUON:
         stride_sb, stride_sh, seqlen_q, seqlen_k, scale_log2, left, right,
         HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+        HOST_DESCS=None,
     ):
         BLOCK_M: gl.constexpr = 128
         pid_bh = gl.program_id(0)
@@ -192,10 +194,13 @@ if HAVE_GLUON:
             kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], K.dtype.element_ty)
             q_off = q_row0.to(gl.int64) * (HQ * D)
             k_off = k_row0.to(gl.int64) * (HKV * D)
-            q_desc = tma.make_tensor_descriptor(Q + q_off, [lq, HQ * D], [HQ * D, 1], [BLOCK_M, D], q_layout)
-            r_desc = tma.make_tensor_descriptor(R + q_off, [lq, HQ * D], [HQ * D, 1], [BLOCK_M, D], q_layout)
-            k_desc = tma.make_tensor_descriptor(K + k_off, [lk, HKV * D], [HKV * D, 1], [BLOCK_N, D], kv_layout)
-            v_desc = tma.make_tensor_descriptor(V + k_off, [lk, HKV * D], [HKV * D, 1], [BLOCK_N, D], kv_layout)
+            if HOST_DESCS is None:
+                q_desc = tma.make_tensor_descriptor(Q + q_off, [lq, HQ * D], [HQ * D, 1], [BLOCK_M, D], q_layout)
+                r_desc = tma.make_tensor_descriptor(R + q_off, [lq, HQ * D], [HQ * D, 1], [BLOCK_M, D], q_layout)
+                k_desc = tma.make_tensor_descriptor(K + k_off, [lk, HKV * D], [HKV * D, 1], [BLOCK_N, D], kv_layout)
+                v_desc = tma.make_tensor_descriptor(V + k_off, [lk, HKV * D], [HKV * D, 1], [BLOCK_N, D], kv_layout)
+            else:
+                q_desc, r_desc, k_desc, v_desc = HOST_DESCS[0], HOST_DESCS[1], HOST_DESCS[2], HOST_DESCS[3]
             q_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [BLOCK_M, D], q_layout)
             r_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [BLOCK_M, D], q_layout)
             k_bufs = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, BLOCK_N, D], kv_layout)
@@ -227,10 +232,14 @@ def launch(q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg, batch, hkv, ss,
     hq, d = q.shape[-2], q.shape[-1]
     block_n, stages = CONFIG[d]
     grid = (batch * hq, (max_q + BLOCK_M - 1) // BLOCK_M)
+    host = None
+    if _gluon.HOST_DESC and not meta["VARLEN"]:
+        host = (_gluon.row_tiles(q, BLOCK_M), _gluon.row_tiles(r, BLOCK_M), _gluon.row_tiles(k, block_n),
+                _gluon.row_tiles(v, block_n))
     return _gluon.launch(_fwd_ws_kernel, grid,
         q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg, *ss, max_q, max_k, scale_log2, left, right,
         HQ=hq, HKV=hkv, G=hq // hkv, D=d, BLOCK_N=block_n, STAGES=stages, VARLEN=meta["VARLEN"],
-        HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"], num_warps=4, maxnreg=MAXNREG)
+        HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"], HOST_DESCS=host, num_warps=4, maxnreg=MAXNREG)
 
 
 # On by default where usable(); PARALLAX_FWD_GLUON=0 runs the Triton forward instead.
