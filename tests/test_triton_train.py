@@ -427,10 +427,11 @@ def test_dkv_gluon_launch(hq, hkv, L, d, window, monkeypatch):
     assert kw["STATS_TMA"] is (L % 4 == 0)
     # dense inputs: the copy engine's descriptors are made on the host, over (batch, rows, heads x D) and
     # the statistics' (batch, heads, rows), so tiles past a sequence's end read zeros
-    descs = kw["HOST_DESCS"]
+    names = ("QD", "RD", "DOD", "KD", "VD", "LSED", "TBD", "DELTAD", "BETAD")
     if L % 4:
-        assert descs is None
+        assert not any(n in kw for n in names)
     else:
+        descs = [kw[n] for n in names]
         bm = kw["BLOCK_M"]
         assert [list(x.shape) for x in descs] == [[2, L, hq * d]] * 3 + [[2, L, hkv * d]] * 2 + [[2, hq, L]] * 4
         assert [list(x.block_shape) for x in descs] == [[1, bm, d]] * 3 + [[1, 128, d]] * 2 + [[1, 1, bm]] * 4
@@ -476,8 +477,9 @@ def test_fwd_gluon_launch(hq, hkv, lq, lk, d, window, monkeypatch):
     assert args[15:17] == (max(window[0], 0), 0) and kw["HAS_LEFT"] == (window[0] >= 0) and kw["HAS_RIGHT"]
     assert kw["VARLEN"] is False
     assert (kw["BLOCK_N"], kw["STAGES"]) == fwd_gluon.CONFIG[d]
-    assert [list(x.shape) for x in kw["HOST_DESCS"]] == [[2, lq, hq * d]] * 2 + [[2, lk, hkv * d]] * 2
-    assert [list(x.block_shape) for x in kw["HOST_DESCS"]] == [[1, 128, d]] * 2 + [[1, kw["BLOCK_N"], d]] * 2
+    descs = [kw[n] for n in ("QD", "RD", "KD", "VD")]
+    assert [list(x.shape) for x in descs] == [[2, lq, hq * d]] * 2 + [[2, lk, hkv * d]] * 2
+    assert [list(x.block_shape) for x in descs] == [[1, 128, d]] * 2 + [[1, kw["BLOCK_N"], d]] * 2
     assert kw["HQ"] == hq and kw["HKV"] == hkv and kw["G"] == hq // hkv and kw["D"] == d
     assert kw["num_warps"] == 4 and kw["maxnreg"] * 12 * 32 <= 65536
 
@@ -506,7 +508,7 @@ def test_fwd_gluon_launch_varlen(monkeypatch):
         parallax_attn_varlen(q, r, k, v, cu, cu, 300, 300, causal=True, backend="triton")
     (grid, args, kw), = launches
     assert grid == (3 * 4, 3) and args[8] is cu and args[9] is cu and kw["VARLEN"] is True
-    assert kw["HOST_DESCS"] is None  # packed sequences: descriptors made on the device, per sequence
+    assert "QD" not in kw  # packed sequences: descriptors made on the device, per sequence
     assert args[10:14] == (0, sum(lens), 300, 300)
 
 
@@ -539,10 +541,11 @@ def test_dq_gluon_launch(varlen, monkeypatch):
     assert args[19] == pytest.approx(d ** -0.5) and args[20] == pytest.approx(d ** -0.5 * dq_gluon.LOG2E)
     assert kw["VARLEN"] is varlen and (kw["BLOCK_N"], kw["STAGES"]) == dq_gluon.CONFIG[d]
     if varlen:
-        assert kw["HOST_DESCS"] is None
+        assert "QD" not in kw
     else:
-        assert [list(x.shape) for x in kw["HOST_DESCS"]] == [[2, L, hq * d]] * 3 + [[2, L, hkv * d]] * 2
-        assert [list(x.block_shape) for x in kw["HOST_DESCS"]] == [[1, 128, d]] * 3 + [[1, kw["BLOCK_N"], d]] * 2
+        descs = [kw[n] for n in ("QD", "RD", "DOD", "KD", "VD")]
+        assert [list(x.shape) for x in descs] == [[2, L, hq * d]] * 3 + [[2, L, hkv * d]] * 2
+        assert [list(x.block_shape) for x in descs] == [[1, 128, d]] * 3 + [[1, kw["BLOCK_N"], d]] * 2
     assert kw["HQ"] == hq and kw["HKV"] == hkv and kw["G"] == hq // hkv and kw["D"] == d
     assert kw["num_warps"] == 4 and kw["maxnreg"] * 12 * 32 <= 65536
 

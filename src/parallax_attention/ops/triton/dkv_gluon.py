@@ -374,7 +374,7 @@ if HAVE_GLUON:
         STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
         IN_FLIGHT: gl.constexpr, STATS_TMA: gl.constexpr, FUSED: gl.constexpr, ORDERED: gl.constexpr,
         WORKER_QC: gl.constexpr, WORKER_REGS: gl.constexpr, OUT_BUFS: gl.constexpr, SKIP: gl.constexpr = 0,
-        A_REGS: gl.constexpr = False, HOST_DESCS=None,
+        A_REGS: gl.constexpr = False, QD=None, RD=None, DOD=None, KD=None, VD=None, LSED=None, TBD=None, DELTAD=None, BETAD=None,
     ):
         BLOCK_N: gl.constexpr = 128
         pid_bh = gl.program_id(0)
@@ -413,7 +413,7 @@ if HAVE_GLUON:
             s_base = b32.to(gl.int64) * stride_sb + hk * G * stride_sh + qs
             tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], Q.dtype.element_ty)
             kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], K.dtype.element_ty)
-            if HOST_DESCS is None:
+            if QD is None:
                 q_desc = tma.make_tensor_descriptor(Q + q_off, [lq, HQ * D], [HQ * D, 1], [BLOCK_M, D], tile_layout)
                 r_desc = tma.make_tensor_descriptor(R + q_off, [lq, HQ * D], [HQ * D, 1], [BLOCK_M, D], tile_layout)
                 do_desc = tma.make_tensor_descriptor(DO + q_off, [lq, HQ * D], [HQ * D, 1], [BLOCK_M, D],
@@ -421,8 +421,8 @@ if HAVE_GLUON:
                 k_desc = tma.make_tensor_descriptor(K + k_off, [lk, HKV * D], [HKV * D, 1], [BLOCK_N, D], kv_layout)
                 v_desc = tma.make_tensor_descriptor(V + k_off, [lk, HKV * D], [HKV * D, 1], [BLOCK_N, D], kv_layout)
             else:
-                q_desc, r_desc, do_desc, k_desc, v_desc = (HOST_DESCS[0], HOST_DESCS[1], HOST_DESCS[2],
-                                                           HOST_DESCS[3], HOST_DESCS[4])
+                q_desc, r_desc, do_desc, k_desc, v_desc = (QD, RD, DOD,
+                                                           KD, VD)
 
             k_smem = gl.allocate_shared_memory(K.dtype.element_ty, [BLOCK_N, D], kv_layout)
             v_smem = gl.allocate_shared_memory(K.dtype.element_ty, [BLOCK_N, D], kv_layout)
@@ -438,13 +438,13 @@ if HAVE_GLUON:
             if STATS_TMA:
                 d_base = s_base
             n_stats = G * stride_sh
-            if HOST_DESCS is None:
+            if QD is None:
                 stat_descs = (tma.make_tensor_descriptor(LSE + d_base, [n_stats], [1], [BLOCK_M], stat_layout),
                               tma.make_tensor_descriptor(TB + d_base, [n_stats], [1], [BLOCK_M], stat_layout),
                               tma.make_tensor_descriptor(DELTA + d_base, [n_stats], [1], [BLOCK_M], stat_layout),
                               tma.make_tensor_descriptor(BETA + d_base, [n_stats], [1], [BLOCK_M], stat_layout))
             else:
-                stat_descs = (HOST_DESCS[5], HOST_DESCS[6], HOST_DESCS[7], HOST_DESCS[8])
+                stat_descs = (LSED, TBD, DELTAD, BETAD)
             kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
             mbarrier.init(kv_bar, count=1)
             ready, empty = ring_barriers(STAGES)
@@ -523,7 +523,7 @@ def launch(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
     # a statistics tile's offset (sequence, head, first row) must be 16-byte aligned for TMA:
     # rows of a multiple of 4 in the dense layout
     stats_tma = STATS_TMA and not meta["VARLEN"] and max_q % 4 == 0
-    host = None
+    host = {}
     if _gluon.HOST_DESC and stats_tma:
         host = _host_descriptors(q, r, k, v, dout, (lse, tbar, delta, beta), block_m)
     return _gluon.launch(_dkv_ws_kernel, grid,
@@ -532,18 +532,18 @@ def launch(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
         HQ=q.shape[-2], HKV=hkv, G=meta["G"], D=meta["D"], BLOCK_M=block_m, STAGES=stages,
         VARLEN=meta["VARLEN"], HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"],
         IN_FLIGHT=in_flight, STATS_TMA=stats_tma, FUSED=False, ORDERED=False, WORKER_QC=16, WORKER_REGS=40,
-        OUT_BUFS=1, A_REGS=a_regs, HOST_DESCS=host, num_warps=4, maxnreg=MAXNREG)
+        OUT_BUFS=1, A_REGS=a_regs, **host, num_warps=4, maxnreg=MAXNREG)
 
 
 def _host_descriptors(q, r, k, v, dout, stats, block_m):
-    """The dense batch's descriptors for the kernel: q, r, dO and k, v as (batch, rows, heads x D), the
-    four row statistics as (batch, query heads, rows)."""
+    """The dense batch's descriptors for the kernel (its keyword arguments): q, r, dO and k, v as (batch,
+    rows, heads x D), the four row statistics as (batch, query heads, rows)."""
     b, lq, hq = q.shape[:3]
-    tiles = tuple(_gluon.row_tiles(t, block_m) for t in (q, r, dout))
-    keys = tuple(_gluon.row_tiles(t, BLOCK_N) for t in (k, v))
-    rows = tuple(_gluon.host_descriptor(t, (b, hq, lq), (t.stride(0), t.stride(1), 1), (1, 1, block_m))
-                 for t in stats)
-    return tiles + keys + rows
+    stat_descs = [_gluon.host_descriptor(t, (b, hq, lq), (t.stride(0), t.stride(1), 1), (1, 1, block_m))
+                  for t in stats]
+    return dict(QD=_gluon.row_tiles(q, block_m), RD=_gluon.row_tiles(r, block_m), DOD=_gluon.row_tiles(dout, block_m),
+                KD=_gluon.row_tiles(k, BLOCK_N), VD=_gluon.row_tiles(v, BLOCK_N),
+                **dict(zip(("LSED", "TBD", "DELTAD", "BETAD"), stat_descs)))
 
 
 def fused_usable(q, k, d: int, tensors) -> bool:

@@ -153,7 +153,7 @@ if HAVE_GLUON:
         stride_sb, stride_sh, seqlen_q, seqlen_k, scale, scale_log2, left, right,
         HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-        HOST_DESCS=None,
+        QD=None, RD=None, DOD=None, KD=None, VD=None,
     ):
         BLOCK_M: gl.constexpr = 128
         pid_bh = gl.program_id(0)
@@ -178,7 +178,7 @@ if HAVE_GLUON:
             kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], K.dtype.element_ty)
             q_off = q_row0.to(gl.int64) * (HQ * D)
             k_off = k_row0.to(gl.int64) * (HKV * D)
-            if HOST_DESCS is None:
+            if QD is None:
                 q_desc = (tma.make_tensor_descriptor(Q + q_off, [lq, HQ * D], [HQ * D, 1], [BLOCK_M, D], q_layout),
                           tma.make_tensor_descriptor(R + q_off, [lq, HQ * D], [HQ * D, 1], [BLOCK_M, D], q_layout),
                           tma.make_tensor_descriptor(DO + q_off, [lq, HQ * D], [HQ * D, 1], [BLOCK_M, D], q_layout),
@@ -187,8 +187,8 @@ if HAVE_GLUON:
                           tma.make_tensor_descriptor(V + k_off, [lk, HKV * D], [HKV * D, 1], [BLOCK_N, D], kv_layout),
                           hk * D)
             else:
-                q_desc = (HOST_DESCS[0], HOST_DESCS[1], HOST_DESCS[2], h * D, b32)
-                k_desc = (HOST_DESCS[3], HOST_DESCS[4], hk * D)
+                q_desc = (QD, RD, DOD, h * D, b32)
+                k_desc = (KD, VD, hk * D)
             q_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [BLOCK_M, D], q_layout)
             r_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [BLOCK_M, D], q_layout)
             do_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [BLOCK_M, D], q_layout)
@@ -220,15 +220,15 @@ def launch(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg
     hq, d = q.shape[-2], q.shape[-1]
     block_n, stages = CONFIG[d]
     grid = (batch * hq, (max_q + BLOCK_M - 1) // BLOCK_M)
-    host = None
+    host = {}
     if _gluon.HOST_DESC and not meta["VARLEN"]:
-        host = tuple(_gluon.row_tiles(t, BLOCK_M) for t in (q, r, dout)) + (_gluon.row_tiles(k, block_n),
-                                                                           _gluon.row_tiles(v, block_n))
+        host = dict(QD=_gluon.row_tiles(q, BLOCK_M), RD=_gluon.row_tiles(r, BLOCK_M), DOD=_gluon.row_tiles(dout, BLOCK_M),
+                    KD=_gluon.row_tiles(k, block_n), VD=_gluon.row_tiles(v, block_n))
     return _gluon.launch(_dq_ws_kernel, grid,
         q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg, cu_k_arg, *ss, max_q, max_k,
         scale, scale * LOG2E, left, right,
         HQ=hq, HKV=hkv, G=hq // hkv, D=d, BLOCK_N=block_n, STAGES=stages, VARLEN=meta["VARLEN"],
-        HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"], HOST_DESCS=host, num_warps=4, maxnreg=MAXNREG)
+        HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"], **host, num_warps=4, maxnreg=MAXNREG)
 
 
 # On by default where usable(); PARALLAX_DQ_GLUON=0 runs the Triton dq/dr kernel instead.

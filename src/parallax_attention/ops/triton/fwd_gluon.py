@@ -167,7 +167,7 @@ if HAVE_GLUON:
         stride_sb, stride_sh, seqlen_q, seqlen_k, scale_log2, left, right,
         HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-        HOST_DESCS=None,
+        QD=None, RD=None, KD=None, VD=None,
     ):
         BLOCK_M: gl.constexpr = 128
         pid_bh = gl.program_id(0)
@@ -194,13 +194,13 @@ if HAVE_GLUON:
             kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], K.dtype.element_ty)
             q_off = q_row0.to(gl.int64) * (HQ * D)
             k_off = k_row0.to(gl.int64) * (HKV * D)
-            if HOST_DESCS is None:
+            if QD is None:
                 q_desc = tma.make_tensor_descriptor(Q + q_off, [lq, HQ * D], [HQ * D, 1], [BLOCK_M, D], q_layout)
                 r_desc = tma.make_tensor_descriptor(R + q_off, [lq, HQ * D], [HQ * D, 1], [BLOCK_M, D], q_layout)
                 k_desc = tma.make_tensor_descriptor(K + k_off, [lk, HKV * D], [HKV * D, 1], [BLOCK_N, D], kv_layout)
                 v_desc = tma.make_tensor_descriptor(V + k_off, [lk, HKV * D], [HKV * D, 1], [BLOCK_N, D], kv_layout)
             else:
-                q_desc, r_desc, k_desc, v_desc = HOST_DESCS[0], HOST_DESCS[1], HOST_DESCS[2], HOST_DESCS[3]
+                q_desc, r_desc, k_desc, v_desc = QD, RD, KD, VD
             q_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [BLOCK_M, D], q_layout)
             r_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [BLOCK_M, D], q_layout)
             k_bufs = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, BLOCK_N, D], kv_layout)
@@ -232,14 +232,14 @@ def launch(q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg, batch, hkv, ss,
     hq, d = q.shape[-2], q.shape[-1]
     block_n, stages = CONFIG[d]
     grid = (batch * hq, (max_q + BLOCK_M - 1) // BLOCK_M)
-    host = None
+    host = {}
     if _gluon.HOST_DESC and not meta["VARLEN"]:
-        host = (_gluon.row_tiles(q, BLOCK_M), _gluon.row_tiles(r, BLOCK_M), _gluon.row_tiles(k, block_n),
-                _gluon.row_tiles(v, block_n))
+        host = dict(QD=_gluon.row_tiles(q, BLOCK_M), RD=_gluon.row_tiles(r, BLOCK_M), KD=_gluon.row_tiles(k, block_n),
+                    VD=_gluon.row_tiles(v, block_n))
     return _gluon.launch(_fwd_ws_kernel, grid,
         q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg, *ss, max_q, max_k, scale_log2, left, right,
         HQ=hq, HKV=hkv, G=hq // hkv, D=d, BLOCK_N=block_n, STAGES=stages, VARLEN=meta["VARLEN"],
-        HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"], HOST_DESCS=host, num_warps=4, maxnreg=MAXNREG)
+        HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"], **host, num_warps=4, maxnreg=MAXNREG)
 
 
 # On by default where usable(); PARALLAX_FWD_GLUON=0 runs the Triton forward instead.
