@@ -400,6 +400,8 @@ def _record_gluon_launches(monkeypatch, module, kernel, after=None):
     monkeypatch.setattr(module, kernel, Recorder())
     monkeypatch.setattr(module, "usable", lambda q, k, d, tensors: d in module.CONFIG)
     monkeypatch.setattr(module, "ENABLED", True)
+    # these shapes are far below the work from which dense inputs take descriptors made on the host
+    monkeypatch.setattr(module._gluon, "HOST_DESC_MIN_WORK", 0)
     return launches
 
 
@@ -438,6 +440,22 @@ def test_dkv_gluon_launch(hq, hkv, L, d, window, monkeypatch):
         q_, r_, k_, v_, do_, *stats = args[:9]
         assert all(x.base is t for x, t in zip(descs, (q_, r_, do_, k_, v_, *stats)))
     assert kw["num_warps"] == 4 and kw["maxnreg"] * 12 * 32 <= 65536
+
+
+def test_host_descriptor_floor(monkeypatch):
+    # below HOST_DESC_MIN_WORK (and for packed sequences, and with PARALLAX_HOST_DESC=0) the kernels make
+    # their descriptors on the device: host ones cost the launch path more than they save there
+    from parallax_attention.ops.triton import _gluon
+    if not _gluon.HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    meta = {"VARLEN": False}
+    floor = _gluon.HOST_DESC_MIN_WORK
+    assert _gluon.use_host_desc(meta, 1, 16, 4096, 4096) is (16 * 4096 * 4096 >= floor)
+    assert not _gluon.use_host_desc(meta, 4, 16, 1024, 1024)
+    assert _gluon.use_host_desc(meta, 1, 16, 16384, 16384)
+    assert not _gluon.use_host_desc({"VARLEN": True}, 1, 16, 16384, 16384)
+    monkeypatch.setattr(_gluon, "HOST_DESC", False)
+    assert not _gluon.use_host_desc(meta, 1, 16, 16384, 16384)
 
 
 def test_dkv_gluon_gate():

@@ -524,7 +524,7 @@ def launch(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
     # rows of a multiple of 4 in the dense layout
     stats_tma = STATS_TMA and not meta["VARLEN"] and max_q % 4 == 0
     host = {}
-    if _gluon.HOST_DESC and stats_tma:
+    if stats_tma and _gluon.use_host_desc(meta, batch, q.shape[-2], max_q, max_k):
         host = _host_descriptors(q, r, k, v, dout, (lse, tbar, delta, beta), block_m)
     return _gluon.launch(_dkv_ws_kernel, grid,
         q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, dk, dv, dk, cu_q_arg, cu_k_arg, *sk, *ss, max_q, max_k,

@@ -221,7 +221,7 @@ def launch(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg
     block_n, stages = CONFIG[d]
     grid = (batch * hq, (max_q + BLOCK_M - 1) // BLOCK_M)
     host = {}
-    if _gluon.HOST_DESC and not meta["VARLEN"]:
+    if _gluon.use_host_desc(meta, batch, hq, max_q, max_k):
         host = dict(QD=_gluon.row_tiles(q, BLOCK_M), RD=_gluon.row_tiles(r, BLOCK_M), DOD=_gluon.row_tiles(dout, BLOCK_M),
                     KD=_gluon.row_tiles(k, block_n), VD=_gluon.row_tiles(v, block_n))
     return _gluon.launch(_dq_ws_kernel, grid,

@@ -233,7 +233,7 @@ def launch(q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg, batch, hkv, ss,
     block_n, stages = CONFIG[d]
     grid = (batch * hq, (max_q + BLOCK_M - 1) // BLOCK_M)
     host = {}
-    if _gluon.HOST_DESC and not meta["VARLEN"]:
+    if _gluon.use_host_desc(meta, batch, hq, max_q, max_k):
         host = dict(QD=_gluon.row_tiles(q, BLOCK_M), RD=_gluon.row_tiles(r, BLOCK_M), KD=_gluon.row_tiles(k, block_n),
                     VD=_gluon.row_tiles(v, block_n))
     return _gluon.launch(_fwd_ws_kernel, grid,
