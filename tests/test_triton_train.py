@@ -450,7 +450,8 @@ def test_host_descriptor_floor(monkeypatch):
         pytest.skip("this Triton has no Gluon")
     meta = {"VARLEN": False}
     floor = _gluon.HOST_DESC_MIN_WORK
-    assert _gluon.use_host_desc(meta, 1, 16, 4096, 4096) is (16 * 4096 * 4096 >= floor)
+    assert _gluon.use_host_desc(meta, 4, 16, 4096, 4096) is (4 * 16 * 4096 * 4096 >= floor)
+    assert not _gluon.use_host_desc(meta, 1, 16, 4096, 4096)
     assert not _gluon.use_host_desc(meta, 4, 16, 1024, 1024)
     assert _gluon.use_host_desc(meta, 1, 16, 16384, 16384)
     assert not _gluon.use_host_desc({"VARLEN": True}, 1, 16, 16384, 16384)

@@ -237,10 +237,12 @@ def row_tiles(t, rows: int):
 # varlen inputs and smaller launches always do. Measured on the H200 (bf16, causal, interleaved A/B,
 # forward+backward medians): 2.246 against 2.405 ms at B=4 H=16 L=4096 D=64, 4.126 against 4.303 at
 # D=128, 14.46 against 14.71 at B=1 H=16 L=16384; the device-side ones cost each program a few
-# microseconds before its first copy. But each host descriptor costs the launch path about 10 us (the
-# 18 of a forward+backward doubled it at B=4 H=16 L=1024, where the host sets the pace), hence the floor.
+# microseconds before its first copy. But each host descriptor costs the launch path about 10 us, and
+# where the host sets the pace that shows: 1.018 against 0.474 ms at B=4 H=16 L=1024 before the floor and
+# before the cheaper construction below, 1.205 against 1.038 ms at B=1 H=16 L=4096 D=128 (2^28) after;
+# hence the floor above that.
 HOST_DESC = os.environ.get("PARALLAX_HOST_DESC", "1") != "0"
-HOST_DESC_MIN_WORK = 1 << 28
+HOST_DESC_MIN_WORK = 1 << 29
 
 
 def use_host_desc(meta, batch: int, heads: int, rows_q: int, rows_k: int) -> bool:
