@@ -407,7 +407,9 @@ if HAVE_GLUON:
         elif n0 < lk:
             # descriptors over this sequence's rows only (the statistics: its query heads' rows): the
             # copy engine zero-fills rows past its end instead of reading the next sequence's, whose
-            # NaN would reach this one through 0 * NaN in the products
+            # NaN would reach this one through 0 * NaN in the products; or those passed in (QD ...),
+            # made on the host over the dense (batch, rows, heads x D), where the same rows are past
+            # the row dimension's end
             q_off = q_row0.to(gl.int64) * (HQ * D)
             k_off = k_row0.to(gl.int64) * (HKV * D)
             s_base = b32.to(gl.int64) * stride_sb + hk * G * stride_sh + qs

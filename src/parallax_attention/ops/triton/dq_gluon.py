@@ -11,7 +11,8 @@ Before its loop each warpgroup computes delta = dO.o and beta = dO.vbar for its 
 them for the dk/dv kernel (as the Triton dq/dr kernel does, so no separate pass reads o and vbar).
 
 Same math, masking and outputs as train._bwd_dq_kernel; deterministic (no atomics). Each program
-reads its sequence through descriptors made on the device over that sequence's rows alone, so rows
+reads its sequence through descriptors that end at that sequence's last row (made on the host over the
+dense batch for large launches, else on the device over the sequence's rows; see fwd_gluon), so rows
 past its end are zero-filled, never the next sequence's.
 """
 

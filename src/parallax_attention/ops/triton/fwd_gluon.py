@@ -25,9 +25,10 @@ visible interior (the row bounds are exact at every row, whatever the tile align
 
 Same math and outputs as the Triton kernel (see train.py): o, vbar = O1/d1 (input dtype), and per
 row lse2 = m + log2 d1 (+inf for a row with no visible key) and tbar = d2/d1. Dense (B, L, H, D)
-and packed varlen (total, H, D) inputs: each program reads its sequence through descriptors made
-on the device over that sequence's rows alone, so rows past its end are zero-filled by the copy
-engine, never the next sequence's.
+and packed varlen (total, H, D) inputs: each program reads its sequence through descriptors that end
+at that sequence's last row, so rows past its end are zero-filled by the copy engine, never the next
+sequence's: for large dense launches descriptors made on the host over (B, L, H x D) (see
+_gluon.HOST_DESC), else ones made on the device over the sequence's rows alone.
 """
 
 from __future__ import annotations
