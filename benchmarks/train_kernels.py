@@ -481,6 +481,11 @@ def _set_host_desc(on):
     _gluon.HOST_DESC = on
 
 
+def _set_tma_epilogue(on):
+    from parallax_attention.ops.triton import dkv_gluon
+    dkv_gluon.TMA_EPILOGUE = on
+
+
 def _set_dkv_a_regs(on):
     """At D=64: the Gluon dk/dv kernel's score-product k, v operands from registers or shared memory."""
     from parallax_attention.ops.triton import dkv_gluon
@@ -508,6 +513,8 @@ VARIANT_AB = {
     # the Gluon kernels' copy-engine descriptors for dense inputs made on the host (kernel arguments) or
     # on the device in every program (_gluon.HOST_DESC)
     "host_desc": [("host", lambda: _set_host_desc(True)), ("device", lambda: _set_host_desc(False))],
+    # the Gluon dk/dv kernel's dk, dv through shared memory and the copy engine, or stored from registers
+    "tma_epilogue": [("copy engine", lambda: _set_tma_epilogue(True)), ("registers", lambda: _set_tma_epilogue(False))],
     # D=64: the Gluon dk/dv kernel's score-product A operands (k, v) from registers or shared memory
     "dkv_a_regs64": [("registers", lambda: _set_dkv_a_regs(True)), ("shared memory", lambda: _set_dkv_a_regs(False))],
     # Gluon launches through the cached compiled kernel (_gluon.launch) or Triton's JITFunction.run

@@ -439,6 +439,9 @@ def test_dkv_gluon_launch(hq, hkv, L, d, window, monkeypatch):
         assert [list(x.block_shape) for x in descs] == [[1, bm, d]] * 3 + [[1, 128, d]] * 2 + [[1, 1, bm]] * 4
         q_, r_, k_, v_, do_, *stats = args[:9]
         assert all(x.base is t for x, t in zip(descs, (q_, r_, do_, k_, v_, *stats)))
+        # and dk, dv leave through the copy engine, 64 keys (one consumer warpgroup's) a tile
+        assert [(x.base, list(x.shape), list(x.block_shape)) for x in (kw["DKD"], kw["DVD"])] == [
+            (args[9], [2, L, hkv * d], [1, 64, d]), (args[10], [2, L, hkv * d], [1, 64, d])]
     assert kw["num_warps"] == 4 and kw["maxnreg"] * 12 * 32 <= 65536
 
 

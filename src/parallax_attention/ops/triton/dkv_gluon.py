@@ -185,14 +185,30 @@ if HAVE_GLUON:
                 dv = warpgroup_mma_init(dv)
         dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
 
-        rows_l: gl.constexpr = gl.SliceLayout(1, acc_layout)
-        cols_l: gl.constexpr = gl.SliceLayout(0, acc_layout)
-        rows = n0 + WG * HALF + gl.arange(0, HALF, layout=rows_l)
-        cols = gl.arange(0, D, layout=cols_l)
-        off = out_base + rows[:, None].to(gl.int64) * stride_kl + cols[None, :]
-        mask = (rows < lk)[:, None] & (cols < D)[None, :]
-        gl.store(DK + off, dk.to(DK.dtype.element_ty), mask=mask)
-        gl.store(DV + off, dv.to(DV.dtype.element_ty), mask=mask)
+        if (not FUSED) and len(fused) == 3:
+            # through shared memory and the copy engine (descriptors made on the host): whole 128-byte
+            # rows instead of the accumulator layout's 4-byte pieces, and rows past the sequence skipped
+            dk_desc, dv_desc, out_smem = fused
+            dk_s = out_smem.index(WG * 2)
+            dv_s = out_smem.index(WG * 2 + 1)
+            dk_s.store(dk.to(dtype))
+            dv_s.store(dv.to(dtype))
+            fence_async_shared()
+            gl.thread_barrier()
+            tma.async_copy_shared_to_global(dk_desc, [b32, n0 + WG * HALF, hk * D],
+                                            dk_s._reinterpret(dtype, dk_desc.block_shape, dk_desc.layout))
+            tma.async_copy_shared_to_global(dv_desc, [b32, n0 + WG * HALF, hk * D],
+                                            dv_s._reinterpret(dtype, dv_desc.block_shape, dv_desc.layout))
+            tma.store_wait(0)
+        else:
+            rows_l: gl.constexpr = gl.SliceLayout(1, acc_layout)
+            cols_l: gl.constexpr = gl.SliceLayout(0, acc_layout)
+            rows = n0 + WG * HALF + gl.arange(0, HALF, layout=rows_l)
+            cols = gl.arange(0, D, layout=cols_l)
+            off = out_base + rows[:, None].to(gl.int64) * stride_kl + cols[None, :]
+            mask = (rows < lk)[:, None] & (cols < D)[None, :]
+            gl.store(DK + off, dk.to(DK.dtype.element_ty), mask=mask)
+            gl.store(DV + off, dv.to(DV.dtype.element_ty), mask=mask)
 
     @gluon.jit
     def _dkv_producer(p, scale, scale_log2, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
@@ -375,6 +391,7 @@ if HAVE_GLUON:
         IN_FLIGHT: gl.constexpr, STATS_TMA: gl.constexpr, FUSED: gl.constexpr, ORDERED: gl.constexpr,
         WORKER_QC: gl.constexpr, WORKER_REGS: gl.constexpr, OUT_BUFS: gl.constexpr, SKIP: gl.constexpr = 0,
         A_REGS: gl.constexpr = False, QD=None, RD=None, DOD=None, KD=None, VD=None, LSED=None, TBD=None, DELTAD=None, BETAD=None,
+        DKD=None, DVD=None,
     ):
         BLOCK_N: gl.constexpr = 128
         pid_bh = gl.program_id(0)
@@ -472,6 +489,10 @@ if HAVE_GLUON:
                 sem_base = (b32 * HQ + hk * G).to(gl.int64) * sem_blocks
                 fused = (ds_smem, ds_full, ds_empty, out_smem, dq_desc, dr_desc, SEM, sem_base, sem_blocks,
                          gl.program_id(1), visible)
+            elif DKD is not None:
+                # the epilogue's staging tiles (dk, dv of each warpgroup's 64 keys)
+                out_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, D], K.dtype.element_ty)
+                fused = (DKD, DVD, gl.allocate_shared_memory(K.dtype.element_ty, [4, 64, D], out_layout))
             else:
                 fused = (kv_bar,)
             p = (k_smem, v_smem, q_bufs, r_bufs, do_bufs, stat_bufs, kv_bar, ready, empty, q_desc, r_desc, do_desc,
@@ -500,6 +521,10 @@ if HAVE_GLUON:
                 ], [4, 1], [240, 24])  # _gluon.CONSUMER_REGS, PRODUCER_REGS
 
 
+# With host descriptors, dk and dv leave through shared memory and the copy engine
+# (PARALLAX_TMA_EPILOGUE=0: stores from the accumulators' registers).
+TMA_EPILOGUE = os.environ.get("PARALLAX_TMA_EPILOGUE", "1") != "0"
+
 # The fused kernel by head dim: (BLOCK_M query rows per step, ring stages, query columns of each of the
 # dq/dr warpgroup's products, that warpgroup's registers). With W registers there the two consumers
 # get 252 - W / 2 each (12 warps x 168 at launch); the dk/dv consumer spills below 232, and the
@@ -527,7 +552,7 @@ def launch(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
     stats_tma = STATS_TMA and not meta["VARLEN"] and max_q % 4 == 0
     host = {}
     if stats_tma and _gluon.use_host_desc(meta, batch, q.shape[-2], max_q, max_k):
-        host = _host_descriptors(q, r, k, v, dout, (lse, tbar, delta, beta), block_m)
+        host = _host_descriptors(q, r, k, v, dout, (lse, tbar, delta, beta), dk, dv, block_m)
     return _gluon.launch(_dkv_ws_kernel, grid,
         q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, dk, dv, dk, cu_q_arg, cu_k_arg, *sk, *ss, max_q, max_k,
         scale, scale * LOG2E, left, right, 0, 0, 0,
@@ -537,15 +562,18 @@ def launch(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
         OUT_BUFS=1, A_REGS=a_regs, **host, num_warps=4, maxnreg=MAXNREG)
 
 
-def _host_descriptors(q, r, k, v, dout, stats, block_m):
+def _host_descriptors(q, r, k, v, dout, stats, dk, dv, block_m):
     """The dense batch's descriptors for the kernel (its keyword arguments): q, r, dO and k, v as (batch,
     rows, heads x D), the four row statistics as (batch, query heads, rows)."""
     b, lq, hq = q.shape[:3]
     stat_descs = [_gluon.host_descriptor(t, (b, hq, lq), (t.stride(0), t.stride(1), 1), (1, 1, block_m))
                   for t in stats]
+    out = {}
+    if TMA_EPILOGUE:
+        out = dict(DKD=_gluon.row_tiles(dk, BLOCK_N // 2), DVD=_gluon.row_tiles(dv, BLOCK_N // 2))
     return dict(QD=_gluon.row_tiles(q, block_m), RD=_gluon.row_tiles(r, block_m), DOD=_gluon.row_tiles(dout, block_m),
                 KD=_gluon.row_tiles(k, BLOCK_N), VD=_gluon.row_tiles(v, BLOCK_N),
-                **dict(zip(("LSED", "TBD", "DELTAD", "BETAD"), stat_descs)))
+                **dict(zip(("LSED", "TBD", "DELTAD", "BETAD"), stat_descs)), **out)
 
 
 def fused_usable(q, k, d: int, tensors) -> bool:
