@@ -482,8 +482,8 @@ def _set_host_desc(on):
 
 
 def _set_tma_epilogue(on):
-    from parallax_attention.ops.triton import dkv_gluon
-    dkv_gluon.TMA_EPILOGUE = on
+    from parallax_attention.ops.triton import _gluon
+    _gluon.TMA_EPILOGUE = on
 
 
 def _set_dkv_a_regs(on):
@@ -513,7 +513,7 @@ VARIANT_AB = {
     # the Gluon kernels' copy-engine descriptors for dense inputs made on the host (kernel arguments) or
     # on the device in every program (_gluon.HOST_DESC)
     "host_desc": [("host", lambda: _set_host_desc(True)), ("device", lambda: _set_host_desc(False))],
-    # the Gluon dk/dv kernel's dk, dv through shared memory and the copy engine, or stored from registers
+    # the Gluon kernels' outputs through shared memory and the copy engine, or stored from registers
     "tma_epilogue": [("copy engine", lambda: _set_tma_epilogue(True)), ("registers", lambda: _set_tma_epilogue(False))],
     # D=64: the Gluon dk/dv kernel's score-product A operands (k, v) from registers or shared memory
     "dkv_a_regs64": [("registers", lambda: _set_dkv_a_regs(True)), ("shared memory", lambda: _set_dkv_a_regs(False))],
@@ -921,6 +921,9 @@ def main():
                          "one), 'dkv_ws' (warp specialization of the MHA dk/dv loop, unsafe: see "
                          "train.DKV_TMA_CONFIG)")
     ap.add_argument("--ab-rounds", type=int, default=3, help="interleaved rounds per --ab variant")
+    ap.add_argument("--host-desc-floor", type=int, default=None, metavar="N",
+                    help="dense launches of at least N (B x Hq x Lq x Lk) take host-made descriptors "
+                         "(_gluon.HOST_DESC_MIN_WORK; 0: every dense launch, as --check needs to cover them)")
     ap.add_argument("--config", action="append", default=[], metavar="KERNEL@D=CFG",
                     help="run everything with this launch configuration of a Gluon kernel (gluon = dk/dv, "
                          "fwd_gluon, dq_gluon) at head dim D, e.g. 'gluon@64=32,4,1,1'")
@@ -966,6 +969,10 @@ def main():
         with open(tmp, "w") as f:
             json.dump(result, f, indent=1)
         os.replace(tmp, json_path)
+    if args.host_desc_floor is not None:
+        from parallax_attention.ops.triton import _gluon
+        _gluon.HOST_DESC_MIN_WORK = args.host_desc_floor
+        log(f"host descriptors from B x Hq x Lq x Lk >= {args.host_desc_floor}")
     for spec in args.config:
         key, cfg = spec.split("=")
         name, d = key.split("@")

@@ -501,6 +501,9 @@ def test_fwd_gluon_launch(hq, hkv, lq, lk, d, window, monkeypatch):
     assert (kw["BLOCK_N"], kw["STAGES"]) == fwd_gluon.CONFIG[d]
     descs = [kw[n] for n in ("QD", "RD", "KD", "VD")]
     assert [list(x.shape) for x in descs] == [[2, lq, hq * d]] * 2 + [[2, lk, hkv * d]] * 2
+    # o and vbar leave through the copy engine, 64 rows (one consumer warpgroup's) a tile
+    assert [(x.base, list(x.shape), list(x.block_shape)) for x in (kw["OD"], kw["VBD"])] == [
+        (args[4], [2, lq, hq * d], [1, 64, d]), (args[5], [2, lq, hq * d], [1, 64, d])]
     assert [list(x.block_shape) for x in descs] == [[1, 128, d]] * 2 + [[1, kw["BLOCK_N"], d]] * 2
     assert kw["HQ"] == hq and kw["HKV"] == hkv and kw["G"] == hq // hkv and kw["D"] == d
     assert kw["num_warps"] == 4 and kw["maxnreg"] * 12 * 32 <= 65536
@@ -567,6 +570,8 @@ def test_dq_gluon_launch(varlen, monkeypatch):
     else:
         descs = [kw[n] for n in ("QD", "RD", "DOD", "KD", "VD")]
         assert [list(x.shape) for x in descs] == [[2, L, hq * d]] * 3 + [[2, L, hkv * d]] * 2
+        assert [(x.base, list(x.block_shape)) for x in (kw["DQD"], kw["DRD"])] == [(args[11], [1, 64, d]),
+                                                                                (args[12], [1, 64, d])]
         assert [list(x.block_shape) for x in descs] == [[1, 128, d]] * 3 + [[1, kw["BLOCK_N"], d]] * 2
     assert kw["HQ"] == hq and kw["HKV"] == hkv and kw["G"] == hq // hkv and kw["D"] == d
     assert kw["num_warps"] == 4 and kw["maxnreg"] * 12 * 32 <= 65536

@@ -13,7 +13,7 @@ try:  # Gluon ships with Triton >= 3.5; without it the Triton kernels run
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language._core import builtin
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
     from triton._C.libtriton import ir as _ir
     HAVE_GLUON = True
 except (ImportError, AttributeError):  # pragma: no cover - depends on the installed Triton
@@ -153,6 +153,17 @@ if HAVE_GLUON:
             tma.async_copy_global_to_shared(desc, [flat], bar, dst)
 
     @gluon.jit
+    def tma_store_rows(desc, batch, row, col, value, staging):
+        """value (rows x D in registers) into the tile at (batch, row, col) of a host-made descriptor
+        through the shared-memory tile staging, by the copy engine (rows past the batch entry's end are
+        skipped); the caller waits with tma.store_wait before staging is used again."""
+        staging.store(value)
+        fence_async_shared()
+        gl.thread_barrier()
+        tma.async_copy_shared_to_global(desc, [batch, row, col],
+                                        staging._reinterpret(staging.dtype, desc.block_shape, desc.layout))
+
+    @gluon.jit
     def store_zeros(P, base, stride_l, row0, limit, ROWS: gl.constexpr, D: gl.constexpr):
         """Zeros into rows [row0, min(row0 + ROWS, limit)) of a (rows, D) view at P + base (rows of a
         sequence that no descriptor can cover: one of zero rows cannot be made)."""
@@ -243,6 +254,11 @@ def row_tiles(t, rows: int):
 # hence the floor above that.
 HOST_DESC = os.environ.get("PARALLAX_HOST_DESC", "1") != "0"
 HOST_DESC_MIN_WORK = 1 << 29
+
+
+# With host descriptors, the kernels' outputs leave through shared memory and the copy engine
+# (PARALLAX_TMA_EPILOGUE=0: stores from the accumulators' registers).
+TMA_EPILOGUE = os.environ.get("PARALLAX_TMA_EPILOGUE", "1") != "0"
 
 
 def use_host_desc(meta, batch: int, heads: int, rows_q: int, rows_k: int) -> bool:

@@ -45,7 +45,7 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma_init
 
-    from ._gluon import ring_barriers, sequence, stats_copy, store_zeros, tile_copy, tma_reduce_add
+    from ._gluon import ring_barriers, sequence, stats_copy, store_zeros, tile_copy, tma_reduce_add, tma_store_rows
 
 # (BLOCK_M query rows per step, stages of the q/r/dO ring, dk/dv products left in flight into the
 # next step, the score products' k and v operands from registers) by head dim; the key block is 128
@@ -185,20 +185,12 @@ if HAVE_GLUON:
                 dv = warpgroup_mma_init(dv)
         dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
 
-        if (not FUSED) and len(fused) == 3:
+        if (not FUSED) and len(fused) == 2:
             # through shared memory and the copy engine (descriptors made on the host): whole 128-byte
-            # rows instead of the accumulator layout's 4-byte pieces, and rows past the sequence skipped
-            dk_desc, dv_desc, out_smem = fused
-            dk_s = out_smem.index(WG * 2)
-            dv_s = out_smem.index(WG * 2 + 1)
-            dk_s.store(dk.to(dtype))
-            dv_s.store(dv.to(dtype))
-            fence_async_shared()
-            gl.thread_barrier()
-            tma.async_copy_shared_to_global(dk_desc, [b32, n0 + WG * HALF, hk * D],
-                                            dk_s._reinterpret(dtype, dk_desc.block_shape, dk_desc.layout))
-            tma.async_copy_shared_to_global(dv_desc, [b32, n0 + WG * HALF, hk * D],
-                                            dv_s._reinterpret(dtype, dv_desc.block_shape, dv_desc.layout))
+            # rows instead of the accumulator layout's 4-byte pieces, and rows past the sequence skipped.
+            # Staged in this warpgroup's own k and v tiles, which only its own products read
+            tma_store_rows(fused[0], b32, n0 + WG * HALF, hk * D, dk.to(dtype), k_t)
+            tma_store_rows(fused[1], b32, n0 + WG * HALF, hk * D, dv.to(dtype), v_t)
             tma.store_wait(0)
         else:
             rows_l: gl.constexpr = gl.SliceLayout(1, acc_layout)
@@ -490,9 +482,7 @@ if HAVE_GLUON:
                 fused = (ds_smem, ds_full, ds_empty, out_smem, dq_desc, dr_desc, SEM, sem_base, sem_blocks,
                          gl.program_id(1), visible)
             elif DKD is not None:
-                # the epilogue's staging tiles (dk, dv of each warpgroup's 64 keys)
-                out_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, D], K.dtype.element_ty)
-                fused = (DKD, DVD, gl.allocate_shared_memory(K.dtype.element_ty, [4, 64, D], out_layout))
+                fused = (DKD, DVD)
             else:
                 fused = (kv_bar,)
             p = (k_smem, v_smem, q_bufs, r_bufs, do_bufs, stat_bufs, kv_bar, ready, empty, q_desc, r_desc, do_desc,
@@ -520,10 +510,6 @@ if HAVE_GLUON:
                                      STATS_TMA, FUSED, ORDERED, A_REGS, 0)),
                 ], [4, 1], [240, 24])  # _gluon.CONSUMER_REGS, PRODUCER_REGS
 
-
-# With host descriptors, dk and dv leave through shared memory and the copy engine
-# (PARALLAX_TMA_EPILOGUE=0: stores from the accumulators' registers).
-TMA_EPILOGUE = os.environ.get("PARALLAX_TMA_EPILOGUE", "1") != "0"
 
 # The fused kernel by head dim: (BLOCK_M query rows per step, ring stages, query columns of each of the
 # dq/dr warpgroup's products, that warpgroup's registers). With W registers there the two consumers
@@ -569,7 +555,7 @@ def _host_descriptors(q, r, k, v, dout, stats, dk, dv, block_m):
     stat_descs = [_gluon.host_descriptor(t, (b, hq, lq), (t.stride(0), t.stride(1), 1), (1, 1, block_m))
                   for t in stats]
     out = {}
-    if TMA_EPILOGUE:
+    if _gluon.TMA_EPILOGUE:
         out = dict(DKD=_gluon.row_tiles(dk, BLOCK_N // 2), DVD=_gluon.row_tiles(dv, BLOCK_N // 2))
     return dict(QD=_gluon.row_tiles(q, block_m), RD=_gluon.row_tiles(r, block_m), DOD=_gluon.row_tiles(dout, block_m),
                 KD=_gluon.row_tiles(k, BLOCK_N), VD=_gluon.row_tiles(v, BLOCK_N),

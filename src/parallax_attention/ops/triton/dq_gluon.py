@@ -29,7 +29,7 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
     from ._gluon import ROWS_LAYOUT, key_ranges, mask_scores, ring_barriers, sequence, store_zeros, stream_kv
-    from ._gluon import tile_copy
+    from ._gluon import tile_copy, tma_store_rows
 
 # (BLOCK_N keys per tile, stages of the K/V ring) by head dim; 128 query rows per CTA (64 per
 # consumer warpgroup)
@@ -42,7 +42,7 @@ if HAVE_GLUON:
     def _dq_consumer(p, scale, scale_log2, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                      HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
         (q_smem, r_smem, do_smem, k_bufs, v_bufs, q_bar, ready, empty, q_desc, k_desc, O, VB, DO, LSE, TB, DELTA,
-         BETA, DQ, DR, io_base, stride_ql, s_base, m0, lq, lk, shift, left, right, start, n_tiles) = p
+         BETA, DQ, DR, io_base, stride_ql, s_base, m0, lq, lk, shift, left, right, start, n_tiles, epi) = p
         HALF: gl.constexpr = 64
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -108,19 +108,27 @@ if HAVE_GLUON:
             dq, dr = warpgroup_mma_wait(num_outstanding=0, deps=(dq, dr))
             mbarrier.arrive(empty.index(stage))
 
-        rows = m0w + gl.arange(0, HALF, layout=gl.SliceLayout(1, acc_layout))
-        cols = gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout))
-        off = io_base + rows[:, None].to(gl.int64) * stride_ql + cols[None, :]
-        mask = (rows < lq)[:, None] & (cols < D)[None, :]
-        gl.store(DQ + off, (dq * scale).to(DQ.dtype.element_ty), mask=mask)
         # dS2 = -p (a - beta), so dr = -(pa K)
-        gl.store(DR + off, (-dr).to(DR.dtype.element_ty), mask=mask)
+        if len(epi) == 2:
+            # through shared memory and the copy engine (descriptors made on the host), staged in this
+            # warpgroup's own q and r rows, which only its own products read
+            col, b32 = q_desc[3], q_desc[4]
+            tma_store_rows(epi[0], b32, m0w, col, (dq * scale).to(dtype), q_t)
+            tma_store_rows(epi[1], b32, m0w, col, (-dr).to(dtype), r_t)
+            tma.store_wait(0)
+        else:
+            rows = m0w + gl.arange(0, HALF, layout=gl.SliceLayout(1, acc_layout))
+            cols = gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout))
+            off = io_base + rows[:, None].to(gl.int64) * stride_ql + cols[None, :]
+            mask = (rows < lq)[:, None] & (cols < D)[None, :]
+            gl.store(DQ + off, (dq * scale).to(DQ.dtype.element_ty), mask=mask)
+            gl.store(DR + off, (-dr).to(DR.dtype.element_ty), mask=mask)
 
     @gluon.jit
     def _dq_producer(p, scale, scale_log2, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                      HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
         (q_smem, r_smem, do_smem, k_bufs, v_bufs, q_bar, ready, empty, q_desc, k_desc, O, VB, DO, LSE, TB, DELTA,
-         BETA, DQ, DR, io_base, stride_ql, s_base, m0, lq, lk, shift, left, right, start, n_tiles) = p
+         BETA, DQ, DR, io_base, stride_ql, s_base, m0, lq, lk, shift, left, right, start, n_tiles, epi) = p
         q_d, r_d, do_d, col, b32 = q_desc
         k_d, v_d, kcol = k_desc
         mbarrier.expect(q_bar, 3 * q_d.block_type.nbytes)
@@ -154,7 +162,7 @@ if HAVE_GLUON:
         stride_sb, stride_sh, seqlen_q, seqlen_k, scale, scale_log2, left, right,
         HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-        QD=None, RD=None, DOD=None, KD=None, VD=None,
+        QD=None, RD=None, DOD=None, KD=None, VD=None, DQD=None, DRD=None,
     ):
         BLOCK_M: gl.constexpr = 128
         pid_bh = gl.program_id(0)
@@ -202,7 +210,8 @@ if HAVE_GLUON:
             io_base = q_off + h * D
             s_base = b32.to(gl.int64) * stride_sb + h * stride_sh + qs
             p = (q_smem, r_smem, do_smem, k_bufs, v_bufs, q_bar, ready, empty, q_desc, k_desc, O, VB, DO, LSE, TB,
-                 DELTA, BETA, DQ, DR, io_base, HQ * D, s_base, m0, lq, lk, shift, left, right, start, n_tiles)
+                 DELTA, BETA, DQ, DR, io_base, HQ * D, s_base, m0, lq, lk, shift, left, right, start, n_tiles,
+                 (q_bar,) if DQD is None else (DQD, DRD))
             gl.warp_specialize([
                 (_dq_consumer, (p, scale, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
                 (_dq_consumer, (p, scale, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 1)),
@@ -225,6 +234,8 @@ def launch(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg
     if _gluon.use_host_desc(meta, batch, hq, max_q, max_k):
         host = dict(QD=_gluon.row_tiles(q, BLOCK_M), RD=_gluon.row_tiles(r, BLOCK_M), DOD=_gluon.row_tiles(dout, BLOCK_M),
                     KD=_gluon.row_tiles(k, block_n), VD=_gluon.row_tiles(v, block_n))
+        if _gluon.TMA_EPILOGUE:
+            host.update(DQD=_gluon.row_tiles(dq, BLOCK_M // 2), DRD=_gluon.row_tiles(dr, BLOCK_M // 2))
     return _gluon.launch(_dq_ws_kernel, grid,
         q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg, cu_k_arg, *ss, max_q, max_k,
         scale, scale * LOG2E, left, right,

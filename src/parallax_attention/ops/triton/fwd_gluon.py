@@ -44,7 +44,7 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
     from ._gluon import ROWS_LAYOUT, key_ranges, mask_scores, ring_barriers, sequence, store_zeros, stream_kv
-    from ._gluon import tile_copy
+    from ._gluon import tile_copy, tma_store_rows
 
 # (BLOCK_N keys per tile, stages of the K/V ring) by head dim; 128 query rows per CTA (64 per
 # consumer warpgroup)
@@ -74,7 +74,7 @@ if HAVE_GLUON:
     def _fwd_consumer(p, scale_log2, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                       HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
         (q_smem, r_smem, k_bufs, v_bufs, q_bar, ready, empty, q_desc, r_desc, k_desc, v_desc, O, VB, LSE, TB,
-         io_base, stride_ql, s_base, b32, h, hk, m0, lq, lk, shift, left, right, start, n_tiles) = p
+         io_base, stride_ql, s_base, b32, h, hk, m0, lq, lk, shift, left, right, start, n_tiles, epi) = p
         HALF: gl.constexpr = 64
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -135,18 +135,25 @@ if HAVE_GLUON:
         tb_acc = gl.convert_layout(tb, rows_acc)
         vb = o1 * inv_acc[:, None]
         o = vb * (1.0 + tb_acc)[:, None] - o2 * inv_acc[:, None]
-        rows = m0w + gl.arange(0, HALF, layout=rows_acc)
-        cols = gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout))
-        off = io_base + rows[:, None].to(gl.int64) * stride_ql + cols[None, :]
-        mask = (rows < lq)[:, None] & (cols < D)[None, :]
-        gl.store(O + off, o.to(O.dtype.element_ty), mask=mask)
-        gl.store(VB + off, vb.to(VB.dtype.element_ty), mask=mask)
+        if len(epi) == 2:
+            # through shared memory and the copy engine (descriptors made on the host), staged in this
+            # warpgroup's own q and r rows, which only its own products read
+            tma_store_rows(epi[0], b32, m0w, h * D, o.to(dtype), q_t)
+            tma_store_rows(epi[1], b32, m0w, h * D, vb.to(dtype), r_t)
+            tma.store_wait(0)
+        else:
+            rows = m0w + gl.arange(0, HALF, layout=rows_acc)
+            cols = gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout))
+            off = io_base + rows[:, None].to(gl.int64) * stride_ql + cols[None, :]
+            mask = (rows < lq)[:, None] & (cols < D)[None, :]
+            gl.store(O + off, o.to(O.dtype.element_ty), mask=mask)
+            gl.store(VB + off, vb.to(VB.dtype.element_ty), mask=mask)
 
     @gluon.jit
     def _fwd_producer(p, scale_log2, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                       HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
         (q_smem, r_smem, k_bufs, v_bufs, q_bar, ready, empty, q_desc, r_desc, k_desc, v_desc, O, VB, LSE, TB,
-         io_base, stride_ql, s_base, b32, h, hk, m0, lq, lk, shift, left, right, start, n_tiles) = p
+         io_base, stride_ql, s_base, b32, h, hk, m0, lq, lk, shift, left, right, start, n_tiles, epi) = p
         mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
         tile_copy(q_desc, b32, m0, h * D, q_bar, q_smem)
         tile_copy(r_desc, b32, m0, h * D, q_bar, r_smem)
@@ -168,7 +175,7 @@ if HAVE_GLUON:
         stride_sb, stride_sh, seqlen_q, seqlen_k, scale_log2, left, right,
         HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-        QD=None, RD=None, KD=None, VD=None,
+        QD=None, RD=None, KD=None, VD=None, OD=None, VBD=None,
     ):
         BLOCK_M: gl.constexpr = 128
         pid_bh = gl.program_id(0)
@@ -213,7 +220,8 @@ if HAVE_GLUON:
             io_base = q_off + h * D
             s_base = b32.to(gl.int64) * stride_sb + h * stride_sh + qs
             p = (q_smem, r_smem, k_bufs, v_bufs, q_bar, ready, empty, q_desc, r_desc, k_desc, v_desc, O, VB, LSE,
-                 TB, io_base, HQ * D, s_base, b32, h, hk, m0, lq, lk, shift, left, right, start, n_tiles)
+                 TB, io_base, HQ * D, s_base, b32, h, hk, m0, lq, lk, shift, left, right, start, n_tiles,
+                 (q_bar,) if OD is None else (OD, VBD))
             gl.warp_specialize([
                 (_fwd_consumer, (p, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
                 (_fwd_consumer, (p, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 1)),
@@ -237,6 +245,8 @@ def launch(q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg, batch, hkv, ss,
     if _gluon.use_host_desc(meta, batch, hq, max_q, max_k):
         host = dict(QD=_gluon.row_tiles(q, BLOCK_M), RD=_gluon.row_tiles(r, BLOCK_M), KD=_gluon.row_tiles(k, block_n),
                     VD=_gluon.row_tiles(v, block_n))
+        if _gluon.TMA_EPILOGUE:
+            host.update(OD=_gluon.row_tiles(out, BLOCK_M // 2), VBD=_gluon.row_tiles(vbar, BLOCK_M // 2))
     return _gluon.launch(_fwd_ws_kernel, grid,
         q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg, *ss, max_q, max_k, scale_log2, left, right,
         HQ=hq, HKV=hkv, G=hq // hkv, D=d, BLOCK_N=block_n, STAGES=stages, VARLEN=meta["VARLEN"],
