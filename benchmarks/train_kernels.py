@@ -149,6 +149,8 @@ def run_check(log, dtypes, with_compile):
     # determinism, CUDA graph capture and torch.compile of forward + backward
     extra = {}
     extra["isolation"] = run_isolation_check(log)
+    # head dim 64 too: there the outputs leave through the copy engine (a ragged last tile is clipped)
+    extra["isolation_d64"] = run_isolation_check(log, (3, 8, 2, 1000, 64))
     q, r, k, v, do = _inputs(2, 8, 2, 2048, 2048, 128, torch.bfloat16, None)
     f = lambda *x: parallax_attn(*x, causal=True, backend="triton")  # noqa: E731
     g1 = _grads(f, (q, r, k, v), do)
