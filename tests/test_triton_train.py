@@ -439,8 +439,9 @@ def test_dkv_gluon_launch(hq, hkv, L, d, window, monkeypatch):
         assert [list(x.block_shape) for x in descs] == [[1, bm, d]] * 3 + [[1, 128, d]] * 2 + [[1, 1, bm]] * 4
         q_, r_, k_, v_, do_, *stats = args[:9]
         assert all(x.base is t for x, t in zip(descs, (q_, r_, do_, k_, v_, *stats)))
-        # and at D=64 dk, dv leave through the copy engine, 64 keys (one consumer warpgroup's) a tile
-        if d == 64:
+        # and at D=64, keys in whole 64-row tiles, dk, dv leave through the copy engine, 64 keys (one
+        # consumer warpgroup's) a tile
+        if d == 64 and L % 64 == 0:
             assert [(x.base, list(x.shape), list(x.block_shape)) for x in (kw["DKD"], kw["DVD"])] == [
                 (args[9], [2, L, hkv * d], [1, 64, d]), (args[10], [2, L, hkv * d], [1, 64, d])]
         else:
@@ -474,8 +475,9 @@ def test_dkv_gluon_gate():
 
 
 @pytest.mark.parametrize("hq, hkv, lq, lk, d, window", [(2, 2, 64, 64, 128, (-1, -1)), (4, 2, 200, 300, 128, (-1, -1)),
-                                                        (2, 2, 130, 130, 64, (16, 0)), (2, 2, 64, 64, 96, (-1, -1))],
-                         ids=["mha", "gqa_lq_lt_lk", "d64_window", "d96_not_taken"])
+                                                        (2, 2, 130, 130, 64, (16, 0)), (2, 2, 128, 128, 64, (-1, -1)),
+                                                        (2, 2, 64, 64, 96, (-1, -1))],
+                         ids=["mha", "gqa_lq_lt_lk", "d64_window", "d64_whole_tiles", "d96_not_taken"])
 def test_fwd_gluon_launch(hq, hkv, lq, lk, d, window, monkeypatch):
     # On Hopper the warp-specialized Gluon forward takes dense inputs of head dims 64 and 128; it
     # cannot run without the GPU, so its launch is recorded: one program per (sequence, query head)
@@ -504,8 +506,9 @@ def test_fwd_gluon_launch(hq, hkv, lq, lk, d, window, monkeypatch):
     assert (kw["BLOCK_N"], kw["STAGES"]) == fwd_gluon.CONFIG[d]
     descs = [kw[n] for n in ("QD", "RD", "KD", "VD")]
     assert [list(x.shape) for x in descs] == [[2, lq, hq * d]] * 2 + [[2, lk, hkv * d]] * 2
-    # at D=64 o and vbar leave through the copy engine, 64 rows (one consumer warpgroup's) a tile
-    if d == 64:
+    # at D=64, rows in whole 64-row tiles, o and vbar leave through the copy engine, 64 rows (one
+    # consumer warpgroup's) a tile
+    if d == 64 and lq % 64 == 0:
         assert [(x.base, list(x.shape), list(x.block_shape)) for x in (kw["OD"], kw["VBD"])] == [
             (args[4], [2, lq, hq * d], [1, 64, d]), (args[5], [2, lq, hq * d], [1, 64, d])]
     else:
@@ -543,8 +546,8 @@ def test_fwd_gluon_launch_varlen(monkeypatch):
     assert args[10:14] == (0, sum(lens), 300, 300)
 
 
-@pytest.mark.parametrize("varlen", [False, True])
-def test_dq_gluon_launch(varlen, monkeypatch):
+@pytest.mark.parametrize("varlen, L", [(False, 200), (True, 200), (False, 256)])
+def test_dq_gluon_launch(varlen, L, monkeypatch):
     # On Hopper the warp-specialized Gluon kernel takes dq/dr; its launch is recorded: one program
     # per (sequence, query head) x 128 query rows, the per-head-dim key tile, the statistics and
     # output tensors in the Triton kernel's order, and the register budget of 12 warps
@@ -554,7 +557,7 @@ def test_dq_gluon_launch(varlen, monkeypatch):
     # delta, beta, dq, dr get defined values for the dk/dv kernel after it
     launches = _record_gluon_launches(monkeypatch, dq_gluon, "_dq_ws_kernel",
                                       after=lambda args: [out.zero_() for out in args[9:13]])
-    hq, hkv, d, L = 4, 2, 64, 200
+    hq, hkv, d = 4, 2, 64
     q, r, k, v, do = _make(2, L, L, hq, hkv, d, torch.float16)
     if varlen:
         cu = torch.tensor([0, L, 2 * L], dtype=torch.int32, device=DEV)
@@ -576,9 +579,13 @@ def test_dq_gluon_launch(varlen, monkeypatch):
     else:
         descs = [kw[n] for n in ("QD", "RD", "DOD", "KD", "VD")]
         assert [list(x.shape) for x in descs] == [[2, L, hq * d]] * 3 + [[2, L, hkv * d]] * 2
+        assert [list(x.block_shape) for x in descs] == [[1, 128, d]] * 3 + [[1, kw["BLOCK_N"], d]] * 2
+    if not varlen and L % 64 == 0:
+        # whole 64-row tiles at D=64: dq, dr leave through the copy engine, 64 rows a tile
         assert [(x.base, list(x.block_shape)) for x in (kw["DQD"], kw["DRD"])] == [(args[11], [1, 64, d]),
                                                                                 (args[12], [1, 64, d])]
-        assert [list(x.block_shape) for x in descs] == [[1, 128, d]] * 3 + [[1, kw["BLOCK_N"], d]] * 2
+    else:
+        assert "DQD" not in kw and "DRD" not in kw
     assert kw["HQ"] == hq and kw["HKV"] == hkv and kw["G"] == hq // hkv and kw["D"] == d
     assert kw["num_warps"] == 4 and kw["maxnreg"] * 12 * 32 <= 65536
 

@@ -555,7 +555,7 @@ def _host_descriptors(q, r, k, v, dout, stats, dk, dv, block_m):
     stat_descs = [_gluon.host_descriptor(t, (b, hq, lq), (t.stride(0), t.stride(1), 1), (1, 1, block_m))
                   for t in stats]
     out = {}
-    if _gluon.tma_epilogue(q.shape[-1]):
+    if _gluon.tma_epilogue(q.shape[-1], k.shape[1]):
         out = dict(DKD=_gluon.row_tiles(dk, BLOCK_N // 2), DVD=_gluon.row_tiles(dv, BLOCK_N // 2))
     return dict(QD=_gluon.row_tiles(q, block_m), RD=_gluon.row_tiles(r, block_m), DOD=_gluon.row_tiles(dout, block_m),
                 KD=_gluon.row_tiles(k, BLOCK_N), VD=_gluon.row_tiles(v, BLOCK_N),

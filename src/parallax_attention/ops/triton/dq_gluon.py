@@ -234,7 +234,7 @@ def launch(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg
     if _gluon.use_host_desc(meta, batch, hq, max_q, max_k):
         host = dict(QD=_gluon.row_tiles(q, BLOCK_M), RD=_gluon.row_tiles(r, BLOCK_M), DOD=_gluon.row_tiles(dout, BLOCK_M),
                     KD=_gluon.row_tiles(k, block_n), VD=_gluon.row_tiles(v, block_n))
-        if _gluon.tma_epilogue(d):
+        if _gluon.tma_epilogue(d, max_q):
             host.update(DQD=_gluon.row_tiles(dq, BLOCK_M // 2), DRD=_gluon.row_tiles(dr, BLOCK_M // 2))
     return _gluon.launch(_dq_ws_kernel, grid,
         q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg, cu_k_arg, *ss, max_q, max_k,

@@ -245,7 +245,7 @@ def launch(q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg, batch, hkv, ss,
     if _gluon.use_host_desc(meta, batch, hq, max_q, max_k):
         host = dict(QD=_gluon.row_tiles(q, BLOCK_M), RD=_gluon.row_tiles(r, BLOCK_M), KD=_gluon.row_tiles(k, block_n),
                     VD=_gluon.row_tiles(v, block_n))
-        if _gluon.tma_epilogue(d):
+        if _gluon.tma_epilogue(d, max_q):
             host.update(OD=_gluon.row_tiles(out, BLOCK_M // 2), VBD=_gluon.row_tiles(vbar, BLOCK_M // 2))
     return _gluon.launch(_fwd_ws_kernel, grid,
         q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg, *ss, max_q, max_k, scale_log2, left, right,
