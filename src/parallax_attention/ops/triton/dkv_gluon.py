@@ -382,7 +382,9 @@ if HAVE_GLUON:
         STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
         IN_FLIGHT: gl.constexpr, STATS_TMA: gl.constexpr, FUSED: gl.constexpr, ORDERED: gl.constexpr,
         WORKER_QC: gl.constexpr, WORKER_REGS: gl.constexpr, OUT_BUFS: gl.constexpr, SKIP: gl.constexpr = 0,
-        A_REGS: gl.constexpr = False, QD=None, RD=None, DOD=None, KD=None, VD=None, LSED=None, TBD=None, DELTAD=None, BETAD=None,
+        A_REGS: gl.constexpr = False,
+        # descriptors made on the host (dense inputs, large launches; see _gluon.HOST_DESC), else None
+        QD=None, RD=None, DOD=None, KD=None, VD=None, LSED=None, TBD=None, DELTAD=None, BETAD=None,
         DKD=None, DVD=None,
     ):
         BLOCK_N: gl.constexpr = 128
@@ -432,8 +434,7 @@ if HAVE_GLUON:
                 k_desc = tma.make_tensor_descriptor(K + k_off, [lk, HKV * D], [HKV * D, 1], [BLOCK_N, D], kv_layout)
                 v_desc = tma.make_tensor_descriptor(V + k_off, [lk, HKV * D], [HKV * D, 1], [BLOCK_N, D], kv_layout)
             else:
-                q_desc, r_desc, do_desc, k_desc, v_desc = (QD, RD, DOD,
-                                                           KD, VD)
+                q_desc, r_desc, do_desc, k_desc, v_desc = QD, RD, DOD, KD, VD
 
             k_smem = gl.allocate_shared_memory(K.dtype.element_ty, [BLOCK_N, D], kv_layout)
             v_smem = gl.allocate_shared_memory(K.dtype.element_ty, [BLOCK_N, D], kv_layout)
@@ -550,15 +551,16 @@ def launch(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
 
 def _host_descriptors(q, r, k, v, dout, stats, dk, dv, block_m):
     """The dense batch's descriptors for the kernel (its keyword arguments): q, r, dO and k, v as (batch,
-    rows, heads x D), the four row statistics as (batch, query heads, rows)."""
+    rows, heads x D), the four row statistics as (batch, query heads, rows), and at D = 64 dk, dv for the
+    copy-engine epilogue."""
     b, lq, hq = q.shape[:3]
     stat_descs = [_gluon.host_descriptor(t, (b, hq, lq), (t.stride(0), t.stride(1), 1), (1, 1, block_m))
                   for t in stats]
     out = {}
     if _gluon.tma_epilogue(q.shape[-1], k.shape[1]):
         out = dict(DKD=_gluon.row_tiles(dk, BLOCK_N // 2), DVD=_gluon.row_tiles(dv, BLOCK_N // 2))
-    return dict(QD=_gluon.row_tiles(q, block_m), RD=_gluon.row_tiles(r, block_m), DOD=_gluon.row_tiles(dout, block_m),
-                KD=_gluon.row_tiles(k, BLOCK_N), VD=_gluon.row_tiles(v, BLOCK_N),
+    return dict(QD=_gluon.row_tiles(q, block_m), RD=_gluon.row_tiles(r, block_m),
+                DOD=_gluon.row_tiles(dout, block_m), KD=_gluon.row_tiles(k, BLOCK_N), VD=_gluon.row_tiles(v, BLOCK_N),
                 **dict(zip(("LSED", "TBD", "DELTAD", "BETAD"), stat_descs)), **out)
 
 

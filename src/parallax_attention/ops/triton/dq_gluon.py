@@ -162,6 +162,7 @@ if HAVE_GLUON:
         stride_sb, stride_sh, seqlen_q, seqlen_k, scale, scale_log2, left, right,
         HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+        # descriptors made on the host (dense inputs, large launches; see _gluon.HOST_DESC), else None
         QD=None, RD=None, DOD=None, KD=None, VD=None, DQD=None, DRD=None,
     ):
         BLOCK_M: gl.constexpr = 128
@@ -232,8 +233,9 @@ def launch(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg
     grid = (batch * hq, (max_q + BLOCK_M - 1) // BLOCK_M)
     host = {}
     if _gluon.use_host_desc(meta, batch, hq, max_q, max_k):
-        host = dict(QD=_gluon.row_tiles(q, BLOCK_M), RD=_gluon.row_tiles(r, BLOCK_M), DOD=_gluon.row_tiles(dout, BLOCK_M),
-                    KD=_gluon.row_tiles(k, block_n), VD=_gluon.row_tiles(v, block_n))
+        host = dict(QD=_gluon.row_tiles(q, BLOCK_M), RD=_gluon.row_tiles(r, BLOCK_M),
+                    DOD=_gluon.row_tiles(dout, BLOCK_M), KD=_gluon.row_tiles(k, block_n),
+                    VD=_gluon.row_tiles(v, block_n))
         if _gluon.tma_epilogue(d, max_q):
             host.update(DQD=_gluon.row_tiles(dq, BLOCK_M // 2), DRD=_gluon.row_tiles(dr, BLOCK_M // 2))
     return _gluon.launch(_dq_ws_kernel, grid,
