@@ -21,6 +21,7 @@ and windows; one matmul over the pairs costs 2 * D * P per head):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -95,6 +96,18 @@ def _grads(fn, xs, do):
     return (o,) + tuple(g)
 
 
+@contextlib.contextmanager
+def _host_descriptors(on):
+    """Every dense Gluon launch with descriptors made on the host (on) or on the device (off)."""
+    from parallax_attention.ops.triton import _gluon
+    old = _gluon.HOST_DESC, _gluon.HOST_DESC_MIN_WORK
+    _gluon.HOST_DESC, _gluon.HOST_DESC_MIN_WORK = on, 0
+    try:
+        yield
+    finally:
+        _gluon.HOST_DESC, _gluon.HOST_DESC_MIN_WORK = old
+
+
 def run_check(log, dtypes, with_compile):
     worst = {}
     rows = []
@@ -117,12 +130,17 @@ def run_check(log, dtypes, with_compile):
         for dtype in dtypes:
             torch.manual_seed(hash((tag, str(dtype))) % 2**31)
             q, r, k, v, do = _inputs(b, hq, hkv, lq, lk, d, dtype, r_scale)
-            ours = _grads(lambda *x: parallax_attn(*x, causal=causal, window_size=window, backend="triton"),
-                          (q, r, k, v), do)
             ref = _grads(lambda *x: parallax_attn_reference(*x, causal=causal, window_size=window),
                          [x.double() for x in (q, r, k, v)], do.double())
-            record(tag, dtype, ours, ref)
-            del ref, ours
+            # both ways the Gluon kernels get their copy descriptors: made on the device in every program
+            # (these shapes' default) and made on the host (large launches' default)
+            for mode in ("device", "host"):
+                with _host_descriptors(mode == "host"):
+                    ours = _grads(lambda *x: parallax_attn(*x, causal=causal, window_size=window,
+                                                           backend="triton"), (q, r, k, v), do)
+                record(f"{tag} desc={mode}", dtype, ours, ref)
+                del ours
+            del ref
             torch.cuda.empty_cache()
 
     for cu, hq, hkv, d, causal, window in VARLEN_CHECK:
@@ -149,8 +167,11 @@ def run_check(log, dtypes, with_compile):
     # determinism, CUDA graph capture and torch.compile of forward + backward
     extra = {}
     extra["isolation"] = run_isolation_check(log)
-    # head dim 64 too: there the outputs leave through the copy engine (a ragged last tile is clipped)
-    extra["isolation_d64"] = run_isolation_check(log, (3, 8, 2, 1000, 64))
+    # with descriptors made on the host (over the whole dense batch: a tile past a sequence's end must
+    # still read zeros), at both head dims
+    with _host_descriptors(True):
+        extra["isolation_host_desc"] = run_isolation_check(log)
+        extra["isolation_host_desc_d64"] = run_isolation_check(log, (3, 8, 2, 1000, 64))
     q, r, k, v, do = _inputs(2, 8, 2, 2048, 2048, 128, torch.bfloat16, None)
     f = lambda *x: parallax_attn(*x, causal=True, backend="triton")  # noqa: E731
     g1 = _grads(f, (q, r, k, v), do)
