@@ -946,10 +946,10 @@ def main():
     ap.add_argument("--ab-rounds", type=int, default=3, help="interleaved rounds per --ab variant")
     ap.add_argument("--host-desc-floor", type=int, default=None, metavar="N",
                     help="dense launches of at least N (B x Hq x Lq x Lk) take host-made descriptors "
-                         "(_gluon.HOST_DESC_MIN_WORK; 0: every dense launch, as --check needs to cover them)")
+                         "(_gluon.HOST_DESC_MIN_WORK; 0: every dense launch; --check runs both ways on its own)")
     ap.add_argument("--config", action="append", default=[], metavar="KERNEL@D=CFG",
                     help="run everything with this launch configuration of a Gluon kernel (gluon = dk/dv, "
-                         "fwd_gluon, dq_gluon) at head dim D, e.g. 'gluon@64=32,4,1,1'")
+                         "fwd_gluon, dq_gluon) at head dim D, e.g. 'gluon@64=32,3,0,1'")
     ap.add_argument("--repeat", type=int, default=0, metavar="N",
                     help="N forward+backward runs per dk/dv launch on each --repeat-shapes shape: "
                          "bitwise equal, finite")
