@@ -227,14 +227,9 @@ def _tile_layout(block, dtype):
 def host_descriptor(t, shape, strides, block):
     """A copy-engine descriptor made on the host (a kernel argument, so the kernel does not build one
     in every program) over a dense tensor viewed as shape/strides, with the shared-memory layout the
-    kernels allocate for its tiles. Made without TensorDescriptor's own checks (a few microseconds a
-    descriptor, and a forward+backward passes 18): usable() has checked the alignment and contiguity
-    they test, and the callers pass shapes of at least one row."""
+    kernels allocate for its tiles (cached: computing it costs more than the rest)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    desc = TensorDescriptor.__new__(TensorDescriptor)
-    desc.base, desc.shape, desc.strides, desc.block_shape = t, list(shape), list(strides), list(block)
-    desc.layout, desc.padding = _tile_layout(tuple(block), t.dtype), "zero"
-    return desc
+    return TensorDescriptor(t, list(shape), list(strides), list(block), _tile_layout(tuple(block), t.dtype))
 
 
 def row_tiles(t, rows: int):
@@ -249,9 +244,9 @@ def row_tiles(t, rows: int):
 # forward+backward medians): 2.246 against 2.405 ms at B=4 H=16 L=4096 D=64, 4.126 against 4.303 at
 # D=128, 14.46 against 14.71 at B=1 H=16 L=16384; the device-side ones cost each program a few
 # microseconds before its first copy. But each host descriptor costs the launch path about 10 us, and
-# where the host sets the pace that shows: 1.018 against 0.474 ms at B=4 H=16 L=1024 before the floor and
-# before the cheaper construction below, 1.205 against 1.038 ms at B=1 H=16 L=4096 D=128 (2^28) after;
-# hence the floor above that.
+# where the host sets the pace that shows: 1.018 against 0.474 ms at B=4 H=16 L=1024, and (with the
+# descriptors built without TensorDescriptor's checks, a few microseconds cheaper each) 1.205 against
+# 1.038 ms at B=1 H=16 L=4096 D=128 (2^28); hence the floor above that.
 HOST_DESC = os.environ.get("PARALLAX_HOST_DESC", "1") != "0"
 HOST_DESC_MIN_WORK = 1 << 29
 
