@@ -439,11 +439,11 @@ def test_dkv_gluon_launch(hq, hkv, L, d, window, monkeypatch):
         assert [list(x.block_shape) for x in descs] == [[1, bm, d]] * 3 + [[1, 128, d]] * 2 + [[1, 1, bm]] * 4
         q_, r_, k_, v_, do_, *stats = args[:9]
         assert all(x.base is t for x, t in zip(descs, (q_, r_, do_, k_, v_, *stats)))
-        # and at D=64, keys in whole 64-row tiles, dk, dv leave through the copy engine, 64 keys (one
-        # consumer warpgroup's) a tile
-        if d == 64 and L % 64 == 0:
+        # and with keys in whole 64-row tiles, dk, dv leave through the copy engine, 64 keys (one
+        # consumer warpgroup's) by 64 columns (one swizzled chunk of the staging tile) a copy
+        if d in (64, 128) and L % 64 == 0:
             assert [(x.base, list(x.shape), list(x.block_shape)) for x in (kw["DKD"], kw["DVD"])] == [
-                (args[9], [2, L, hkv * d], [1, 64, d]), (args[10], [2, L, hkv * d], [1, 64, d])]
+                (args[9], [2, L, hkv * d], [1, 64, 64]), (args[10], [2, L, hkv * d], [1, 64, 64])]
         else:
             assert "DKD" not in kw
     assert kw["num_warps"] == 4 and kw["maxnreg"] * 12 * 32 <= 65536
@@ -506,11 +506,11 @@ def test_fwd_gluon_launch(hq, hkv, lq, lk, d, window, monkeypatch):
     assert (kw["BLOCK_N"], kw["STAGES"]) == fwd_gluon.CONFIG[d]
     descs = [kw[n] for n in ("QD", "RD", "KD", "VD")]
     assert [list(x.shape) for x in descs] == [[2, lq, hq * d]] * 2 + [[2, lk, hkv * d]] * 2
-    # at D=64, rows in whole 64-row tiles, o and vbar leave through the copy engine, 64 rows (one
-    # consumer warpgroup's) a tile
-    if d == 64 and lq % 64 == 0:
+    # rows in whole 64-row tiles: o and vbar leave through the copy engine, 64 rows (one consumer
+    # warpgroup's) by 64 columns (one swizzled chunk of the staging tile) a copy
+    if d in (64, 128) and lq % 64 == 0:
         assert [(x.base, list(x.shape), list(x.block_shape)) for x in (kw["OD"], kw["VBD"])] == [
-            (args[4], [2, lq, hq * d], [1, 64, d]), (args[5], [2, lq, hq * d], [1, 64, d])]
+            (args[4], [2, lq, hq * d], [1, 64, 64]), (args[5], [2, lq, hq * d], [1, 64, 64])]
     else:
         assert "OD" not in kw
     assert [list(x.block_shape) for x in descs] == [[1, 128, d]] * 2 + [[1, kw["BLOCK_N"], d]] * 2
@@ -581,9 +581,9 @@ def test_dq_gluon_launch(varlen, L, monkeypatch):
         assert [list(x.shape) for x in descs] == [[2, L, hq * d]] * 3 + [[2, L, hkv * d]] * 2
         assert [list(x.block_shape) for x in descs] == [[1, 128, d]] * 3 + [[1, kw["BLOCK_N"], d]] * 2
     if not varlen and L % 64 == 0:
-        # whole 64-row tiles at D=64: dq, dr leave through the copy engine, 64 rows a tile
-        assert [(x.base, list(x.block_shape)) for x in (kw["DQD"], kw["DRD"])] == [(args[11], [1, 64, d]),
-                                                                                (args[12], [1, 64, d])]
+        # whole 64-row tiles: dq, dr leave through the copy engine, 64 rows by 64 columns a copy
+        assert [(x.base, list(x.block_shape)) for x in (kw["DQD"], kw["DRD"])] == [(args[11], [1, 64, 64]),
+                                                                                (args[12], [1, 64, 64])]
     else:
         assert "DQD" not in kw and "DRD" not in kw
     assert kw["HQ"] == hq and kw["HKV"] == hkv and kw["G"] == hq // hkv and kw["D"] == d

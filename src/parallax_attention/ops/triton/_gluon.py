@@ -153,15 +153,31 @@ if HAVE_GLUON:
             tma.async_copy_global_to_shared(desc, [flat], bar, dst)
 
     @gluon.jit
-    def tma_store_rows(desc, batch, row, col, value, staging):
-        """value (rows x D in registers) into the tile at (batch, row, col) of a host-made descriptor
-        through the shared-memory tile staging, by the copy engine (rows past the batch entry's end are
-        skipped); the caller waits with tma.store_wait before staging is used again."""
+    def tma_store_rows(desc, batch, row, col, value, tile, first: gl.constexpr):
+        """value (rows x D in registers) into the tile at (batch, row, col) of a host-made descriptor,
+        by the copy engine from rows [first, first + rows) of the shared-memory tile (rows past the batch
+        entry's end are skipped); the caller waits with tma.store_wait before tile is used again.
+
+        A swizzled tile wider than the 128-byte swizzle span (D = 128 in 2-byte types) keeps each row in
+        64-column chunks, chunk-major, so a slice of its rows is one contiguous piece per chunk, not
+        one piece: desc then has 64-column blocks and each chunk goes out as its own copy."""
+        ROWS: gl.constexpr = desc.block_shape[1]
+        WIDTH: gl.constexpr = desc.block_shape[2]
+        CHUNKS: gl.constexpr = tile.shape[1] // WIDTH
+        staging = tile.slice(first, ROWS)
         staging.store(value)
         fence_async_shared()
         gl.thread_barrier()
-        tma.async_copy_shared_to_global(desc, [batch, row, col],
-                                        staging._reinterpret(staging.dtype, desc.block_shape, desc.layout))
+        if CHUNKS == 1:
+            tma.async_copy_shared_to_global(desc, [batch, row, col],
+                                            staging._reinterpret(staging.dtype, desc.block_shape, desc.layout))
+        else:
+            chunk_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([tile.shape[0], WIDTH], tile.dtype)
+            chunks = tile._reinterpret(tile.dtype, [CHUNKS, tile.shape[0], WIDTH], chunk_layout)
+            for c in gl.static_range(CHUNKS):
+                piece = chunks.index(c).slice(first, ROWS)
+                tma.async_copy_shared_to_global(desc, [batch, row, col + c * WIDTH],
+                                                piece._reinterpret(tile.dtype, desc.block_shape, desc.layout))
 
     @gluon.jit
     def store_zeros(P, base, stride_l, row0, limit, ROWS: gl.constexpr, D: gl.constexpr):
@@ -232,10 +248,17 @@ def host_descriptor(t, shape, strides, block):
     return TensorDescriptor(t, list(shape), list(strides), list(block), _tile_layout(tuple(block), t.dtype))
 
 
-def row_tiles(t, rows: int):
-    """A dense (batch, rows, heads, D) tensor's descriptor for tiles of rows x D (one head's columns)."""
+def row_tiles(t, rows: int, cols: int | None = None):
+    """A dense (batch, rows, heads, D) tensor's descriptor for tiles of rows x cols (cols: one head's D
+    columns unless given)."""
     b, n, h, d = t.shape
-    return host_descriptor(t, (b, n, h * d), (t.stride(0), t.stride(1), 1), (1, rows, d))
+    return host_descriptor(t, (b, n, h * d), (t.stride(0), t.stride(1), 1), (1, rows, cols or d))
+
+
+def output_tiles(t, rows: int):
+    """The descriptor tma_store_rows writes t's rows x D output tiles through: 64-column blocks (one
+    per swizzled chunk of the staging tile; the whole row when D <= 64)."""
+    return row_tiles(t, rows, min(t.shape[-1], 64))
 
 
 # Dense inputs of at least HOST_DESC_MIN_WORK (batch x query heads x query rows x key rows) take
@@ -251,19 +274,19 @@ HOST_DESC = os.environ.get("PARALLAX_HOST_DESC", "1") != "0"
 HOST_DESC_MIN_WORK = 1 << 29
 
 
-# With host descriptors at head dim 64, the kernels' outputs leave through shared memory and the copy
-# engine (PARALLAX_TMA_EPILOGUE=0: stores from the accumulators' registers); measured on the H200:
-# forward+backward 2.169 against 2.250 ms at B=4 H=16 L=4096 D=64, bitwise the same outputs. They are
-# staged in a warpgroup's 64-row slice of a 128-row tile, which at D = 128 is not one contiguous
-# piece of the swizzled layout (its rows are split into two 64-column chunks, so the copy engine read
-# the wrong bytes: measured, wrong outputs); D = 128 would need one store per 64-column chunk. Only
-# for rows in whole 64-row tiles, the case checked on the device (the copy engine drops the rows of a
-# ragged last tile that fall past the sequence, but that clipping has not been checked there yet).
+# With host descriptors, the kernels' outputs leave through shared memory and the copy engine
+# (PARALLAX_TMA_EPILOGUE=0: stores from the accumulators' registers), staged in the consumer warpgroup's
+# own 64-row slice of its q/r (k/v) tile, one copy per 64-column swizzled chunk (tma_store_rows).
+# Measured on the H200 (bf16, causal, interleaved A/B, forward+backward medians, bitwise the same
+# outputs): 2.169 against 2.250 ms at B=4 H=16 L=4096 D=64; 3.976 against 4.126 ms at D=128 (forward
+# 1.026 against 1.062). Only for rows in whole 64-row tiles, the case checked on the device (the copy
+# engine drops the rows of a ragged last tile that fall past the sequence, but that clipping has not
+# been checked there yet).
 TMA_EPILOGUE = os.environ.get("PARALLAX_TMA_EPILOGUE", "1") != "0"
 
 
 def tma_epilogue(d: int, rows: int) -> bool:
-    return TMA_EPILOGUE and d == 64 and rows % 64 == 0
+    return TMA_EPILOGUE and d in (64, 128) and rows % 64 == 0
 
 
 def use_host_desc(meta, batch: int, heads: int, rows_q: int, rows_k: int) -> bool:

@@ -189,8 +189,8 @@ if HAVE_GLUON:
             # through shared memory and the copy engine (descriptors made on the host): whole 128-byte
             # rows instead of the accumulator layout's 4-byte pieces, and rows past the sequence skipped.
             # Staged in this warpgroup's own k and v tiles, which only its own products read
-            tma_store_rows(fused[0], b32, n0 + WG * HALF, hk * D, dk.to(dtype), k_t)
-            tma_store_rows(fused[1], b32, n0 + WG * HALF, hk * D, dv.to(dtype), v_t)
+            tma_store_rows(fused[0], b32, n0 + WG * HALF, hk * D, dk.to(dtype), k_smem, WG * HALF)
+            tma_store_rows(fused[1], b32, n0 + WG * HALF, hk * D, dv.to(dtype), v_smem, WG * HALF)
             tma.store_wait(0)
         else:
             rows_l: gl.constexpr = gl.SliceLayout(1, acc_layout)
@@ -551,14 +551,14 @@ def launch(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
 
 def _host_descriptors(q, r, k, v, dout, stats, dk, dv, block_m):
     """The dense batch's descriptors for the kernel (its keyword arguments): q, r, dO and k, v as (batch,
-    rows, heads x D), the four row statistics as (batch, query heads, rows), and at D = 64 dk, dv for the
+    rows, heads x D), the four row statistics as (batch, query heads, rows), and dk, dv for the
     copy-engine epilogue."""
     b, lq, hq = q.shape[:3]
     stat_descs = [_gluon.host_descriptor(t, (b, hq, lq), (t.stride(0), t.stride(1), 1), (1, 1, block_m))
                   for t in stats]
     out = {}
     if _gluon.tma_epilogue(q.shape[-1], k.shape[1]):
-        out = dict(DKD=_gluon.row_tiles(dk, BLOCK_N // 2), DVD=_gluon.row_tiles(dv, BLOCK_N // 2))
+        out = dict(DKD=_gluon.output_tiles(dk, BLOCK_N // 2), DVD=_gluon.output_tiles(dv, BLOCK_N // 2))
     return dict(QD=_gluon.row_tiles(q, block_m), RD=_gluon.row_tiles(r, block_m),
                 DOD=_gluon.row_tiles(dout, block_m), KD=_gluon.row_tiles(k, BLOCK_N), VD=_gluon.row_tiles(v, BLOCK_N),
                 **dict(zip(("LSED", "TBD", "DELTAD", "BETAD"), stat_descs)), **out)

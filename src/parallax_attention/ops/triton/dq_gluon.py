@@ -113,8 +113,8 @@ if HAVE_GLUON:
             # through shared memory and the copy engine (descriptors made on the host), staged in this
             # warpgroup's own q and r rows, which only its own products read
             col, b32 = q_desc[3], q_desc[4]
-            tma_store_rows(epi[0], b32, m0w, col, (dq * scale).to(dtype), q_t)
-            tma_store_rows(epi[1], b32, m0w, col, (-dr).to(dtype), r_t)
+            tma_store_rows(epi[0], b32, m0w, col, (dq * scale).to(dtype), q_smem, WG * HALF)
+            tma_store_rows(epi[1], b32, m0w, col, (-dr).to(dtype), r_smem, WG * HALF)
             tma.store_wait(0)
         else:
             rows = m0w + gl.arange(0, HALF, layout=gl.SliceLayout(1, acc_layout))
@@ -237,7 +237,7 @@ def launch(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg
                     DOD=_gluon.row_tiles(dout, BLOCK_M), KD=_gluon.row_tiles(k, block_n),
                     VD=_gluon.row_tiles(v, block_n))
         if _gluon.tma_epilogue(d, max_q):
-            host.update(DQD=_gluon.row_tiles(dq, BLOCK_M // 2), DRD=_gluon.row_tiles(dr, BLOCK_M // 2))
+            host.update(DQD=_gluon.output_tiles(dq, BLOCK_M // 2), DRD=_gluon.output_tiles(dr, BLOCK_M // 2))
     return _gluon.launch(_dq_ws_kernel, grid,
         q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg, cu_k_arg, *ss, max_q, max_k,
         scale, scale * LOG2E, left, right,

@@ -138,8 +138,8 @@ if HAVE_GLUON:
         if len(epi) == 2:
             # through shared memory and the copy engine (descriptors made on the host), staged in this
             # warpgroup's own q and r rows, which only its own products read
-            tma_store_rows(epi[0], b32, m0w, h * D, o.to(dtype), q_t)
-            tma_store_rows(epi[1], b32, m0w, h * D, vb.to(dtype), r_t)
+            tma_store_rows(epi[0], b32, m0w, h * D, o.to(dtype), q_smem, WG * HALF)
+            tma_store_rows(epi[1], b32, m0w, h * D, vb.to(dtype), r_smem, WG * HALF)
             tma.store_wait(0)
         else:
             rows = m0w + gl.arange(0, HALF, layout=rows_acc)
@@ -247,7 +247,7 @@ def launch(q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg, batch, hkv, ss,
         host = dict(QD=_gluon.row_tiles(q, BLOCK_M), RD=_gluon.row_tiles(r, BLOCK_M),
                     KD=_gluon.row_tiles(k, block_n), VD=_gluon.row_tiles(v, block_n))
         if _gluon.tma_epilogue(d, max_q):
-            host.update(OD=_gluon.row_tiles(out, BLOCK_M // 2), VBD=_gluon.row_tiles(vbar, BLOCK_M // 2))
+            host.update(OD=_gluon.output_tiles(out, BLOCK_M // 2), VBD=_gluon.output_tiles(vbar, BLOCK_M // 2))
     return _gluon.launch(_fwd_ws_kernel, grid,
         q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg, *ss, max_q, max_k, scale_log2, left, right,
         HQ=hq, HKV=hkv, G=hq // hkv, D=d, BLOCK_N=block_n, STAGES=stages, VARLEN=meta["VARLEN"],
@@ -259,6 +259,7 @@ def launch(q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg, batch, hkv, ss,
 # 1.112 ms at B=4 H=16 L=4096 D=128, 3.755 against 3.906 ms at B=1 H=16 L=16384, 0.657 against
 # 0.687 ms at D=64, 2.124 against 2.199 ms at B=4 H=32/8. Tried and slower: issuing the next tile's
 # q k^T behind the value products (1.265 against 1.138 ms at L=4096: the extra MMA in flight delays
-# the waits it is queued behind), and moving the running max only when it grows by 2^8 to skip
+# the waits it is queued behind); issuing P1 V before the second branch's weights are formed (behind
+# r k^T; 4.041 against 4.014 ms forward+backward, 5 interleaved rounds: level); and moving the running max only when it grows by 2^8 to skip
 # most rescales (no faster: the forward is not bound by its elementwise work).
 ENABLED = os.environ.get("PARALLAX_FWD_GLUON", "1") != "0"
