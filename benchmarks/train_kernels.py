@@ -504,6 +504,11 @@ def _set_host_desc(on):
     _gluon.HOST_DESC = on
 
 
+def _set_trim_masked(on):
+    from parallax_attention.ops.triton import _gluon
+    _gluon.TRIM_MASKED = on
+
+
 def _set_tma_epilogue(on):
     from parallax_attention.ops.triton import _gluon
     _gluon.TMA_EPILOGUE = on
@@ -538,6 +543,8 @@ VARIANT_AB = {
     "host_desc": [("host", lambda: _set_host_desc(True)), ("device", lambda: _set_host_desc(False))],
     # the Gluon kernels' outputs through shared memory and the copy engine, or stored from registers
     "tma_epilogue": [("copy engine", lambda: _set_tma_epilogue(True)), ("registers", lambda: _set_tma_epilogue(False))],
+    # the Gluon kernels' fully masked tiles at a warpgroup's end (forward, dq/dr) or start (dk/dv) skipped
+    "trim_masked": [("trimmed", lambda: _set_trim_masked(True)), ("whole range", lambda: _set_trim_masked(False))],
     # D=64: the Gluon dk/dv kernel's score-product A operands (k, v) from registers or shared memory
     "dkv_a_regs64": [("registers", lambda: _set_dkv_a_regs(True)), ("shared memory", lambda: _set_dkv_a_regs(False))],
     # Gluon launches through the cached compiled kernel (_gluon.launch) or Triton's JITFunction.run

@@ -70,7 +70,7 @@ if HAVE_GLUON:
     def _dkv_consumer(p, scale, scale_log2, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
                       STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, IN_FLIGHT: gl.constexpr,
                       STATS_TMA: gl.constexpr, FUSED: gl.constexpr, ORDERED: gl.constexpr, A_REGS: gl.constexpr,
-                      WG: gl.constexpr):
+                      WG: gl.constexpr, TRIM: gl.constexpr = True):
         (k_smem, v_smem, q_bufs, r_bufs, do_bufs, stat_bufs, kv_bar, ready, empty, q_desc, r_desc, do_desc, k_desc,
          v_desc, stat_descs, LSE, TB, DELTA, BETA, DK, DV, s_base, stride_sh, out_base, stride_kl, n0, lq, lk, shift,
          left, right, start, blocks, steps, q_row0, k_row0, hk, b32, fused) = p
@@ -101,10 +101,22 @@ if HAVE_GLUON:
         else:
             k_a = k_t
             v_a = v_t
-        # steps >= 1 (see the kernel), restated here where the compiler can see it: a loop that
+        it0 = 0
+        if TRIM and (WG == 1) and (G == 1) and HAS_RIGHT and (not FUSED) and (not IN_FLIGHT):
+            # the leading query blocks that see none of this warpgroup's keys (the first 64 queries of
+            # the CTA's key block under a causal mask) are left to the other warpgroup: fully masked
+            # here, their products would only take tensor-core time from it. Their stages are
+            # released at once; at most 64 queries, which the ring's stages hold, so no stage gets
+            # this warpgroup's release twice before the other's
+            lo_w = gl.maximum(0, n0 + HALF - shift - right)
+            it0 = gl.minimum((lo_w - start) // BLOCK_M, steps - 1)
+            for j in range(it0):
+                mbarrier.arrive(empty.index(j % STAGES))
+        # steps - it0 >= 1 (see the kernel), restated here where the compiler can see it: a loop that
         # may run zero times makes ptxas serialize every warp-group MMA (the accumulators' zero-trip
         # path is a non-MMA definition inside their pipeline stage)
-        for it in range(gl.maximum(steps, 1)):
+        for j in range(gl.maximum(steps - it0, 1)):
+            it = j + it0
             stage = it % STAGES
             mbarrier.wait(ready.index(stage), (it // STAGES) & 1)
             q_s = q_bufs.index(stage)
@@ -383,6 +395,7 @@ if HAVE_GLUON:
         IN_FLIGHT: gl.constexpr, STATS_TMA: gl.constexpr, FUSED: gl.constexpr, ORDERED: gl.constexpr,
         WORKER_QC: gl.constexpr, WORKER_REGS: gl.constexpr, OUT_BUFS: gl.constexpr, SKIP: gl.constexpr = 0,
         A_REGS: gl.constexpr = False,
+        TRIM: gl.constexpr = True,
         # descriptors made on the host (dense inputs, large launches; see _gluon.HOST_DESC), else None
         QD=None, RD=None, DOD=None, KD=None, VD=None, LSED=None, TBD=None, DELTAD=None, BETAD=None,
         DKD=None, DVD=None,
@@ -504,9 +517,9 @@ if HAVE_GLUON:
             else:
                 gl.warp_specialize([
                     (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT,
-                                     STATS_TMA, FUSED, ORDERED, A_REGS, 0)),
+                                     STATS_TMA, FUSED, ORDERED, A_REGS, 0, TRIM)),
                     (_dkv_consumer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT,
-                                     STATS_TMA, FUSED, ORDERED, A_REGS, 1)),
+                                     STATS_TMA, FUSED, ORDERED, A_REGS, 1, TRIM)),
                     (_dkv_producer, (p, scale, scale_log2, G, D, BLOCK_M, STAGES, HAS_LEFT, HAS_RIGHT, IN_FLIGHT,
                                      STATS_TMA, FUSED, ORDERED, A_REGS, 0)),
                 ], [4, 1], [240, 24])  # _gluon.CONSUMER_REGS, PRODUCER_REGS
@@ -533,6 +546,8 @@ def launch(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
            max_q, max_k, scale, left, right, meta):
     """dk, dv for train.bwd (same arguments as train._launch_dkv_tma)."""
     block_m, stages, in_flight, a_regs = CONFIG[meta["D"]]
+    # the ring holds the 64 queries a consumer warpgroup may skip at the start (see _dkv_consumer)
+    assert stages * block_m >= 64, CONFIG[meta["D"]]
     grid = (batch * hkv, (max_k + BLOCK_N - 1) // BLOCK_N)
     # a statistics tile's offset (sequence, head, first row) must be 16-byte aligned for TMA:
     # rows of a multiple of 4 in the dense layout
@@ -546,7 +561,7 @@ def launch(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
         HQ=q.shape[-2], HKV=hkv, G=meta["G"], D=meta["D"], BLOCK_M=block_m, STAGES=stages,
         VARLEN=meta["VARLEN"], HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"],
         IN_FLIGHT=in_flight, STATS_TMA=stats_tma, FUSED=False, ORDERED=False, WORKER_QC=16, WORKER_REGS=40,
-        OUT_BUFS=1, A_REGS=a_regs, **host, num_warps=4, maxnreg=MAXNREG)
+        OUT_BUFS=1, A_REGS=a_regs, TRIM=_gluon.TRIM_MASKED, **host, num_warps=4, maxnreg=MAXNREG)
 
 
 def _host_descriptors(q, r, k, v, dout, stats, dk, dv, block_m):

@@ -40,7 +40,8 @@ BLOCK_M = 128
 if HAVE_GLUON:
     @gluon.jit
     def _dq_consumer(p, scale, scale_log2, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                     HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
+                     HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr,
+                      TRIM: gl.constexpr = True):
         (q_smem, r_smem, do_smem, k_bufs, v_bufs, q_bar, ready, empty, q_desc, k_desc, O, VB, DO, LSE, TB, DELTA,
          BETA, DQ, DR, io_base, stride_ql, s_base, m0, lq, lk, shift, left, right, start, n_tiles, epi) = p
         HALF: gl.constexpr = 64
@@ -76,7 +77,14 @@ if HAVE_GLUON:
         in_q = offs_m < lq
         lse2 = gl.load(LSE + s_base + offs_m, mask=in_q, other=float("inf"))
         tb = gl.load(TB + s_base + offs_m, mask=in_q, other=0.0)
-        _s, a, c, _e = key_ranges(m0w, HALF, lq, lk, shift, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+        _s, a, c, hi_w = key_ranges(m0w, HALF, lq, lk, shift, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+        # the CTA's trailing tiles past this warpgroup's last visible key (the first warpgroup's last 64
+        # keys under a causal mask) are left to the other one: fully masked here, their products would
+        # only take tensor-core time from it. At most 64 keys, which the ring's stages hold, so the
+        # producer never waits for this warpgroup's release of a tile it skipped
+        n_w = n_tiles
+        if TRIM:
+            n_w = gl.minimum(n_tiles, gl.maximum(gl.cdiv(hi_w - start, BLOCK_N), 1))
         nlse = -lse2
         tb1 = 1.0 + tb
         bd = beta - delta
@@ -85,7 +93,7 @@ if HAVE_GLUON:
         dr = gl.zeros([HALF, D], gl.float32, acc_layout)
         mbarrier.wait(q_bar, 0)
         # n_tiles >= 1 (see the kernel), restated where the compiler sees it (see dkv_gluon)
-        for it in range(gl.maximum(n_tiles, 1)):
+        for it in range(gl.maximum(n_w, 1)):
             stage = it % STAGES
             mbarrier.wait(ready.index(stage), (it // STAGES) & 1)
             k_t = k_bufs.index(stage)
@@ -162,6 +170,7 @@ if HAVE_GLUON:
         stride_sb, stride_sh, seqlen_q, seqlen_k, scale, scale_log2, left, right,
         HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+        TRIM: gl.constexpr = True,
         # descriptors made on the host (dense inputs, large launches; see _gluon.HOST_DESC), else None
         QD=None, RD=None, DOD=None, KD=None, VD=None, DQD=None, DRD=None,
     ):
@@ -214,8 +223,8 @@ if HAVE_GLUON:
                  DELTA, BETA, DQ, DR, io_base, HQ * D, s_base, m0, lq, lk, shift, left, right, start, n_tiles,
                  (q_bar,) if DQD is None else (DQD, DRD))
             gl.warp_specialize([
-                (_dq_consumer, (p, scale, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
-                (_dq_consumer, (p, scale, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 1)),
+                (_dq_consumer, (p, scale, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0, TRIM)),
+                (_dq_consumer, (p, scale, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 1, TRIM)),
                 (_dq_producer, (p, scale, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
             ], [4, 1], [240, 24])  # _gluon.CONSUMER_REGS, PRODUCER_REGS
 
@@ -230,6 +239,8 @@ def launch(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg
     """dq, dr (and delta, beta) for train.bwd (the Triton dq/dr kernel's arguments)."""
     hq, d = q.shape[-2], q.shape[-1]
     block_n, stages = CONFIG[d]
+    # the ring holds the 64 keys a consumer warpgroup may skip at the end (see _dq_consumer)
+    assert stages * block_n >= 64, CONFIG[d]
     grid = (batch * hq, (max_q + BLOCK_M - 1) // BLOCK_M)
     host = {}
     if _gluon.use_host_desc(meta, batch, hq, max_q, max_k):
@@ -242,7 +253,8 @@ def launch(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg
         q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg, cu_k_arg, *ss, max_q, max_k,
         scale, scale * LOG2E, left, right,
         HQ=hq, HKV=hkv, G=hq // hkv, D=d, BLOCK_N=block_n, STAGES=stages, VARLEN=meta["VARLEN"],
-        HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"], **host, num_warps=4, maxnreg=MAXNREG)
+        HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"], TRIM=_gluon.TRIM_MASKED, **host,
+        num_warps=4, maxnreg=MAXNREG)
 
 
 # On by default where usable(); PARALLAX_DQ_GLUON=0 runs the Triton dq/dr kernel instead.

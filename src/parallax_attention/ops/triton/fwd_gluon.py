@@ -72,7 +72,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _fwd_consumer(p, scale_log2, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                      HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
+                      HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr,
+                      TRIM: gl.constexpr = True):
         (q_smem, r_smem, k_bufs, v_bufs, q_bar, ready, empty, q_desc, r_desc, k_desc, v_desc, O, VB, LSE, TB,
          io_base, stride_ql, s_base, b32, h, hk, m0, lq, lk, shift, left, right, start, n_tiles, epi) = p
         HALF: gl.constexpr = 64
@@ -91,7 +92,14 @@ if HAVE_GLUON:
         r_t = r_smem.slice(WG * HALF, HALF)
         offs_m = m0w + gl.arange(0, HALF, layout=rows_s)
         # this warpgroup's fully visible keys [a, c); tiles outside them are masked
-        _s, a, c, _e = key_ranges(m0w, HALF, lq, lk, shift, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+        _s, a, c, hi_w = key_ranges(m0w, HALF, lq, lk, shift, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+        # the CTA's trailing tiles past this warpgroup's last visible key (the first warpgroup's last 64
+        # keys under a causal mask) are left to the other one: fully masked here, their products would
+        # only take tensor-core time from it. At most 64 keys, which the ring's stages hold, so the
+        # producer never waits for this warpgroup's release of a tile it skipped
+        n_w = n_tiles
+        if TRIM:
+            n_w = gl.minimum(n_tiles, gl.maximum(gl.cdiv(hi_w - start, BLOCK_N), 1))
         zero_s = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
         o1 = gl.zeros([HALF, D], gl.float32, acc_layout)
         o2 = gl.zeros([HALF, D], gl.float32, acc_layout)
@@ -101,7 +109,7 @@ if HAVE_GLUON:
         mbarrier.wait(q_bar, 0)
         # n_tiles >= 1 (see the kernel), restated where the compiler sees it: a loop that may run zero
         # times makes ptxas serialize every warp-group MMA (see dkv_gluon)
-        for it in range(gl.maximum(n_tiles, 1)):
+        for it in range(gl.maximum(n_w, 1)):
             stage = it % STAGES
             mbarrier.wait(ready.index(stage), (it // STAGES) & 1)
             k_t = k_bufs.index(stage)
@@ -175,6 +183,7 @@ if HAVE_GLUON:
         stride_sb, stride_sh, seqlen_q, seqlen_k, scale_log2, left, right,
         HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+        TRIM: gl.constexpr = True,
         # descriptors made on the host (dense inputs, large launches; see _gluon.HOST_DESC), else None
         QD=None, RD=None, KD=None, VD=None, OD=None, VBD=None,
     ):
@@ -224,8 +233,8 @@ if HAVE_GLUON:
                  TB, io_base, HQ * D, s_base, b32, h, hk, m0, lq, lk, shift, left, right, start, n_tiles,
                  (q_bar,) if OD is None else (OD, VBD))
             gl.warp_specialize([
-                (_fwd_consumer, (p, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
-                (_fwd_consumer, (p, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 1)),
+                (_fwd_consumer, (p, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0, TRIM)),
+                (_fwd_consumer, (p, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 1, TRIM)),
                 (_fwd_producer, (p, scale_log2, D, BLOCK_N, STAGES, HAS_LEFT, HAS_RIGHT, 0)),
             ], [4, 1], [240, 24])  # _gluon.CONSUMER_REGS, PRODUCER_REGS
 
@@ -241,6 +250,8 @@ def launch(q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg, batch, hkv, ss,
     the same arguments as the Triton kernel's)."""
     hq, d = q.shape[-2], q.shape[-1]
     block_n, stages = CONFIG[d]
+    # the ring holds the 64 keys a consumer warpgroup may skip at the end (see _fwd_consumer)
+    assert stages * block_n >= 64, CONFIG[d]
     grid = (batch * hq, (max_q + BLOCK_M - 1) // BLOCK_M)
     host = {}
     if _gluon.use_host_desc(meta, batch, hq, max_q, max_k):
@@ -251,7 +262,8 @@ def launch(q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg, batch, hkv, ss,
     return _gluon.launch(_fwd_ws_kernel, grid,
         q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg, *ss, max_q, max_k, scale_log2, left, right,
         HQ=hq, HKV=hkv, G=hq // hkv, D=d, BLOCK_N=block_n, STAGES=stages, VARLEN=meta["VARLEN"],
-        HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"], **host, num_warps=4, maxnreg=MAXNREG)
+        HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"], TRIM=_gluon.TRIM_MASKED, **host,
+        num_warps=4, maxnreg=MAXNREG)
 
 
 # On by default where usable(); PARALLAX_FWD_GLUON=0 runs the Triton forward instead.
@@ -260,6 +272,7 @@ def launch(q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg, batch, hkv, ss,
 # 0.687 ms at D=64, 2.124 against 2.199 ms at B=4 H=32/8. Tried and slower: issuing the next tile's
 # q k^T behind the value products (1.265 against 1.138 ms at L=4096: the extra MMA in flight delays
 # the waits it is queued behind); issuing P1 V before the second branch's weights are formed (behind
-# r k^T; 4.041 against 4.014 ms forward+backward, 5 interleaved rounds: level); and moving the running max only when it grows by 2^8 to skip
-# most rescales (no faster: the forward is not bound by its elementwise work).
+# r k^T; 4.041 against 4.014 ms forward+backward, 5 interleaved rounds: level); and moving the
+# running max only when it grows by 2^8 to skip most rescales (no faster: the forward is not bound by
+# its elementwise work).
 ENABLED = os.environ.get("PARALLAX_FWD_GLUON", "1") != "0"
