@@ -518,6 +518,18 @@ def test_fwd_gluon_launch(hq, hkv, lq, lk, d, window, monkeypatch):
     assert kw["num_warps"] == 4 and kw["maxnreg"] * 12 * 32 <= 65536
 
 
+def test_gluon_rings_hold_the_skipped_tiles():
+    # a consumer warpgroup skips up to 64 fully masked rows of the other operand (keys in the forward
+    # and dq/dr, queries in dk/dv); that is safe only while the ring's stages hold them all, or the
+    # producer would wait for a release that never comes, or a stage would be released twice
+    from parallax_attention.ops.triton import dkv_gluon, dq_gluon, fwd_gluon
+    for mod in (fwd_gluon, dq_gluon):
+        for d, (block_n, stages) in mod.CONFIG.items():
+            assert stages * block_n >= 64, (mod.__name__, d)
+    for d, (block_m, stages, *_flags) in dkv_gluon.CONFIG.items():
+        assert stages * block_m >= 64, d
+
+
 def test_fwd_gluon_gate():
     # CPU tensors, the interpreter, 4-byte dtypes, other head dims and any GPU that is not sm_90
     # take the Triton forward
