@@ -504,6 +504,8 @@ def test_fwd_gluon_launch(hq, hkv, lq, lk, d, window, monkeypatch):
     assert args[15:17] == (max(window[0], 0), 0) and kw["HAS_LEFT"] == (window[0] >= 0) and kw["HAS_RIGHT"]
     assert kw["VARLEN"] is False
     assert (kw["BLOCK_N"], kw["STAGES"]) == fwd_gluon.CONFIG[d]
+    # fully masked trailing tiles are skipped unless PARALLAX_TRIM_MASKED=0
+    assert kw["TRIM"] is fwd_gluon._gluon.TRIM_MASKED
     descs = [kw[n] for n in ("QD", "RD", "KD", "VD")]
     assert [list(x.shape) for x in descs] == [[2, lq, hq * d]] * 2 + [[2, lk, hkv * d]] * 2
     # rows in whole 64-row tiles: o and vbar leave through the copy engine, 64 rows (one consumer

@@ -41,7 +41,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _dq_consumer(p, scale, scale_log2, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                      HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr,
-                      TRIM: gl.constexpr = True):
+                     TRIM: gl.constexpr = True):
         (q_smem, r_smem, do_smem, k_bufs, v_bufs, q_bar, ready, empty, q_desc, k_desc, O, VB, DO, LSE, TB, DELTA,
          BETA, DQ, DR, io_base, stride_ql, s_base, m0, lq, lk, shift, left, right, start, n_tiles, epi) = p
         HALF: gl.constexpr = 64
