@@ -90,6 +90,19 @@ if HAVE_GLUON:
         return start, a, c, hi
 
     @gluon.jit
+    def tiles_to_walk(n_tiles, hi_w, start, BLOCK_N: gl.constexpr, TRIM: gl.constexpr):
+        """How many of the CTA's n_tiles key tiles (from start) a consumer warpgroup whose rows see keys
+        below hi_w walks. With TRIM it stops after its last visible key: the trailing tiles (the first
+        warpgroup's last 64 keys under a causal mask) are fully masked for its rows, and their products
+        would only take tensor-core time from the other warpgroup. At most 64 keys are skipped, which
+        the ring's stages hold (asserted at launch), so the producer never waits for a release of a
+        tile this warpgroup skipped."""
+        n_w = n_tiles
+        if TRIM:
+            n_w = gl.minimum(n_tiles, gl.maximum(gl.cdiv(hi_w - start, BLOCK_N), 1))
+        return n_w
+
+    @gluon.jit
     def mask_scores(s, n0, a, c, offs_m, lk, shift, left, right, BLOCK_N: gl.constexpr, HAS_LEFT: gl.constexpr,
                     HAS_RIGHT: gl.constexpr, keys_layout: gl.constexpr):
         """A (rows x BLOCK_N keys from n0) score tile with -inf where a key is out of range or outside

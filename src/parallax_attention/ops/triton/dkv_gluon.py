@@ -314,7 +314,7 @@ if HAVE_GLUON:
     def _dkv_dq_worker(p, scale, scale_log2, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
                        STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, IN_FLIGHT: gl.constexpr,
                        STATS_TMA: gl.constexpr, FUSED: gl.constexpr, ORDERED: gl.constexpr, A_REGS: gl.constexpr,
-                      WG: gl.constexpr):
+                       WG: gl.constexpr):
         """The fused kernel's third warpgroup: the producer's copies, and dq^T = K^T dS1^T, dr^T = K^T dS2^T
         for each step from the consumers' dS tiles in shared memory, added into fp32 dq, dr by TMA
         reduce-add, 16 query rows at a time (the register budget here is 40 a thread)."""

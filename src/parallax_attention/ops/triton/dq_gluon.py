@@ -29,7 +29,7 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
     from ._gluon import ROWS_LAYOUT, key_ranges, mask_scores, ring_barriers, sequence, store_zeros, stream_kv
-    from ._gluon import tile_copy, tma_store_rows
+    from ._gluon import tile_copy, tiles_to_walk, tma_store_rows
 
 # (BLOCK_N keys per tile, stages of the K/V ring) by head dim; 128 query rows per CTA (64 per
 # consumer warpgroup)
@@ -78,13 +78,7 @@ if HAVE_GLUON:
         lse2 = gl.load(LSE + s_base + offs_m, mask=in_q, other=float("inf"))
         tb = gl.load(TB + s_base + offs_m, mask=in_q, other=0.0)
         _s, a, c, hi_w = key_ranges(m0w, HALF, lq, lk, shift, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-        # the CTA's trailing tiles past this warpgroup's last visible key (the first warpgroup's last 64
-        # keys under a causal mask) are left to the other one: fully masked here, their products would
-        # only take tensor-core time from it. At most 64 keys, which the ring's stages hold, so the
-        # producer never waits for this warpgroup's release of a tile it skipped
-        n_w = n_tiles
-        if TRIM:
-            n_w = gl.minimum(n_tiles, gl.maximum(gl.cdiv(hi_w - start, BLOCK_N), 1))
+        n_w = tiles_to_walk(n_tiles, hi_w, start, BLOCK_N, TRIM)
         nlse = -lse2
         tb1 = 1.0 + tb
         bd = beta - delta
@@ -239,7 +233,7 @@ def launch(q, r, k, v, out, vbar, dout, lse, tbar, delta, beta, dq, dr, cu_q_arg
     """dq, dr (and delta, beta) for train.bwd (the Triton dq/dr kernel's arguments)."""
     hq, d = q.shape[-2], q.shape[-1]
     block_n, stages = CONFIG[d]
-    # the ring holds the 64 keys a consumer warpgroup may skip at the end (see _dq_consumer)
+    # the ring holds the 64 keys a consumer warpgroup may skip at the end (see _gluon.tiles_to_walk)
     assert stages * block_n >= 64, CONFIG[d]
     grid = (batch * hq, (max_q + BLOCK_M - 1) // BLOCK_M)
     host = {}

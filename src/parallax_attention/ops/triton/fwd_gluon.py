@@ -44,7 +44,7 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
     from ._gluon import ROWS_LAYOUT, key_ranges, mask_scores, ring_barriers, sequence, store_zeros, stream_kv
-    from ._gluon import tile_copy, tma_store_rows
+    from ._gluon import tile_copy, tiles_to_walk, tma_store_rows
 
 # (BLOCK_N keys per tile, stages of the K/V ring) by head dim; 128 query rows per CTA (64 per
 # consumer warpgroup)
@@ -93,13 +93,7 @@ if HAVE_GLUON:
         offs_m = m0w + gl.arange(0, HALF, layout=rows_s)
         # this warpgroup's fully visible keys [a, c); tiles outside them are masked
         _s, a, c, hi_w = key_ranges(m0w, HALF, lq, lk, shift, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-        # the CTA's trailing tiles past this warpgroup's last visible key (the first warpgroup's last 64
-        # keys under a causal mask) are left to the other one: fully masked here, their products would
-        # only take tensor-core time from it. At most 64 keys, which the ring's stages hold, so the
-        # producer never waits for this warpgroup's release of a tile it skipped
-        n_w = n_tiles
-        if TRIM:
-            n_w = gl.minimum(n_tiles, gl.maximum(gl.cdiv(hi_w - start, BLOCK_N), 1))
+        n_w = tiles_to_walk(n_tiles, hi_w, start, BLOCK_N, TRIM)
         zero_s = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
         o1 = gl.zeros([HALF, D], gl.float32, acc_layout)
         o2 = gl.zeros([HALF, D], gl.float32, acc_layout)
@@ -250,7 +244,7 @@ def launch(q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg, batch, hkv, ss,
     the same arguments as the Triton kernel's)."""
     hq, d = q.shape[-2], q.shape[-1]
     block_n, stages = CONFIG[d]
-    # the ring holds the 64 keys a consumer warpgroup may skip at the end (see _fwd_consumer)
+    # the ring holds the 64 keys a consumer warpgroup may skip at the end (see _gluon.tiles_to_walk)
     assert stages * block_n >= 64, CONFIG[d]
     grid = (batch * hq, (max_q + BLOCK_M - 1) // BLOCK_M)
     host = {}
