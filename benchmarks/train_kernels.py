@@ -463,17 +463,24 @@ def _set_kernels(tma=None, mha128=None, gluon=None, fwd_gluon=None, dq_gluon=Non
     warp-specialized Gluon kernel on or off), optionally the descriptor kernel's MHA D=128 launch,
     the forward (fwd_gluon: the Gluon kernel on or off) and dq/dr (dq_gluon: the Gluon kernel on or
     off; dq_config: its CONFIG entry at D=128); no arguments restore the defaults."""
-    from parallax_attention.ops.triton import dkv_gluon, dq_gluon as dg, fwd_gluon as fg
+    from parallax_attention.ops.triton import _gluon, dkv_gluon, dq_gluon as dg, fwd_gluon as fg
     from parallax_attention.ops.triton import train as tr
     if "dkv" not in _DEFAULTS:
         _DEFAULTS.update(dkv=dict(tr.DKV_TMA_CONFIG), gluon=dkv_gluon.ENABLED, fwd_gluon=fg.ENABLED,
-                         dq_gluon=dg.ENABLED, dq_config=dict(dg.CONFIG))
+                         dq_gluon=dg.ENABLED, dq_config=dict(dg.CONFIG), head_group=_gluon.HEAD_GROUP)
+    _gluon.HEAD_GROUP = _DEFAULTS["head_group"]
     dg.ENABLED = _DEFAULTS["dq_gluon"] if dq_gluon is None else dq_gluon
     dg.CONFIG = {**_DEFAULTS["dq_config"], **({128: dq_config} if dq_config else {})}
     dkv_gluon.ENABLED = _DEFAULTS["gluon"] if gluon is None else gluon
     fg.ENABLED = _DEFAULTS["fwd_gluon"] if fwd_gluon is None else fwd_gluon
     tr.DKV_TMA = tma
     tr.DKV_TMA_CONFIG = {**_DEFAULTS["dkv"], **({(128, "mha"): mha128} if mha128 else {})}
+
+
+def _set_head_group(n):
+    from parallax_attention.ops.triton import _gluon
+    _set_kernels()
+    _gluon.HEAD_GROUP = n
 
 
 def _set_bwd_mode(mode, worker=None, skip=0):
@@ -553,6 +560,9 @@ VARIANT_AB = {
     # in key-block order or in arrival order (PARALLAX_TRAIN_BWD)
     "bwd_fused": [("split", lambda: _set_bwd_mode("deterministic")), ("fused", lambda: _set_bwd_mode("fused")),
                   ("fused atomic", lambda: _set_bwd_mode("fused_atomic"))],
+    # the order programs run in (_gluon.HEAD_GROUP: 0 as launched, n: all blocks of n heads at a time;
+    # the first call records the defaults)
+    "head_group": [(f"head group {n}", (lambda n: lambda: _set_head_group(n))(n)) for n in (0, 2, 4, 8, 16)],
     # timing only, wrong dq/dr: the fused kernel without its reduce-adds (1), also without the dq/dr
     # products (2), also without handing dS over (3)
     "bwd_skip": [("split", lambda: _set_bwd_mode("deterministic"))] + [

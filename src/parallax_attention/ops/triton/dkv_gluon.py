@@ -45,7 +45,8 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma_init
 
-    from ._gluon import ring_barriers, sequence, stats_copy, store_zeros, tile_copy, tma_reduce_add, tma_store_rows
+    from ._gluon import program_ids, ring_barriers, sequence, stats_copy, store_zeros, tile_copy, tma_reduce_add
+    from ._gluon import tma_store_rows
 
 # (BLOCK_M query rows per step, stages of the q/r/dO ring, dk/dv products left in flight into the
 # next step, the score products' k and v operands from registers) by head dim; the key block is 128
@@ -395,17 +396,18 @@ if HAVE_GLUON:
         IN_FLIGHT: gl.constexpr, STATS_TMA: gl.constexpr, FUSED: gl.constexpr, ORDERED: gl.constexpr,
         WORKER_QC: gl.constexpr, WORKER_REGS: gl.constexpr, OUT_BUFS: gl.constexpr, SKIP: gl.constexpr = 0,
         A_REGS: gl.constexpr = False,
-        TRIM: gl.constexpr = True,
+        TRIM: gl.constexpr = True, HEAD_GROUP: gl.constexpr = 0,
         # descriptors made on the host (dense inputs, large launches; see _gluon.HOST_DESC), else None
         QD=None, RD=None, DOD=None, KD=None, VD=None, LSED=None, TBD=None, DELTAD=None, BETAD=None,
         DKD=None, DVD=None,
     ):
         BLOCK_N: gl.constexpr = 128
-        pid_bh = gl.program_id(0)
+        # (heaviest key blocks, most queries under a causal mask, first)
+        pid_bh, blk = program_ids(HEAD_GROUP)
         b32 = pid_bh // HKV
         hk = pid_bh % HKV
         qs, lq, ks, lk, q_row0, k_row0 = sequence(CUQ, CUK, b32, seqlen_q, seqlen_k, VARLEN)
-        n0 = gl.program_id(1) * BLOCK_N
+        n0 = blk * BLOCK_N
         shift = lk - lq
         # query blocks that see keys [n0, n0 + BLOCK_N) (see train._query_ranges)
         n_last = gl.minimum(n0 + BLOCK_N, lk) - 1
@@ -494,7 +496,7 @@ if HAVE_GLUON:
                 # turn counters per (sequence, query head, query block)
                 sem_base = (b32 * HQ + hk * G).to(gl.int64) * sem_blocks
                 fused = (ds_smem, ds_full, ds_empty, out_smem, dq_desc, dr_desc, SEM, sem_base, sem_blocks,
-                         gl.program_id(1), visible)
+                         blk, visible)
             elif DKD is not None:
                 fused = (DKD, DVD)
             else:
@@ -561,7 +563,8 @@ def launch(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, cu_q_arg, cu_k_arg,
         HQ=q.shape[-2], HKV=hkv, G=meta["G"], D=meta["D"], BLOCK_M=block_m, STAGES=stages,
         VARLEN=meta["VARLEN"], HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"],
         IN_FLIGHT=in_flight, STATS_TMA=stats_tma, FUSED=False, ORDERED=False, WORKER_QC=16, WORKER_REGS=40,
-        OUT_BUFS=1, A_REGS=a_regs, TRIM=_gluon.TRIM_MASKED, **host, num_warps=4, maxnreg=MAXNREG)
+        OUT_BUFS=1, A_REGS=a_regs, TRIM=_gluon.TRIM_MASKED, HEAD_GROUP=_gluon.HEAD_GROUP, **host, num_warps=4,
+        maxnreg=MAXNREG)
 
 
 def _host_descriptors(q, r, k, v, dout, stats, dk, dv, block_m):
@@ -599,7 +602,8 @@ def launch_fused(q, r, k, v, dout, lse, tbar, delta, beta, dk, dv, dqa, dra, sem
         HQ=q.shape[-2], HKV=hkv, G=meta["G"], D=meta["D"], BLOCK_M=block_m, STAGES=stages,
         VARLEN=meta["VARLEN"], HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"],
         IN_FLIGHT=False, STATS_TMA=stats_tma, FUSED=True, ORDERED=ordered, WORKER_QC=worker_qc,
-        WORKER_REGS=worker_regs, OUT_BUFS=out_bufs, SKIP=FUSED_SKIP, num_warps=4, maxnreg=MAXNREG)
+        WORKER_REGS=worker_regs, OUT_BUFS=out_bufs, SKIP=FUSED_SKIP, HEAD_GROUP=_gluon.HEAD_GROUP,
+        num_warps=4, maxnreg=MAXNREG)
 
 
 # On by default where usable(); PARALLAX_DKV_GLUON=0 runs the Triton dk/dv kernel instead.

@@ -43,8 +43,8 @@ if HAVE_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-    from ._gluon import ROWS_LAYOUT, key_ranges, mask_scores, ring_barriers, sequence, store_zeros, stream_kv
-    from ._gluon import tile_copy, tiles_to_walk, tma_store_rows
+    from ._gluon import ROWS_LAYOUT, key_ranges, mask_scores, program_ids, ring_barriers, sequence, store_zeros
+    from ._gluon import stream_kv, tile_copy, tiles_to_walk, tma_store_rows
 
 # (BLOCK_N keys per tile, stages of the K/V ring) by head dim; 128 query rows per CTA (64 per
 # consumer warpgroup)
@@ -177,14 +177,14 @@ if HAVE_GLUON:
         stride_sb, stride_sh, seqlen_q, seqlen_k, scale_log2, left, right,
         HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-        TRIM: gl.constexpr = True,
+        TRIM: gl.constexpr = True, HEAD_GROUP: gl.constexpr = 0,
         # descriptors made on the host (dense inputs, large launches; see _gluon.HOST_DESC), else None
         QD=None, RD=None, KD=None, VD=None, OD=None, VBD=None,
     ):
         BLOCK_M: gl.constexpr = 128
-        pid_bh = gl.program_id(0)
+        pid_bh, blk = program_ids(HEAD_GROUP)
         # heaviest row blocks (most keys under a causal mask) first
-        pid_m = gl.num_programs(1) - 1 - gl.program_id(1)
+        pid_m = gl.num_programs(1) - 1 - blk
         b32 = pid_bh // HQ
         h = pid_bh % HQ
         hk = h // G
@@ -256,7 +256,8 @@ def launch(q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg, batch, hkv, ss,
     return _gluon.launch(_fwd_ws_kernel, grid,
         q, r, k, v, out, vbar, lse, tbar, cu_q_arg, cu_k_arg, *ss, max_q, max_k, scale_log2, left, right,
         HQ=hq, HKV=hkv, G=hq // hkv, D=d, BLOCK_N=block_n, STAGES=stages, VARLEN=meta["VARLEN"],
-        HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"], TRIM=_gluon.TRIM_MASKED, **host,
+        HAS_LEFT=meta["HAS_LEFT"], HAS_RIGHT=meta["HAS_RIGHT"], TRIM=_gluon.TRIM_MASKED, HEAD_GROUP=_gluon.HEAD_GROUP,
+        **host,
         num_warps=4, maxnreg=MAXNREG)
 
 
